@@ -1,0 +1,259 @@
+"""FLUX.1 (``FluxTransformer2DModel``): mask sites, flow-matching trajectory, fold and prune.
+
+Units:
+
+* ``heads`` -- double blocks: one scalar per head on the image stream (input of ``attn.to_out.0``)
+  and one per head on the text stream (input of ``attn.to_add_out``); single blocks: one per head
+  on the attention part of ``proj_out``'s input.
+* ``neurons`` -- feed-forward hidden units before the down projection: ``ff.net.2`` and
+  ``ff_context.net.2`` inputs in double blocks, the MLP part of ``proj_out``'s input in single blocks.
+* ``norm`` -- output channels of the AdaLN modulation layers ``norm1.linear`` and
+  ``norm1_context.linear`` (6 x width: shift/scale/gate for attention and MLP) and single blocks'
+  ``norm.linear`` (3 x width).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import Architecture, MaskSite, Trajectory, register
+
+#: Denoiser configs of the published FLUX.1 checkpoints, so that ``inspect`` works without the hub.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "black-forest-labs/FLUX.1-schnell": {
+        "_class_name": "FluxTransformer2DModel",
+        "attention_head_dim": 128,
+        "guidance_embeds": False,
+        "in_channels": 64,
+        "joint_attention_dim": 4096,
+        "num_attention_heads": 24,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "patch_size": 1,
+        "pooled_projection_dim": 768,
+        "axes_dims_rope": [16, 56, 56],
+    },
+}
+KNOWN_CONFIGS["black-forest-labs/FLUX.1-dev"] = {**KNOWN_CONFIGS["black-forest-labs/FLUX.1-schnell"], "guidance_embeds": True}
+
+
+def _heads_of(attn: nn.Module) -> int:
+    return attn.to_q.out_features // attn.head_dim
+
+
+class FluxArchitecture(Architecture):
+    """FLUX.1 transformer with 19 double-stream and 38 single-stream blocks (any sizes)."""
+
+    family = "flux"
+    denoiser_classes = ("FluxTransformer2DModel", "PrunedFluxTransformer2DModel")
+    denoiser_attr = "transformer"
+
+    def sites(self, denoiser: nn.Module) -> list[MaskSite]:
+        sites: list[MaskSite] = []
+        for i, block in enumerate(denoiser.transformer_blocks):
+            p = f"transformer_blocks.{i}"
+            head_dim = block.attn.head_dim
+            attn_width = _heads_of(block.attn) * head_dim
+            sites += [
+                MaskSite("norm", f"{p}.norm1.linear", "output", 0, block.norm1.linear.out_features, 1, "double", "image"),
+                MaskSite("norm", f"{p}.norm1_context.linear", "output", 0, block.norm1_context.linear.out_features, 1, "double", "text"),
+                MaskSite("heads", f"{p}.attn.to_out.0", "input", 0, attn_width, head_dim, "double", "image"),
+                MaskSite("heads", f"{p}.attn.to_add_out", "input", 0, attn_width, head_dim, "double", "text"),
+                MaskSite("neurons", f"{p}.ff.net.2", "input", 0, block.ff.net[2].in_features, 1, "double", "image"),
+                MaskSite("neurons", f"{p}.ff_context.net.2", "input", 0, block.ff_context.net[2].in_features, 1, "double", "text"),
+            ]
+        for i, block in enumerate(denoiser.single_transformer_blocks):
+            p = f"single_transformer_blocks.{i}"
+            head_dim = block.attn.head_dim
+            attn_width = _heads_of(block.attn) * head_dim
+            mlp_width = block.proj_mlp.out_features
+            sites += [
+                MaskSite("norm", f"{p}.norm.linear", "output", 0, block.norm.linear.out_features, 1, "single"),
+                MaskSite("heads", f"{p}.proj_out", "input", 0, attn_width, head_dim, "single"),
+                MaskSite("neurons", f"{p}.proj_out", "input", attn_width, attn_width + mlp_width, 1, "single"),
+            ]
+        return sites
+
+    # ------------------------------------------------------------------ sampling
+    def trajectory(
+        self,
+        pipe: Any,
+        prompts: list[str],
+        noise_seeds: list[int],
+        *,
+        steps: int,
+        resolution: int,
+        guidance_scale: float,
+        max_sequence_length: int,
+    ) -> Trajectory:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        transformer = pipe.transformer
+        device = _execution_device(pipe)
+        dtype = transformer.dtype
+        multiple = pipe.vae_scale_factor * 2
+        if resolution % multiple:
+            raise ValueError(f"resolution {resolution} must be a multiple of {multiple} for this pipeline")
+        with torch.no_grad():
+            prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
+            )
+        channels = transformer.config.in_channels // 4
+        parts = []
+        for seed in noise_seeds:
+            generator = torch.Generator(device="cpu").manual_seed(int(seed))
+            latents, image_ids = pipe.prepare_latents(1, channels, resolution, resolution, prompt_embeds.dtype, device, generator)
+            parts.append(latents)
+        noise = torch.cat(parts)
+        batch = noise.shape[0]
+
+        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        cfg = sched.config
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        if getattr(cfg, "use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(
+            noise.shape[1],
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        if sigmas is None:
+            sched.set_timesteps(num_inference_steps=steps, device=device, mu=mu)
+        else:
+            sched.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+        timesteps = sched.timesteps.to(device)
+        schedule = sched.sigmas.to(device=device, dtype=torch.float32)
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
+
+        def step(z: torch.Tensor, i: int) -> torch.Tensor:
+            timestep = timesteps[i].expand(batch).to(z.dtype)
+            velocity = transformer(
+                hidden_states=z,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=prompt_embeds,
+                txt_ids=text_ids,
+                img_ids=image_ids,
+                return_dict=False,
+            )[0]
+            # The scheduler's Euler step, without its step counter: recomputing step i is exact.
+            out = z.to(torch.float32) + (schedule[i + 1] - schedule[i]) * velocity.to(torch.float32)
+            return out.to(velocity.dtype)
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            latents = pipe._unpack_latents(z, resolution, resolution, pipe.vae_scale_factor)
+            latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            with torch.no_grad():
+                image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+            return (image.float() / 2 + 0.5).clamp(0, 1)
+
+        return Trajectory(noise=noise, num_steps=steps, step=step, decode=decode)
+
+    # ------------------------------------------------------------------ pruning
+    def prune(self, denoiser: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+        """Return a :class:`PrunedFluxTransformer2DModel` without the dropped heads and neurons.
+
+        ``keep`` maps site keys to boolean keep-masks and must already be zero-folded into
+        ``denoiser``. A double-block head is removed only when both streams drop it (the streams share
+        the joint attention); a block keeps at least one head and one neuron (zeroed) so that its
+        shapes stay valid. Norm channels cannot be removed (they are split into shift/scale/gate):
+        they stay zero-folded.
+        """
+        from .flux_pruned import PrunedFluxTransformer2DModel
+
+        def kept(key: str, size: int) -> torch.Tensor:
+            mask = keep.get(key)
+            return torch.arange(size) if mask is None else _nonempty(torch.nonzero(mask.cpu()).flatten())
+
+        head_dim = denoiser.config.attention_head_dim
+        state = {k: v for k, v in denoiser.state_dict().items()}
+        double_layout, single_layout = [], []
+
+        def rows(name: str, index: torch.Tensor) -> None:
+            state[f"{name}.weight"] = state[f"{name}.weight"][index]
+            if f"{name}.bias" in state:
+                state[f"{name}.bias"] = state[f"{name}.bias"][index]
+
+        def cols(name: str, index: torch.Tensor) -> None:
+            state[f"{name}.weight"] = state[f"{name}.weight"][:, index]
+
+        def channels(heads: torch.Tensor) -> torch.Tensor:
+            return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+        for i, block in enumerate(denoiser.transformer_blocks):
+            p = f"transformer_blocks.{i}"
+            n_heads = _heads_of(block.attn)
+            img = keep.get(f"heads/{p}.attn.to_out.0", torch.ones(n_heads, dtype=torch.bool))
+            txt = keep.get(f"heads/{p}.attn.to_add_out", torch.ones(n_heads, dtype=torch.bool))
+            heads = _nonempty(torch.nonzero((img | txt).cpu()).flatten())
+            ch = channels(heads)
+            for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+                rows(f"{p}.attn.{name}", ch)
+            cols(f"{p}.attn.to_out.0", ch)
+            cols(f"{p}.attn.to_add_out", ch)
+            ff = kept(f"neurons/{p}.ff.net.2", block.ff.net[2].in_features)
+            rows(f"{p}.ff.net.0.proj", ff)
+            cols(f"{p}.ff.net.2", ff)
+            ffc = kept(f"neurons/{p}.ff_context.net.2", block.ff_context.net[2].in_features)
+            rows(f"{p}.ff_context.net.0.proj", ffc)
+            cols(f"{p}.ff_context.net.2", ffc)
+            double_layout.append([int(heads.numel()), int(ff.numel()), int(ffc.numel())])
+
+        for i, block in enumerate(denoiser.single_transformer_blocks):
+            p = f"single_transformer_blocks.{i}"
+            n_heads = _heads_of(block.attn)
+            heads = kept(f"heads/{p}.proj_out", n_heads)
+            mlp = kept(f"neurons/{p}.proj_out", block.proj_mlp.out_features)
+            ch = channels(heads)
+            for name in ("to_q", "to_k", "to_v"):
+                rows(f"{p}.attn.{name}", ch)
+            rows(f"{p}.proj_mlp", mlp)
+            cols(f"{p}.proj_out", torch.cat([ch, n_heads * head_dim + mlp]))
+            single_layout.append([int(heads.numel()), int(mlp.numel())])
+
+        config = {k: v for k, v in denoiser.config.items() if not k.startswith("_") and k != "pruned_layout"}
+        config["pruned_layout"] = {"double": double_layout, "single": single_layout}
+        with torch.device("meta"):
+            pruned = PrunedFluxTransformer2DModel(**config)
+        pruned.load_state_dict(state, assign=True, strict=True)
+        return pruned
+
+
+def _nonempty(index: torch.Tensor) -> torch.Tensor:
+    # A block with no heads (or no neurons) left keeps one zero-folded unit: zero-size layers break attention.
+    return index if index.numel() else torch.zeros(1, dtype=torch.long)
+
+
+def _execution_device(pipe: Any) -> torch.device:
+    device = getattr(pipe, "_execution_device", None)
+    return device if isinstance(device, torch.device) else pipe.transformer.device
+
+
+def pruned_component_source() -> Path:
+    """Path of the self-contained module that defines ``PrunedFluxTransformer2DModel``."""
+    return Path(__file__).with_name("flux_pruned.py")
+
+
+def load_denoiser_config(model: str) -> dict[str, Any]:
+    """The FLUX denoiser config of a pipeline folder, a transformer folder, a config.json, or a hub id."""
+    path = Path(model)
+    for candidate in (path / "transformer" / "config.json", path / "config.json", path):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    if model in KNOWN_CONFIGS:
+        return dict(KNOWN_CONFIGS[model])
+    raise FileNotFoundError(model)
+
+
+FLUX = register(FluxArchitecture())

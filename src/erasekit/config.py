@@ -1,0 +1,276 @@
+"""Typed configuration: dataclasses, strict YAML loading and ``--set a.b=value`` overrides.
+
+A recipe (``configs/*.yaml``) is a partial :class:`EraseConfig`: keys it leaves out keep their
+defaults, keys the schema does not know are an error that lists the valid ones, and every value is
+checked against its declared type (no silent coercion of ``"abc"`` into a number).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+UNIT_KINDS = ("heads", "neurons", "norm")
+
+
+@dataclass
+class ModelConfig:
+    """Which pipeline to load and how."""
+
+    id: str = "black-forest-labs/FLUX.1-schnell"
+    """Hub id or local path of a diffusers pipeline folder."""
+    revision: str | None = None
+    dtype: str = "bfloat16"
+    """Compute dtype of the pipeline: float32, float16 or bfloat16 (mask logits stay float32)."""
+    device: str = "auto"
+    """``auto`` picks the accelerator when there is one (cuda, then mps), else cpu."""
+
+
+@dataclass
+class ConceptConfig:
+    """What to erase and what to keep."""
+
+    concept: str = ""
+    anchor: str = ""
+    """Neutral replacement for the concept in target prompts; empty means the concept is dropped."""
+    templates: list[str] = field(
+        default_factory=lambda: [
+            "a photo of {concept}",
+            "an image of {concept}",
+            "a painting of {concept}",
+            "{concept}",
+        ]
+    )
+    synonyms: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    """Extra concept prompts, used as they are."""
+    target_prompts: list[str] = field(default_factory=list)
+    """Explicit targets, one per concept prompt (templates x concept/synonyms, then ``prompts``)."""
+    preservation_prompts: list[str] = field(
+        default_factory=lambda: [
+            "a photo of a dog in a park",
+            "a bowl of fruit on a wooden table",
+            "a city street at night with neon lights",
+            "a mountain landscape with a lake",
+            "a portrait of an old man with a hat",
+            "a red sports car on a road",
+            "a cup of coffee next to a laptop",
+            "a lighthouse on a rocky coast",
+        ]
+    )
+    preservation_file: str | None = None
+    """Text file with one preservation prompt per line (added to ``preservation_prompts``)."""
+
+
+@dataclass
+class UnitKindConfig:
+    """Selection and learning rate of one unit kind."""
+
+    enabled: bool = True
+    include: str = ".*"
+    """Regular expression a module path must match (``re.search``)."""
+    exclude: str | None = None
+    lr: float = 0.5
+
+
+@dataclass
+class MaskConfig:
+    """Mask parameterisation and which units carry one."""
+
+    parameterization: str = "hard_concrete"
+    """sigmoid, hard_concrete or binary (training); inference always uses the binary mask."""
+    init_lambda: float = 3.0
+    temperature: float = 2.0 / 3.0
+    """Hard-concrete beta."""
+    gamma: float = -0.1
+    zeta: float = 1.1
+    straight_through: bool = True
+    """For ``binary``: pass the sigmoid gradient through the step function."""
+    heads: UnitKindConfig = field(default_factory=lambda: UnitKindConfig(enabled=False))
+    neurons: UnitKindConfig = field(default_factory=UnitKindConfig)
+    norm: UnitKindConfig = field(default_factory=UnitKindConfig)
+
+
+@dataclass
+class SamplingConfig:
+    """The denoising trajectory the mask is trained through (and generation defaults)."""
+
+    steps: int = 4
+    resolution: int = 512
+    guidance_scale: float = 0.0
+    """Distilled guidance for guidance-embedding models (FLUX.1-dev: 3.5); ignored otherwise."""
+    max_sequence_length: int = 256
+
+
+@dataclass
+class LossConfig:
+    """Weights of the objective L = erase + beta * preserve + alpha * sparsity."""
+
+    distance: str = "mse"
+    """mse or l1."""
+    erase_weight: float = 1.0
+    preserve_weight: float = 1.0
+    sparsity_weight: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and life-cycle."""
+
+    iterations: int = 200
+    """Optimiser steps."""
+    batch_size: int = 1
+    """Concept prompts (and as many preservation prompts) per process per micro-step."""
+    gradient_accumulation: int = 1
+    lr_schedule: str = "constant"
+    """Any diffusers ``get_scheduler`` name: constant, constant_with_warmup, linear, cosine, ..."""
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 1
+    trackers: list[str] = field(default_factory=lambda: ["csv"])
+    """csv is built in; tensorboard / wandb when installed."""
+
+
+@dataclass
+class EraseConfig:
+    """Everything ``erasekit erase`` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    concept: ConceptConfig = field(default_factory=ConceptConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "float16", "bfloat16"),
+    "mask.parameterization": ("sigmoid", "hard_concrete", "binary"),
+    "loss.distance": ("mse", "l1"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _check_value(path: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` if it fits ``tp`` (ints widen to floats), else raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(path, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list of {_type_name(item_tp)}, got {type(value).__name__} {value!r}")
+        return [_check_value(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+        choices = CHOICES.get(path)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(choices)}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _merge(obj: Any, data: dict[str, Any], prefix: str) -> None:
+    """Apply a nested mapping onto dataclass instance ``obj`` in place, strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    types_ = _field_types(type(obj))
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in types_:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(types_)}")
+        tp = types_[key]
+        if dataclasses.is_dataclass(tp):
+            _merge(getattr(obj, key), value, path)
+        else:
+            setattr(obj, key, _check_value(path, value, tp))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EraseConfig:
+    """Build an :class:`EraseConfig` from defaults, an optional YAML recipe, and ``key=value`` overrides.
+
+    Override values are parsed as YAML scalars (``3``, ``0.5``, ``true``, ``[a, b]``, ``null``).
+
+    Raises:
+        ConfigError: unknown key, wrong type, unreadable file.
+    """
+    config = EraseConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML recipe such as configs/flux-schnell.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+        _merge(config, data, "")
+    for item in overrides or []:
+        apply_override(config, item)
+    return config
+
+
+def apply_override(config: EraseConfig, item: str) -> None:
+    """Apply one ``a.b.c=value`` override in place."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value, e.g. train.iterations=100")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: Any = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    _merge(config, nested, "")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass (for YAML/JSON output)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

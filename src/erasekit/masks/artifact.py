@@ -1,0 +1,159 @@
+"""The mask artefact: a folder with ``mask_config.json`` and ``masks.safetensors``.
+
+``masks.safetensors`` holds one float32 logit tensor per masked site, keyed ``kind/module.path``;
+a unit is kept where its logit is positive. ``mask_config.json`` records how the mask was made
+and for which denoiser (class and a hash of its config), so that loading it onto another model
+fails with a message naming the mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from ..arch.base import Architecture, MaskSite
+from ..errors import MaskFileError, MaskMismatchError
+
+CONFIG_NAME = "mask_config.json"
+WEIGHTS_NAME = "masks.safetensors"
+FORMAT = "erasekit-mask"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class MaskArtifact:
+    """Logits and metadata of one saved mask."""
+
+    logits: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def keep(self) -> dict[str, torch.Tensor]:
+        return {k: v > 0 for k, v in self.logits.items()}
+
+
+def denoiser_config_hash(denoiser: nn.Module) -> str:
+    """sha256 of the denoiser's public config (class name included), independent of key order."""
+    config = {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")}
+    config["_class_name"] = type(denoiser).__name__
+    blob = json.dumps(config, sort_keys=True, default=list).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def base_model_record(denoiser: nn.Module, model_id: str, revision: str | None = None) -> dict[str, Any]:
+    """What a mask artefact records about the model it was trained on."""
+    return {
+        "id": model_id,
+        "revision": revision,
+        "denoiser_class": type(denoiser).__name__,
+        "denoiser_config_sha256": denoiser_config_hash(denoiser),
+    }
+
+
+def atomic_directory(target: Path) -> Path:
+    """A fresh temporary folder beside ``target`` to be renamed onto it with :func:`commit_directory`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+
+
+def commit_directory(tmp: Path, target: Path, overwrite: bool = False) -> None:
+    """Move a finished temporary folder onto ``target`` (replacing it only when ``overwrite``)."""
+    if target.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"output {str(target)!r} already exists; choose another --output or remove it")
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def save_mask_artifact(path: str | Path, logits: dict[str, torch.Tensor], config: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write a mask artefact atomically (temporary folder, then rename)."""
+    target = Path(path)
+    tmp = atomic_directory(target)
+    try:
+        write_mask_files(tmp, logits, config)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_directory(tmp, target, overwrite=overwrite)
+    return target
+
+
+def write_mask_files(folder: Path, logits: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write the two artefact files into an existing folder."""
+    tensors = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in logits.items()}
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "erasekit_version": __version__, **config}
+    masked = sum(int((v <= 0).sum()) for v in tensors.values())
+    total = sum(v.numel() for v in tensors.values())
+    record.setdefault("stats", {"masked_units": masked, "total_units": total, "masked_fraction": masked / total if total else 0.0})
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
+    (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
+
+
+def load_mask_artifact(path: str | Path) -> MaskArtifact:
+    """Read a mask artefact; a missing or corrupt file raises :class:`MaskFileError`."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise MaskFileError(f"mask folder {str(folder)!r} does not exist; pass the --output folder of `erasekit erase`")
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise MaskFileError(f"mask folder {str(folder)!r} has no {file.name}; it is not an erasekit mask artefact")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise MaskFileError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if config.get("format") != FORMAT:
+        raise MaskFileError(f"{config_file} is not an erasekit mask config (format {config.get('format')!r})")
+    try:
+        logits = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MaskFileError(f"{weights_file} is corrupt or not a safetensors file: {first}") from None
+    return MaskArtifact(logits={k: v.to(torch.float32) for k, v in logits.items()}, config=config, path=folder)
+
+
+def check_artifact(artifact: MaskArtifact, arch: Architecture, denoiser: nn.Module) -> list[MaskSite]:
+    """Check an artefact against a denoiser; return the sites its keys name (in model order).
+
+    Raises:
+        MaskMismatchError: naming the first problem (another model class, an unknown key, a shape).
+    """
+    where = f"mask {str(artifact.path)!r}" if artifact.path else "mask"
+    base = artifact.config.get("base_model", {})
+    trained_on = base.get("denoiser_class")
+    here = type(denoiser).__name__
+    if trained_on and trained_on != here:
+        raise MaskMismatchError(f"{where} was made for a {trained_on} (model {base.get('id')!r}), not this {here}")
+    sites = {s.key: s for s in arch.sites(denoiser)}
+    for key, value in artifact.logits.items():
+        site = sites.get(key)
+        if site is None:
+            raise MaskMismatchError(f"{where} does not fit this model: key {key!r} is not a mask site here (model {base.get('id')!r} differs?)")
+        if tuple(value.shape) != (site.num_units,):
+            raise MaskMismatchError(
+                f"{where} does not fit this model: {key!r} has {tuple(value.shape)} units, the model has ({site.num_units},)"
+            )
+    return [s for k, s in sites.items() if k in artifact.logits]
+
+
+def combine_logits(artifacts: list[MaskArtifact]) -> dict[str, torch.Tensor]:
+    """Combine masks by logical AND of their keep-masks: the element-wise minimum of the logits."""
+    combined: dict[str, torch.Tensor] = {}
+    for artifact in artifacts:
+        for key, value in artifact.logits.items():
+            combined[key] = torch.minimum(combined[key], value) if key in combined else value.clone()
+    return combined

@@ -1,0 +1,107 @@
+"""Gradients of a loss on the final latent with respect to mask logits, through the whole trajectory.
+
+:func:`checkpointed_gradient` is erasekit's method: keep the T latents of a no-grad pass, then walk
+back through the steps, recomputing each one with gradients on and obtaining, in ONE autograd call,
+both its contribution to dL/dlambda and dL/dz for the step before. Peak memory is one step's graph
+whatever T is. :func:`naive_gradient` (one graph over all steps) and :func:`two_call_gradient` (two
+autograd calls per recomputed step, as the reference implementation does) exist to test and
+benchmark it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+StepFn = Callable[[torch.Tensor, int], torch.Tensor]
+LossFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def run_trajectory(step: StepFn, z_start: torch.Tensor, num_steps: int, keep: bool = False) -> list[torch.Tensor]:
+    """Run ``num_steps`` steps without gradients; returns [z_T, ..., z_0] if ``keep`` else [z_0]."""
+    latents = [z_start]
+    z = z_start
+    with torch.no_grad():
+        for i in range(num_steps):
+            z = step(z, i)
+            if keep:
+                latents.append(z)
+    return latents if keep else [z]
+
+
+def checkpointed_gradient(
+    step: StepFn,
+    z_start: torch.Tensor,
+    num_steps: int,
+    loss_fn: LossFn,
+    params: Sequence[torch.Tensor],
+    before_step: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Loss and d loss / d params, with step-wise recomputation (memory flat in ``num_steps``).
+
+    Args:
+        step: stateless ``z_i -> z_{i+1}``; it must give the same result when called again.
+        z_start: initial noise (no gradient needed).
+        loss_fn: loss of the final latent. Terms on the parameters alone (the sparsity penalty)
+            are added by the caller: this function covers the trajectory.
+        params: leaf tensors to differentiate (mask logits).
+        before_step: optional callback before each recomputation (e.g. to move the progress bar).
+
+    Returns:
+        ``(loss, grads)`` with ``grads[k]`` shaped like ``params[k]`` (zeros where unused).
+    """
+    latents = run_trajectory(step, z_start, num_steps, keep=True)
+    z_final = latents[-1].detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(z_final)
+        (g,) = torch.autograd.grad(loss, z_final)
+    grads = [torch.zeros_like(p) for p in params]
+    for i in reversed(range(num_steps)):
+        if before_step is not None:
+            before_step(i)
+        z = latents[i].detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = step(z, i)
+            results = torch.autograd.grad(out, [z, *params], grad_outputs=g, allow_unused=True)
+        g = results[0]
+        for acc, r in zip(grads, results[1:]):
+            if r is not None:
+                acc.add_(r)
+        latents[i + 1] = None  # type: ignore[call-overload]  # free the latent we no longer need
+    return loss.detach(), grads
+
+
+def naive_gradient(
+    step: StepFn, z_start: torch.Tensor, num_steps: int, loss_fn: LossFn, params: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Plain backpropagation through one graph of all steps (memory grows with ``num_steps``)."""
+    with torch.enable_grad():
+        z = z_start
+        for i in range(num_steps):
+            z = step(z, i)
+        loss = loss_fn(z)
+        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def two_call_gradient(
+    step: StepFn, z_start: torch.Tensor, num_steps: int, loss_fn: LossFn, params: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Step-wise recomputation with two autograd calls per step (parameters, then latent)."""
+    latents = run_trajectory(step, z_start, num_steps, keep=True)
+    z_final = latents[-1].detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(z_final)
+        (g,) = torch.autograd.grad(loss, z_final)
+    grads = [torch.zeros_like(p) for p in params]
+    for i in reversed(range(num_steps)):
+        z = latents[i].detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = step(z, i)
+            param_grads = torch.autograd.grad(out, list(params), grad_outputs=g, retain_graph=True, allow_unused=True)
+            (g,) = torch.autograd.grad(out, z, grad_outputs=g)
+        for acc, r in zip(grads, param_grads):
+            if r is not None:
+                acc.add_(r)
+    return loss.detach(), grads
