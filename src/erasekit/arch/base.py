@@ -6,6 +6,7 @@ import re
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -122,22 +123,29 @@ class Architecture(ABC):
         """Every maskable unit group of ``denoiser``, in module order."""
 
     @abstractmethod
+    def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """Text-encoder outputs for ``prompts`` (no grad), every tensor batch-first (one row per prompt)."""
+
+    @abstractmethod
     def trajectory(
         self,
         pipe: Any,
-        prompts: list[str],
+        encoded: dict[str, torch.Tensor],
         noise_seeds: list[int],
         *,
         steps: int,
         resolution: int,
         guidance_scale: float,
-        max_sequence_length: int,
     ) -> Trajectory:
-        """Encode ``prompts`` once (no grad) and return the batch's stateless trajectory."""
+        """The stateless trajectory of a batch: ``encoded`` from :meth:`encode_prompts`, one noise seed per row."""
 
     @abstractmethod
     def prune(self, denoiser: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
         """Physically remove the dropped heads and neurons; returns the smaller denoiser."""
+
+    @abstractmethod
+    def pruned_component_source(self) -> Path:
+        """The self-contained module defining the pruned denoiser class (shipped with pruned pipelines)."""
 
 
 _REGISTRY: dict[str, Architecture] = {}

@@ -81,29 +81,41 @@ class FluxArchitecture(Architecture):
         return sites
 
     # ------------------------------------------------------------------ sampling
+    def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        device = _execution_device(pipe)
+        with torch.no_grad():
+            prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
+            )
+        batch = len(prompts)
+        return {
+            "prompt_embeds": prompt_embeds,
+            "pooled_prompt_embeds": pooled,
+            "text_ids": text_ids.unsqueeze(0).expand(batch, *text_ids.shape),
+        }
+
     def trajectory(
         self,
         pipe: Any,
-        prompts: list[str],
+        encoded: dict[str, torch.Tensor],
         noise_seeds: list[int],
         *,
         steps: int,
         resolution: int,
         guidance_scale: float,
-        max_sequence_length: int,
     ) -> Trajectory:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         transformer = pipe.transformer
         device = _execution_device(pipe)
-        dtype = transformer.dtype
         multiple = pipe.vae_scale_factor * 2
-        if resolution % multiple:
-            raise ValueError(f"resolution {resolution} must be a multiple of {multiple} for this pipeline")
-        with torch.no_grad():
-            prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-                prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
-            )
+        if resolution <= 0 or resolution % multiple:
+            raise ValueError(f"resolution {resolution} must be a positive multiple of {multiple} for this pipeline")
+        prompt_embeds = encoded["prompt_embeds"]
+        pooled = encoded["pooled_prompt_embeds"]
+        text_ids = encoded["text_ids"][0]
+        if len(noise_seeds) != prompt_embeds.shape[0]:
+            raise ValueError(f"{len(noise_seeds)} noise seeds for {prompt_embeds.shape[0]} prompts")
         channels = transformer.config.in_channels // 4
         parts = []
         for seed in noise_seeds:
@@ -229,6 +241,9 @@ class FluxArchitecture(Architecture):
         pruned.load_state_dict(state, assign=True, strict=True)
         return pruned
 
+    def pruned_component_source(self) -> Path:
+        return Path(__file__).with_name("flux_pruned.py")
+
 
 def _nonempty(index: torch.Tensor) -> torch.Tensor:
     # A block with no heads (or no neurons) left keeps one zero-folded unit: zero-size layers break attention.
@@ -238,11 +253,6 @@ def _nonempty(index: torch.Tensor) -> torch.Tensor:
 def _execution_device(pipe: Any) -> torch.device:
     device = getattr(pipe, "_execution_device", None)
     return device if isinstance(device, torch.device) else pipe.transformer.device
-
-
-def pruned_component_source() -> Path:
-    """Path of the self-contained module that defines ``PrunedFluxTransformer2DModel``."""
-    return Path(__file__).with_name("flux_pruned.py")
 
 
 def load_denoiser_config(model: str) -> dict[str, Any]:

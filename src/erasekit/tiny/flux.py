@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from .tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer
 
 __all__ = [
+    "COMPONENT_SEED_OFFSETS",
     "SPEC_FILE_NAME",
     "TinyFluxSpec",
     "build_tiny_flux_pipeline",
@@ -50,7 +51,7 @@ COMPONENT_SEED_OFFSETS: dict[str, int] = {
 
 @dataclass
 class TinyFluxSpec:
-    """Sizes of a tiny FLUX pipeline (defaults: ~2.4 M parameters, 1.6 M of them in CLIP's
+    """Sizes of a tiny FLUX pipeline (defaults: ~2.1 M parameters, 1.6 M of them in CLIP's
     token embedding).
 
     Transformer (``FluxTransformer2DModel``):
@@ -114,9 +115,6 @@ class TinyFluxSpec:
 
     scheduler_shift: float = 1.0
     use_dynamic_shifting: bool = False
-
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form metadata stored with the spec (ignored by the builder)."""
 
     def __post_init__(self) -> None:
         self.axes_dims_rope = tuple(int(d) for d in self.axes_dims_rope)  # type: ignore[assignment]
@@ -309,7 +307,10 @@ def build_tiny_flux_pipeline(
         for name, make in makers.items():
             # torch.manual_seed(s) without also reseeding accelerator generators.
             torch.default_generator.manual_seed(seed + COMPONENT_SEED_OFFSETS[name])
-            models[name] = make(spec).to(dtype=dtype).eval()
+            model = make(spec)
+            if dtype != torch.float32:  # .to(dtype) logs a warning even when it is a no-op
+                model = model.to(dtype=dtype)
+            models[name] = model.eval()
     return FluxPipeline(
         scheduler=_make_scheduler(spec),
         vae=models["vae"],

@@ -307,7 +307,7 @@ def _t5_pieces(
 
 
 def t5_pieces(
-    vocab_size: int = 4096,
+    vocab_size: int = 8192,
     num_subwords: int = 512,
     extra_ids: int = 0,
     vocab_path: str | os.PathLike[str] | None = None,
@@ -335,7 +335,7 @@ def t5_pieces(
 
 
 def build_t5_backend(
-    vocab_size: int = 4096,
+    vocab_size: int = 8192,
     num_subwords: int = 512,
     extra_ids: int = 0,
     vocab_path: str | os.PathLike[str] | None = None,
@@ -372,7 +372,7 @@ def build_t5_backend(
 
 
 def build_t5_tokenizer(
-    vocab_size: int = 4096,
+    vocab_size: int = 8192,
     max_length: int = 512,
     num_subwords: int = 512,
     extra_ids: int = 0,

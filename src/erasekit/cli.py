@@ -1,0 +1,228 @@
+"""``erasekit <command>``: a thin layer over the library API.
+
+Every error meant for the user is an :class:`~erasekit.errors.ErasekitError`: printed on one line,
+exit code 2 (1 when training diverged), and no output folder left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .errors import ErasekitError
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, help="denoising steps (default: the mask's training steps, else 4)")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default: the mask's, else 512)")
+    p.add_argument("--guidance", type=float, help="distilled guidance scale (guidance-embedding models only)")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="erasekit", description="Erase concepts from text-to-image models.")
+    parser.add_argument("--version", action="version", version=f"erasekit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("erase", help="learn a sparse mask that erases a concept")
+    p.add_argument("--model", help="hub id or pipeline folder (default: the config's model.id)")
+    p.add_argument("--concept", help="the concept to erase, e.g. nudity or 'Hulk'")
+    p.add_argument("--anchor", help="what the concept becomes in target prompts, e.g. 'a man' (default: dropped)")
+    p.add_argument("--config", help="YAML recipe, e.g. configs/flux-schnell.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--steps", type=int, help="denoising steps of the trained trajectory (sampling.steps)")
+    p.add_argument("--resolution", type=int, help="image side in pixels (sampling.resolution)")
+    p.add_argument("--iterations", type=int, help="optimiser steps (train.iterations)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --output")
+    p.add_argument("--output", required=True, help="mask folder to create")
+    p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("generate", help="generate images, optionally with masks applied")
+    p.add_argument("--model", required=True, help="hub id or pipeline folder")
+    p.add_argument("--masks", action="append", default=[], metavar="DIR", help="mask folder (repeatable: masks combine)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    group.add_argument("--prompt-file", help="text file, one prompt per line")
+    p.add_argument("--seed", type=int, action="append", help="noise seed (repeatable; default 0)")
+    _add_generation_flags(p)
+    p.add_argument("--output", required=True, help="folder to create with one PNG per prompt and seed")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("fold", help="bake masks into the weights and save a stock diffusers pipeline")
+    p.add_argument("--model", required=True, help="hub id or pipeline folder the masks were trained on")
+    p.add_argument("--masks", action="append", required=True, metavar="DIR", help="mask folder (repeatable)")
+    p.add_argument("--mode", choices=("zero", "prune"), default="prune", help="zero: same shapes; prune: masked units removed")
+    p.add_argument("--dtype", default="auto", help="dtype to save in: auto (the checkpoint's float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16")
+    p.add_argument("--output", required=True, help="pipeline folder to create")
+    p.set_defaults(func=cmd_fold)
+
+    p = sub.add_parser("inspect", help="count a model's maskable units (weights are not loaded)")
+    p.add_argument("model", help="hub id, pipeline folder, transformer folder or config.json")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("import-masks", help="convert masks of another implementation to an erasekit mask folder")
+    p.add_argument("--format", required=True, choices=("minimalist-flux",), help="source format")
+    p.add_argument("--attn", help="attn.pt of the reference implementation")
+    p.add_argument("--ff", help="ff.pt")
+    p.add_argument("--norm", help="norm.pt")
+    p.add_argument("--model", default="black-forest-labs/FLUX.1-schnell", help="model the masks belong to (config only)")
+    p.add_argument("--output", required=True, help="mask folder to create")
+    p.set_defaults(func=cmd_import_masks)
+
+    p = sub.add_parser("tiny-model", help="build a tiny random pipeline folder (for trying erasekit without weights)")
+    p.add_argument("--family", choices=("flux",), default="flux")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="pipeline folder to create")
+    p.set_defaults(func=cmd_tiny_model)
+    return parser
+
+
+def _resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    from .pipeline import resolve_device
+
+    return "bfloat16" if resolve_device(device).type == "cuda" else "float32"
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training import erase
+
+    overrides = list(args.overrides)
+    for flag, key in (("model", "model.id"), ("concept", "concept.concept"), ("anchor", "concept.anchor")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    for flag, key in (("steps", "sampling.steps"), ("resolution", "sampling.resolution"), ("iterations", "train.iterations")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    config = load_config(args.config, overrides)
+    result = erase(config, args.output, resume=args.resume)
+    logging.getLogger("erasekit").info("wrote %s", result.output)
+    print(f"mask written to {result.output} ({result.masked_fraction:.2%} of masked units off, {result.seconds:.1f} s)")
+    return 0
+
+
+def _mask_sampling_defaults(mask_dirs: list[str]) -> dict[str, Any]:
+    from .masks import load_mask_artifact
+
+    if not mask_dirs:
+        return {}
+    return load_mask_artifact(mask_dirs[0]).config.get("settings", {}).get("sampling", {})
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .data import read_prompt_file
+    from .errors import PromptError
+    from .generate import generate_images, save_images
+    from .pipeline import apply_masks, load_pipeline
+
+    prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [p for p in args.prompt]
+    if any(not p.strip() for p in prompts):
+        raise PromptError("a --prompt is empty; give the text of the prompt")
+    if Path(args.output).exists():
+        raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
+    defaults = _mask_sampling_defaults(args.masks)
+    pipe = load_pipeline(args.model, _resolve_dtype(args.dtype, args.device), args.device)
+    if args.masks:
+        apply_masks(pipe, args.masks)
+    images = generate_images(
+        pipe,
+        prompts,
+        args.seed or [0],
+        steps=args.steps or defaults.get("steps", 4),
+        resolution=args.resolution or defaults.get("resolution", 512),
+        guidance_scale=args.guidance if args.guidance is not None else defaults.get("guidance_scale", 0.0),
+        max_sequence_length=defaults.get("max_sequence_length", 256),
+    )
+    save_images(images, args.output)
+    print(f"{len(images)} images written to {args.output}")
+    return 0
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    from .masks.fold import fold_into_pipeline, save_folded_pipeline
+    from .pipeline import apply_masks, load_pipeline
+
+    if Path(args.output).exists():
+        raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
+    pipe = load_pipeline(args.model, _resolve_dtype(args.dtype, "auto"), "cpu")
+    masked = apply_masks(pipe, args.masks)
+    counts = masked.masked_counts()
+    before = sum(p.numel() for p in pipe.transformer.parameters()) if hasattr(pipe, "transformer") else None
+    fold_into_pipeline(pipe, masked, args.mode)
+    after = sum(p.numel() for p in pipe.transformer.parameters()) if hasattr(pipe, "transformer") else None
+    provenance = {"model": args.model, "masks": [str(Path(m).resolve()) for m in args.masks], "masked": counts}
+    save_folded_pipeline(pipe, args.output, args.mode, provenance)
+    load_hint = ", trust_remote_code=True" if args.mode == "prune" else ""
+    print(f"{args.mode}-folded pipeline written to {args.output} (denoiser parameters {before:,} -> {after:,}); "
+          f"load it with DiffusionPipeline.from_pretrained({args.output!r}{load_hint})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import format_inspection, inspect_model
+
+    info = inspect_model(args.model)
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0
+
+
+def cmd_import_masks(args: argparse.Namespace) -> int:
+    from .masks.reference import import_minimalist_flux_artifact
+
+    if not (args.attn or args.ff or args.norm):
+        raise ErasekitError("give at least one of --attn, --ff, --norm")
+    for flag in ("attn", "ff", "norm"):
+        value = getattr(args, flag)
+        if value and not Path(value).is_file():
+            raise ErasekitError(f"--{flag} file {value!r} does not exist")
+    if Path(args.output).exists():
+        raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
+    path = import_minimalist_flux_artifact(args.attn, args.ff, args.norm, args.model, args.output)
+    print(f"imported masks written to {path}")
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from .tiny import save_tiny_flux_pipeline
+
+    if Path(args.output).exists():
+        raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
+    path = save_tiny_flux_pipeline(args.output, seed=args.seed)
+    print(f"tiny {args.family} pipeline written to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``erasekit`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ErasekitError as exc:
+        print(f"erasekit {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"erasekit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"erasekit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

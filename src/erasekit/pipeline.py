@@ -1,0 +1,85 @@
+"""Loading pipelines and applying saved masks to them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .arch import Architecture, architecture_for
+from .errors import ModelLoadError
+from .inspect import looks_like_path
+from .masks import MaskedModel, check_artifact, combine_logits, load_mask_artifact
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda, then mps, then cpu; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def load_pipeline(model: str, dtype: str = "float32", device: str = "auto", revision: str | None = None) -> Any:
+    """Load a diffusers pipeline from a hub id or local folder and check its family is supported.
+
+    Raises:
+        ModelLoadError: missing path, unloadable folder, unsupported denoiser class, bad dtype.
+    """
+    from diffusers import DiffusionPipeline
+
+    if not model or not model.strip():
+        raise ModelLoadError("no model given; pass --model with a hub id or a pipeline folder")
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    path = Path(model).expanduser()
+    if looks_like_path(model):
+        if not path.exists():
+            raise ModelLoadError(f"model path {model!r} does not exist; pass a diffusers pipeline folder or a hub id")
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"{model!r} is not a diffusers pipeline folder (no model_index.json)")
+        model = str(path)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=DTYPES[dtype], revision=revision)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "" if looks_like_path(model) else " (not a local folder, so it was taken as a hub id)"
+        raise ModelLoadError(f"could not load {model!r}{where}: {first}") from None
+    architecture_for(pipe)  # raises for unsupported families before any work is done
+    pipe.to(resolve_device(device))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def denoiser_of(pipe: Any) -> tuple[Architecture, torch.nn.Module]:
+    """The architecture and denoiser module of a pipeline."""
+    arch = architecture_for(pipe)
+    return arch, getattr(pipe, arch.denoiser_attr)
+
+
+def apply_masks(pipe: Any, mask_dirs: list[str | Path]) -> MaskedModel:
+    """Load mask artefacts, check them against the pipeline, combine them (AND) and install hooks.
+
+    Returns the installed :class:`MaskedModel` in binary mode; call ``.remove()`` to undo.
+    """
+    arch, denoiser = denoiser_of(pipe)
+    artifacts = [load_mask_artifact(d) for d in mask_dirs]
+    for artifact in artifacts:
+        check_artifact(artifact, arch, denoiser)
+    logits = combine_logits(artifacts)
+    sites = [s for s in arch.sites(denoiser) if s.key in logits]
+    masked = MaskedModel(denoiser, sites, logits=logits)
+    masked.set_mode("binary")
+    return masked.install()

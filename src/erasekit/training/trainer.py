@@ -1,0 +1,391 @@
+"""The mask trainer: trajectory losses, checkpointed gradients, accelerate, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..arch import count_units, select_sites
+from ..config import UNIT_KINDS, EraseConfig, config_to_dict, save_config
+from ..data import build_concept_prompts
+from ..errors import ConfigError, ErasekitError, TrainingDivergedError
+from ..masks import MaskedModel, MaskSettings, base_model_record
+from ..masks.artifact import commit_directory, write_mask_files
+from ..pipeline import denoiser_of, load_pipeline
+from .gradient import checkpointed_gradient, run_trajectory
+from .tracking import CSVTracker
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run produced."""
+
+    output: Path
+    logits: dict[str, torch.Tensor]
+    masked_fraction: float
+    iterations: int
+    seconds: float
+
+
+class PromptEncoder:
+    """Runs the text encoders once per distinct prompt (no grad) and caches the outputs."""
+
+    def __init__(self, arch: Any, pipe: Any, max_sequence_length: int) -> None:
+        self.arch, self.pipe, self.max_sequence_length = arch, pipe, max_sequence_length
+        self.cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if missing:
+            encoded = self.arch.encode_prompts(self.pipe, missing, self.max_sequence_length)
+            for row, prompt in enumerate(missing):
+                self.cache[prompt] = {k: v[row : row + 1] for k, v in encoded.items()}
+        return {k: torch.cat([self.cache[p][k] for p in prompts]) for k in self.cache[prompts[0]]}
+
+
+def distance(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample mean squared (``mse``) or absolute (``l1``) distance, float32."""
+    diff = a.float() - b.float()
+    per = diff.pow(2) if kind == "mse" else diff.abs()
+    return per.flatten(1).mean(1)
+
+
+def staging_path(output: Path) -> Path:
+    """Where a run writes until it finishes (then renamed to ``output``); ``--resume`` continues it."""
+    return output.with_name(output.name + ".incomplete")
+
+
+def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value)
+    return out
+
+
+def make_accelerator(config: EraseConfig, logging_dir: Path) -> Accelerator:
+    """An Accelerator with the configured trackers (csv built in; others when installed)."""
+    trackers: list[Any] = []
+    for name in config.train.trackers:
+        if name == "csv":
+            trackers.append(CSVTracker(logging_dir))
+        elif name in ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive"):
+            from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+            available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}.get(name, True)
+            if available:
+                trackers.append(name)
+            else:
+                logger.warning("tracker %s is not installed; skipping it", name)
+        else:
+            raise ConfigError(f"train.trackers: unknown tracker {name!r}; use csv, tensorboard or wandb")
+    return Accelerator(cpu=config.model.device == "cpu", log_with=trackers or None, project_dir=str(logging_dir))
+
+
+class MaskTrainer:
+    """Learns a sparse mask that erases ``config.concept`` from ``pipe`` (see DESIGN.md, section 1).
+
+    Args:
+        pipe: a loaded diffusers pipeline of a supported family, on ``accelerator.device``.
+        config: the resolved configuration.
+        output: the mask artefact folder to create (must not exist).
+        accelerator: shared with the caller (who placed the pipeline on its device).
+        model_id: recorded in the artefact (defaults to ``config.model.id``).
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        config: EraseConfig,
+        output: str | Path,
+        accelerator: Accelerator,
+        model_id: str | None = None,
+    ) -> None:
+        self.pipe, self.config, self.accelerator = pipe, config, accelerator
+        self.output = Path(output)
+        self.staging = staging_path(self.output)
+        self.model_id = model_id or config.model.id
+        self.arch, self.denoiser = denoiser_of(pipe)
+        self.prompts = build_concept_prompts(config.concept)
+        validate_training_config(config)
+        selection = {k: (getattr(config.mask, k).enabled, getattr(config.mask, k).include, getattr(config.mask, k).exclude) for k in UNIT_KINDS}
+        self.sites = select_sites(self.arch.sites(self.denoiser), selection)
+        if not self.sites:
+            raise ConfigError("no mask units selected: enable mask.heads, mask.neurons or mask.norm, or widen its include regex")
+        for module in (self.denoiser, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), getattr(pipe, "vae", None)):
+            if module is not None:
+                module.requires_grad_(False)
+
+    # ------------------------------------------------------------------ helpers
+    def _noise_seed(self, index: int, stream: int) -> int:
+        return (self.config.train.seed * 1_000_003 + 2 * index + stream) % (2**63)
+
+    def _build_mask(self) -> MaskedModel:
+        m = self.config.mask
+        settings = MaskSettings(m.parameterization, m.temperature, m.gamma, m.zeta, m.straight_through)
+        masked = MaskedModel(self.denoiser, self.sites, settings, init_lambda=m.init_lambda)
+        masked.set_mode("train")
+        return masked.install()
+
+    def _checkpoint(self, step: int, masked: MaskedModel, optimizer: Any, scheduler: Any) -> None:
+        root = self.staging / CHECKPOINTS
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{step:07d}"
+        tmp = root / f".step-{step:07d}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(masked.logits_dict(), str(tmp / "logits.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(p for p in root.glob("step-*") if p != final):
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _restore(self, masked: MaskedModel, optimizer: Any, scheduler: Any) -> int:
+        checkpoints = sorted((self.staging / CHECKPOINTS).glob("step-*"))
+        if not checkpoints:
+            raise ErasekitError(f"nothing to resume: {self.staging} has no checkpoint; start without --resume")
+        latest = checkpoints[-1]
+        masked.load_logits(load_file(str(latest / "logits.safetensors")))
+        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location="cpu", weights_only=True))
+        state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        step = int(json.loads((latest / "state.json").read_text())["step"])
+        logger.info("resuming from %s (step %d)", latest, step)
+        return step
+
+    # ------------------------------------------------------------------ training
+    def fit(self, resume: bool = False, stop_after: int | None = None, on_step: Callable[[int], None] | None = None) -> TrainResult:
+        """Train, then write the artefact to ``output`` (atomically, main process only).
+
+        Args:
+            resume: continue the interrupted run in ``<output>.incomplete`` from its last checkpoint.
+            stop_after: stop (without writing the artefact) after this many optimiser steps, leaving
+                the staging folder and its checkpoints for a later ``resume`` (used by tests).
+            on_step: called with the step number after each optimiser step.
+        """
+        from diffusers.optimization import get_scheduler
+
+        cfg, acc = self.config, self.accelerator
+        if self.output.exists():
+            raise ErasekitError(f"output {str(self.output)!r} already exists; choose another --output or remove it")
+        if self.staging.exists() and not resume:
+            raise ErasekitError(
+                f"{self.staging} holds an interrupted run; pass --resume to continue it, or remove that folder"
+            )
+        started = time.perf_counter()
+        masked = self._build_mask()
+        try:
+            params = list(masked.logits)
+            groups = [
+                {"params": ps, "lr": getattr(cfg.mask, kind).lr, "name": kind}
+                for kind, ps in masked.parameters_by_kind().items()
+            ]
+            optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+            scheduler = get_scheduler(
+                cfg.train.lr_schedule,
+                optimizer,
+                num_warmup_steps=cfg.train.warmup_steps,
+                num_training_steps=cfg.train.iterations,
+            )
+            start = self._restore(masked, optimizer, scheduler) if resume else 0
+            if acc.is_main_process:
+                self.staging.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, self.staging / "config.yaml")
+            acc.wait_for_everyone()
+            acc.init_trackers("erasekit", config=_flat("", config_to_dict(cfg), {}))
+            for tracker in acc.trackers:
+                if isinstance(tracker, CSVTracker):
+                    tracker.truncate_after(start)
+            self._loop(masked, params, optimizer, scheduler, start, stop_after, on_step)
+        except TrainingDivergedError:
+            if acc.is_main_process:
+                shutil.rmtree(self.staging, ignore_errors=True)
+            raise
+        finally:
+            masked.remove()
+            acc.end_training()
+        logits = masked.logits_dict()
+        fraction = masked.masked_fraction()
+        seconds = time.perf_counter() - started
+        if stop_after is not None and stop_after < cfg.train.iterations:
+            return TrainResult(self.staging, logits, fraction, stop_after, seconds)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self._write_artifact(masked, seconds)
+        acc.wait_for_everyone()
+        return TrainResult(self.output, logits, fraction, cfg.train.iterations, seconds)
+
+    def _loop(
+        self,
+        masked: MaskedModel,
+        params: list[torch.nn.Parameter],
+        optimizer: Any,
+        scheduler: Any,
+        start: int,
+        stop_after: int | None,
+        on_step: Callable[[int], None] | None,
+    ) -> None:
+        cfg, acc = self.config, self.accelerator
+        rank, world = acc.process_index, acc.num_processes
+        b, accum, steps = cfg.train.batch_size, cfg.train.gradient_accumulation, cfg.sampling.steps
+        order_c = list(range(len(self.prompts.concept)))
+        order_p = list(range(len(self.prompts.preservation)))
+        shuffle = random.Random(cfg.train.seed)
+        shuffle.shuffle(order_c)
+        shuffle.shuffle(order_p)
+        encode = PromptEncoder(self.arch, self.pipe, cfg.sampling.max_sequence_length)
+        sample = dict(steps=steps, resolution=cfg.sampling.resolution, guidance_scale=cfg.sampling.guidance_scale)
+        end = cfg.train.iterations if stop_after is None else min(stop_after, cfg.train.iterations)
+        bar = tqdm(total=cfg.train.iterations, initial=start, desc="erase", disable=not acc.is_local_main_process, dynamic_ncols=True)
+        for step in range(start, end):
+            grads = [torch.zeros_like(p) for p in params]
+            terms = torch.zeros(2, dtype=torch.float64)
+            for micro in range(accum):
+                k = step * accum + micro
+                index = [k * b * world + rank * b + j for j in range(b)]
+                concept_rows = [order_c[i % len(order_c)] for i in index]
+                keep_rows = [order_p[i % len(order_p)] for i in index]
+                prompts = [self.prompts.concept[r] for r in concept_rows] + [self.prompts.preservation[r] for r in keep_rows]
+                targets = [self.prompts.target[r] for r in concept_rows] + [self.prompts.preservation[r] for r in keep_rows]
+                seeds = [self._noise_seed(i, 0) for i in index] + [self._noise_seed(i, 1) for i in index]
+                # one hard-concrete sample per trajectory, identical on every process
+                masked.resample_noise(torch.Generator().manual_seed(cfg.train.seed * 7919 + k))
+                with masked.disabled():
+                    reference = self.arch.trajectory(self.pipe, encode(targets), seeds, **sample)
+                    goal = run_trajectory(reference.step, reference.noise, steps)[-1]
+                trajectory = self.arch.trajectory(self.pipe, encode(prompts), seeds, **sample)
+                parts: dict[str, torch.Tensor] = {}
+
+                def loss_fn(z: torch.Tensor) -> torch.Tensor:
+                    per_sample = distance(z, goal, cfg.loss.distance)
+                    parts["erase"], parts["preserve"] = per_sample[:b].mean(), per_sample[b:].mean()
+                    return cfg.loss.erase_weight * parts["erase"] + cfg.loss.preserve_weight * parts["preserve"]
+
+                _, micro_grads = checkpointed_gradient(trajectory.step, trajectory.noise, steps, loss_fn, params)
+                for acc_grad, g in zip(grads, micro_grads):
+                    acc_grad.add_(g, alpha=1.0 / accum)
+                terms += torch.tensor([float(parts["erase"].detach()), float(parts["preserve"].detach())], dtype=torch.float64) / accum
+            if world > 1:
+                for g in grads:
+                    g.copy_(acc.reduce(g, reduction="mean"))
+                terms = acc.reduce(terms.to(acc.device), reduction="mean").cpu()
+            with torch.enable_grad():
+                penalty = masked.sparsity_penalty()
+                penalty_grads = torch.autograd.grad(cfg.loss.sparsity_weight * penalty, params, allow_unused=True)
+            erase, preserve = float(terms[0]), float(terms[1])
+            loss = cfg.loss.erase_weight * erase + cfg.loss.preserve_weight * preserve + cfg.loss.sparsity_weight * float(penalty)
+            if not math.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"loss became {loss} at iteration {step + 1}; lower the mask learning rates (mask.*.lr) "
+                    "or train in float32 (--set model.dtype=float32)"
+                )
+            for p, g, pg in zip(params, grads, penalty_grads):
+                p.grad = g if pg is None else g + pg
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            fraction = masked.masked_fraction()
+            if done % cfg.train.log_every == 0 or done == cfg.train.iterations:
+                values: dict[str, float] = {
+                    "loss": loss,
+                    "erase": erase,
+                    "preserve": preserve,
+                    "sparsity": float(penalty),
+                    "masked_fraction": fraction,
+                }
+                for kind, c in masked.masked_counts().items():
+                    values[f"masked_{kind}"] = c["masked"] / c["total"]
+                for group in optimizer.param_groups:
+                    values[f"lr_{group['name']}"] = group["lr"]
+                acc.log(values, step=done)
+            bar.set_postfix(loss=f"{loss:.4g}", masked=f"{fraction:.2%}")
+            bar.update(1)
+            if cfg.train.checkpoint_every > 0 and done % cfg.train.checkpoint_every == 0 and done < cfg.train.iterations:
+                if acc.is_main_process:
+                    self._checkpoint(done, masked, optimizer, scheduler)
+                acc.wait_for_everyone()
+            if on_step is not None:
+                on_step(done)
+        bar.close()
+
+    def _write_artifact(self, masked: MaskedModel, seconds: float) -> None:
+        cfg = self.config
+        record = {
+            "method": "mask",
+            "family": self.arch.family,
+            "parameterization": cfg.mask.parameterization,
+            "unit_kinds": sorted({s.kind for s in self.sites}),
+            "units": count_units(self.sites)["per_kind"],
+            "base_model": base_model_record(self.denoiser, self.model_id, cfg.model.revision),
+            "concept": cfg.concept.concept,
+            "anchor": cfg.concept.anchor,
+            "settings": config_to_dict(cfg),
+            "training": {"iterations": cfg.train.iterations, "seconds": round(seconds, 3), "processes": self.accelerator.num_processes},
+            "masked": masked.masked_counts(),
+        }
+        write_mask_files(self.staging, masked.logits_dict(), record)
+        shutil.rmtree(self.staging / CHECKPOINTS, ignore_errors=True)
+        commit_directory(self.staging, self.output)
+
+
+def validate_training_config(config: EraseConfig) -> None:
+    """Reject settings the trainer cannot run with, naming the key."""
+    checks = [
+        ("train.iterations", config.train.iterations >= 1),
+        ("train.batch_size", config.train.batch_size >= 1),
+        ("train.gradient_accumulation", config.train.gradient_accumulation >= 1),
+        ("sampling.steps", config.sampling.steps >= 1),
+        ("sampling.resolution", config.sampling.resolution >= 1),
+        ("train.log_every", config.train.log_every >= 1),
+    ]
+    for key, ok in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be at least 1")
+    for kind in UNIT_KINDS:
+        if getattr(config.mask, kind).lr < 0:
+            raise ConfigError(f"mask.{kind}.lr must not be negative")
+
+
+def erase(config: EraseConfig, output: str | Path, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Load ``config.model``, learn the mask, write the artefact to ``output``. The library's ``erase``.
+
+    Example:
+        >>> from erasekit.config import load_config
+        >>> cfg = load_config("configs/flux-schnell.yaml", ["concept.concept=Hulk", "concept.anchor=a man"])
+        >>> erase(cfg, "masks/hulk")  # doctest: +SKIP
+    """
+    output = Path(output)
+    build_concept_prompts(config.concept)  # fail on bad prompts before loading any weights
+    validate_training_config(config)
+    if output.exists():
+        raise ErasekitError(f"output {str(output)!r} already exists; choose another --output or remove it")
+    staging = staging_path(output)
+    if staging.exists() and not resume:
+        raise ErasekitError(f"{staging} holds an interrupted run; pass --resume to continue it, or remove that folder")
+    accelerator = make_accelerator(config, staging)
+    pipe = load_pipeline(config.model.id, config.model.dtype, str(accelerator.device), config.model.revision)
+    trainer = MaskTrainer(pipe, config, output, accelerator)
+    return trainer.fit(resume=resume, stop_after=stop_after)
