@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub id or pipeline folder the masks were trained on")
     p.add_argument("--masks", action="append", required=True, metavar="DIR", help="mask folder (repeatable)")
     p.add_argument("--mode", choices=("zero", "prune"), default="prune", help="zero: same shapes; prune: masked units removed")
-    p.add_argument("--dtype", default="auto", help="dtype to save in: auto (the checkpoint's float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16")
+    p.add_argument("--dtype", default="float32", help="dtype to load and save in: float32 (default), float16, bfloat16")
     p.add_argument("--output", required=True, help="pipeline folder to create")
     p.set_defaults(func=cmd_fold)
 
@@ -84,14 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="pipeline folder to create")
     p.set_defaults(func=cmd_tiny_model)
     return parser
-
-
-def _resolve_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    from .pipeline import resolve_device
-
-    return "bfloat16" if resolve_device(device).type == "cuda" else "float32"
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
@@ -134,7 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if Path(args.output).exists():
         raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
     defaults = _mask_sampling_defaults(args.masks)
-    pipe = load_pipeline(args.model, _resolve_dtype(args.dtype, args.device), args.device)
+    pipe = load_pipeline(args.model, args.dtype, args.device)
     if args.masks:
         apply_masks(pipe, args.masks)
     images = generate_images(
@@ -157,7 +149,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
     if Path(args.output).exists():
         raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
-    pipe = load_pipeline(args.model, _resolve_dtype(args.dtype, "auto"), "cpu")
+    pipe = load_pipeline(args.model, args.dtype, "cpu")
     masked = apply_masks(pipe, args.masks)
     counts = masked.masked_counts()
     before = sum(p.numel() for p in pipe.transformer.parameters()) if hasattr(pipe, "transformer") else None
@@ -205,11 +197,25 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Keep the libraries' informational warnings (deprecations, optional backends) off the terminal."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``erasekit`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -28,8 +28,8 @@ class ModelConfig:
     id: str = "black-forest-labs/FLUX.1-schnell"
     """Hub id or local path of a diffusers pipeline folder."""
     revision: str | None = None
-    dtype: str = "bfloat16"
-    """Compute dtype of the pipeline: float32, float16 or bfloat16 (mask logits stay float32)."""
+    dtype: str = "auto"
+    """Compute dtype: auto (bfloat16 on a GPU, float32 on a CPU), float32, float16 or bfloat16; logits stay float32."""
     device: str = "auto"
     """``auto`` picks the accelerator when there is one (cuda, then mps), else cpu."""
 
@@ -154,7 +154,7 @@ class EraseConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.dtype": ("float32", "float16", "bfloat16"),
+    "model.dtype": ("auto", "float32", "float16", "bfloat16"),
     "mask.parameterization": ("sigmoid", "hard_concrete", "binary"),
     "loss.distance": ("mse", "l1"),
 }

@@ -32,7 +32,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ModelLoadError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
-def load_pipeline(model: str, dtype: str = "float32", device: str = "auto", revision: str | None = None) -> Any:
+def load_pipeline(model: str, dtype: str = "auto", device: str = "auto", revision: str | None = None) -> Any:
     """Load a diffusers pipeline from a hub id or local folder and check its family is supported.
 
     Raises:
@@ -42,8 +42,11 @@ def load_pipeline(model: str, dtype: str = "float32", device: str = "auto", revi
 
     if not model or not model.strip():
         raise ModelLoadError("no model given; pass --model with a hub id or a pipeline folder")
+    target = resolve_device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if target.type == "cuda" else "float32"
     if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     path = Path(model).expanduser()
     if looks_like_path(model):
         if not path.exists():
@@ -58,7 +61,7 @@ def load_pipeline(model: str, dtype: str = "float32", device: str = "auto", revi
         where = "" if looks_like_path(model) else " (not a local folder, so it was taken as a hub id)"
         raise ModelLoadError(f"could not load {model!r}{where}: {first}") from None
     architecture_for(pipe)  # raises for unsupported families before any work is done
-    pipe.to(resolve_device(device))
+    pipe.to(target)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -51,7 +51,7 @@ def mask_values(logits: torch.Tensor, settings: MaskSettings, noise: torch.Tenso
     hard = binary_mask(logits)
     if settings.straight_through:
         soft = torch.sigmoid(logits)
-        return hard + soft - soft.detach()
+        return hard + (soft - soft.detach())  # exactly 0 or 1 forward, the sigmoid gradient backward
     return hard
 
 

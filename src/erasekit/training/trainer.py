@@ -295,7 +295,7 @@ class MaskTrainer:
                 penalty = masked.sparsity_penalty()
                 penalty_grads = torch.autograd.grad(cfg.loss.sparsity_weight * penalty, params, allow_unused=True)
             erase, preserve = float(terms[0]), float(terms[1])
-            loss = cfg.loss.erase_weight * erase + cfg.loss.preserve_weight * preserve + cfg.loss.sparsity_weight * float(penalty)
+            loss = cfg.loss.erase_weight * erase + cfg.loss.preserve_weight * preserve + cfg.loss.sparsity_weight * float(penalty.detach())
             if not math.isfinite(loss):
                 raise TrainingDivergedError(
                     f"loss became {loss} at iteration {step + 1}; lower the mask learning rates (mask.*.lr) "
@@ -313,7 +313,7 @@ class MaskTrainer:
                     "loss": loss,
                     "erase": erase,
                     "preserve": preserve,
-                    "sparsity": float(penalty),
+                    "sparsity": float(penalty.detach()),
                     "masked_fraction": fraction,
                 }
                 for kind, c in masked.masked_counts().items():

@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make demo` (install + run the main job)  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= outputs/demo
+
+.PHONY: setup demo test test-fast bench clean-demo
+
+setup: $(VENV)/.installed
+
+# torch is pinned by constraints.txt (the CPU build on this machine's disk; any other torch would pull a
+# multi-GB CUDA build). open_clip_torch is installed without its dependencies: erasekit only reads the CLIP
+# BPE vocabulary file it ships (for the offline tiny pipelines); its torchvision dependency is not needed.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --no-deps 'open_clip_torch==3.3.0'
+	touch $@
+
+# The end-to-end journey on a tiny FLUX pipeline built locally: build -> erase -> generate with and
+# without the mask -> prune-fold -> load with stock diffusers.
+demo: setup
+	rm -rf $(OUT) && mkdir -p $(OUT)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit tiny-model --output $(OUT)/tiny-flux
+	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit erase --model $(OUT)/tiny-flux --config configs/tiny-flux-cpu.yaml --concept cat --anchor dog --output $(OUT)/mask-cat
+	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit generate --model $(OUT)/tiny-flux --prompt "a photo of a cat" --seed 0 --seed 1 --steps 4 --resolution 32 --output $(OUT)/images-original
+	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit generate --model $(OUT)/tiny-flux --masks $(OUT)/mask-cat --prompt "a photo of a cat" --seed 0 --seed 1 --output $(OUT)/images-erased
+	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit fold --model $(OUT)/tiny-flux --masks $(OUT)/mask-cat --mode prune --output $(OUT)/tiny-flux-pruned
+	HF_HUB_OFFLINE=1 $(PY) -c "from diffusers import DiffusionPipeline; p = DiffusionPipeline.from_pretrained('$(OUT)/tiny-flux-pruned', trust_remote_code=True); print('stock diffusers loaded', type(p.transformer).__name__, sum(x.numel() for x in p.transformer.parameters()), 'parameters')"
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/trajectory_gradient.py

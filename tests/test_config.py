@@ -1,0 +1,72 @@
+"""Strict config loading and --set overrides."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from erasekit.config import EraseConfig, load_config, save_config
+from erasekit.errors import ConfigError
+
+
+def test_defaults_suit_flux_schnell():
+    cfg = EraseConfig()
+    assert cfg.model.id == "black-forest-labs/FLUX.1-schnell"
+    assert cfg.sampling.steps == 4 and cfg.mask.init_lambda == 3.0
+    assert cfg.mask.heads.enabled is False and cfg.mask.neurons.enabled and cfg.mask.norm.enabled
+
+
+def test_yaml_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  iterations: 7\nmask:\n  neurons:\n    lr: 0.1\nconcept:\n  synonyms: [a, b]\n")
+    cfg = load_config(recipe, ["train.iterations=9", "loss.sparsity_weight=1", "concept.anchor=a man", "model.revision=null"])
+    assert cfg.train.iterations == 9
+    assert cfg.mask.neurons.lr == 0.1 and isinstance(cfg.loss.sparsity_weight, float)
+    assert cfg.concept.synonyms == ["a", "b"] and cfg.concept.anchor == "a man" and cfg.model.revision is None
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.nope=1", "unknown config key 'train.nope'; valid keys here: iterations"),
+        ("nope.x=1", "unknown config key 'nope'"),
+        ("train.iterations=abc", "train.iterations: expected an integer, got str 'abc'"),
+        ("train.iterations=1.5", "expected an integer"),
+        ("mask.heads.enabled=3", "expected true or false"),
+        ("mask.parameterization=gumbel", "not one of sigmoid, hard_concrete, binary"),
+        ("train=3", "train: expected a mapping"),
+        ("train.iterations", "must look like key.path=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("trainer:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'trainer'"):
+        load_config(unknown)
+
+
+def test_yaml_nan_is_a_number():
+    assert math.isnan(load_config(None, ["loss.erase_weight=.nan"]).loss.erase_weight)
+
+
+def test_recipes_in_configs_load():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert recipes, "configs/ has no recipe"
+    for recipe in recipes:
+        load_config(recipe)
