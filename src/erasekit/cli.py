@@ -145,16 +145,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_fold(args: argparse.Namespace) -> int:
     from .masks.fold import fold_into_pipeline, save_folded_pipeline
-    from .pipeline import apply_masks, load_pipeline
+    from .pipeline import apply_masks, denoiser_of, load_pipeline
 
     if Path(args.output).exists():
         raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
     pipe = load_pipeline(args.model, args.dtype, "cpu")
     masked = apply_masks(pipe, args.masks)
     counts = masked.masked_counts()
-    before = sum(p.numel() for p in pipe.transformer.parameters()) if hasattr(pipe, "transformer") else None
+    before = sum(p.numel() for p in denoiser_of(pipe)[1].parameters())
     fold_into_pipeline(pipe, masked, args.mode)
-    after = sum(p.numel() for p in pipe.transformer.parameters()) if hasattr(pipe, "transformer") else None
+    after = sum(p.numel() for p in denoiser_of(pipe)[1].parameters())
     provenance = {"model": args.model, "masks": [str(Path(m).resolve()) for m in args.masks], "masked": counts}
     save_folded_pipeline(pipe, args.output, args.mode, provenance)
     load_hint = ", trust_remote_code=True" if args.mode == "prune" else ""

@@ -18,8 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch.base import Architecture, architecture_by_class_name, count_units, supported_classes
-from .arch.flux import KNOWN_CONFIGS, load_denoiser_config
+from .arch import supported_classes  # noqa: F401  (importing the package registers every family)
+from .arch.base import (
+    Architecture,
+    architecture_by_class_name,
+    count_units,
+    denoiser_class,
+    known_config,
+    known_model_ids,
+)
 from .errors import ModelLoadError
 
 __all__ = ["format_inspection", "inspect_model", "instantiate_denoiser_on_meta", "looks_like_path"]
@@ -53,11 +60,8 @@ def _read_local_config(model: str) -> dict[str, Any]:
         )
     if path.is_file() and path.name == "model_index.json":
         path = path.parent
-    # A UNet pipeline has no transformer/ folder: read its denoiser so the error names the class.
-    if path.is_dir() and not (path / "transformer" / "config.json").is_file() and (path / "unet" / "config.json").is_file():
-        path = path / "unet" / "config.json"
     try:
-        return load_denoiser_config(str(path))
+        return load_denoiser_config(path)
     except FileNotFoundError:
         raise ModelLoadError(
             f"model path {model!r} has no transformer/config.json or config.json; "
@@ -69,37 +73,38 @@ def _read_local_config(model: str) -> dict[str, Any]:
         raise ModelLoadError(f"cannot read the denoiser config under {model!r}: {exc.strerror or exc}") from None
 
 
+DENOISER_SUBFOLDERS = ("transformer", "unet")
+
+
+def load_denoiser_config(path: Path) -> dict[str, Any]:
+    """The denoiser config of a pipeline folder, a denoiser folder, or a config.json file."""
+    candidates = [path / sub / "config.json" for sub in DENOISER_SUBFOLDERS] + [path / "config.json", path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    raise FileNotFoundError(path)
+
+
 def _read_hub_config(model: str) -> dict[str, Any]:
-    if model in KNOWN_CONFIGS:
-        return dict(KNOWN_CONFIGS[model])
+    bundled = known_config(model)
+    if bundled is not None:
+        return bundled
     from diffusers import FluxTransformer2DModel
 
-    try:
-        with warnings.catch_warnings():
-            # huggingface_hub deprecation noise from diffusers' download call says nothing useful here.
-            warnings.simplefilter("ignore")
-            config = FluxTransformer2DModel.load_config(model, subfolder="transformer")
-    except Exception as exc:  # the hub client raises many unrelated types (OSError, ValueError, HTTP errors)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"cannot load the denoiser config of hub id {model!r} (no local folder of that name either): {reason} "
-            f"(offline, only cached models and {', '.join(sorted(KNOWN_CONFIGS))} work)"
-        ) from None
-    return dict(config)
-
-
-def _denoiser_class(name: str) -> type[nn.Module]:
-    # Classes that erasekit itself defines; everything else is a diffusers class.
-    if name == "PrunedFluxTransformer2DModel":
-        from .arch.flux_pruned import PrunedFluxTransformer2DModel
-
-        return PrunedFluxTransformer2DModel
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise ModelLoadError(f"denoiser class {name} is registered but not found in diffusers {diffusers.__version__}")
-    return cls
+    reason = ""
+    for subfolder in DENOISER_SUBFOLDERS:
+        try:
+            with warnings.catch_warnings():
+                # huggingface_hub deprecation noise from diffusers' download call says nothing useful here.
+                warnings.simplefilter("ignore")
+                # load_config only reads config.json, whatever the class: any ModelMixin serves.
+                return dict(FluxTransformer2DModel.load_config(model, subfolder=subfolder))
+        except Exception as exc:  # the hub client raises many unrelated types (OSError, ValueError, HTTP errors)
+            reason = reason or (str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    raise ModelLoadError(
+        f"cannot load the denoiser config of hub id {model!r} (no local folder of that name either): {reason} "
+        f"(offline, only cached models and {', '.join(known_model_ids())} work)"
+    )
 
 
 def _load_config(model: str) -> dict[str, Any]:
@@ -130,7 +135,7 @@ def instantiate_denoiser_on_meta(model: str) -> nn.Module:
         raise ModelLoadError(
             f"unsupported model family: {model!r} has a {name} denoiser; supported: {', '.join(supported_classes())}"
         ) from None
-    cls = _denoiser_class(name)
+    cls = denoiser_class(name)
     try:
         with torch.device("meta"):
             return cls.from_config(config)

@@ -115,8 +115,14 @@ class Architecture(ABC):
     family: str = ""
     #: diffusers class names of the denoiser this file handles
     denoiser_classes: tuple[str, ...] = ()
-    #: attribute of the pipeline that holds the denoiser
+    #: attribute of the pipeline that holds the denoiser (also its subfolder in a pipeline folder)
     denoiser_attr: str = "transformer"
+    #: published denoiser configs by hub id, so that ``inspect`` works offline
+    known_configs: dict[str, dict[str, Any]] = {}
+
+    def extra_classes(self) -> dict[str, type[nn.Module]]:
+        """Denoiser classes this family defines itself (e.g. its pruned variant), by class name."""
+        return {}
 
     @abstractmethod
     def sites(self, denoiser: nn.Module) -> list[MaskSite]:
@@ -176,6 +182,32 @@ def architecture_for(model: Any) -> Architecture:
             f"unsupported model family: denoiser class {name}; supported: {', '.join(supported_classes())}"
         )
     return arch
+
+
+def known_config(model_id: str) -> dict[str, Any] | None:
+    """A bundled published denoiser config for a hub id, from any registered family."""
+    for arch in set(_REGISTRY.values()):
+        if model_id in arch.known_configs:
+            return dict(arch.known_configs[model_id])
+    return None
+
+
+def known_model_ids() -> list[str]:
+    return sorted({k for arch in _REGISTRY.values() for k in arch.known_configs})
+
+
+def denoiser_class(name: str) -> type[nn.Module]:
+    """The class of a registered denoiser name: diffusers' own, or one a family defines."""
+    arch = architecture_by_class_name(name)
+    extra = arch.extra_classes()
+    if name in extra:
+        return extra[name]
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ModelLoadError(f"denoiser class {name} is registered but not found in diffusers {diffusers.__version__}")
+    return cls
 
 
 def architecture_by_class_name(name: str) -> Architecture:

@@ -14,7 +14,6 @@ Units:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,12 @@ class FluxArchitecture(Architecture):
     family = "flux"
     denoiser_classes = ("FluxTransformer2DModel", "PrunedFluxTransformer2DModel")
     denoiser_attr = "transformer"
+    known_configs = KNOWN_CONFIGS
+
+    def extra_classes(self) -> dict[str, type[nn.Module]]:
+        from .flux_pruned import PrunedFluxTransformer2DModel
+
+        return {"PrunedFluxTransformer2DModel": PrunedFluxTransformer2DModel}
 
     def sites(self, denoiser: nn.Module) -> list[MaskSite]:
         sites: list[MaskSite] = []
@@ -253,17 +258,6 @@ def _nonempty(index: torch.Tensor) -> torch.Tensor:
 def _execution_device(pipe: Any) -> torch.device:
     device = getattr(pipe, "_execution_device", None)
     return device if isinstance(device, torch.device) else pipe.transformer.device
-
-
-def load_denoiser_config(model: str) -> dict[str, Any]:
-    """The FLUX denoiser config of a pipeline folder, a transformer folder, a config.json, or a hub id."""
-    path = Path(model)
-    for candidate in (path / "transformer" / "config.json", path / "config.json", path):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    if model in KNOWN_CONFIGS:
-        return dict(KNOWN_CONFIGS[model])
-    raise FileNotFoundError(model)
 
 
 FLUX = register(FluxArchitecture())

@@ -130,9 +130,9 @@ class MaskTrainer:
         self.sites = select_sites(self.arch.sites(self.denoiser), selection)
         if not self.sites:
             raise ConfigError("no mask units selected: enable mask.heads, mask.neurons or mask.norm, or widen its include regex")
-        for module in (self.denoiser, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), getattr(pipe, "vae", None)):
-            if module is not None:
-                module.requires_grad_(False)
+        for component in pipe.components.values():  # only the mask logits learn
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False)
 
     # ------------------------------------------------------------------ helpers
     def _noise_seed(self, index: int, stream: int) -> int:
