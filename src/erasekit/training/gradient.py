@@ -30,6 +30,18 @@ def run_trajectory(step: StepFn, z_start: torch.Tensor, num_steps: int, keep: bo
     return latents if keep else [z]
 
 
+def _forward_and_final_gradient(
+    step: StepFn, z_start: torch.Tensor, num_steps: int, loss_fn: LossFn
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The no-grad pass keeping every latent, the loss, and dL/dz0."""
+    latents = run_trajectory(step, z_start, num_steps, keep=True)
+    z_final = latents[-1].detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(z_final)
+        (g,) = torch.autograd.grad(loss, z_final)
+    return latents, loss, g
+
+
 def checkpointed_gradient(
     step: StepFn,
     z_start: torch.Tensor,
@@ -51,11 +63,7 @@ def checkpointed_gradient(
     Returns:
         ``(loss, grads)`` with ``grads[k]`` shaped like ``params[k]`` (zeros where unused).
     """
-    latents = run_trajectory(step, z_start, num_steps, keep=True)
-    z_final = latents[-1].detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = loss_fn(z_final)
-        (g,) = torch.autograd.grad(loss, z_final)
+    latents, loss, g = _forward_and_final_gradient(step, z_start, num_steps, loss_fn)
     grads = [torch.zeros_like(p) for p in params]
     for i in reversed(range(num_steps)):
         if before_step is not None:
@@ -89,11 +97,7 @@ def two_call_gradient(
     step: StepFn, z_start: torch.Tensor, num_steps: int, loss_fn: LossFn, params: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Step-wise recomputation with two autograd calls per step (parameters, then latent)."""
-    latents = run_trajectory(step, z_start, num_steps, keep=True)
-    z_final = latents[-1].detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = loss_fn(z_final)
-        (g,) = torch.autograd.grad(loss, z_final)
+    latents, loss, g = _forward_and_final_gradient(step, z_start, num_steps, loss_fn)
     grads = [torch.zeros_like(p) for p in params]
     for i in reversed(range(num_steps)):
         z = latents[i].detach().requires_grad_(True)
