@@ -110,7 +110,7 @@ def test_folder_without_config(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("layout", ["transformer", "unet"])
 def test_unsupported_class(tmp_path: Path, layout: str) -> None:
-    name = "SD3Transformer2DModel" if layout == "transformer" else "UNet2DConditionModel"
+    name = "NotARealTransformer2DModel" if layout == "transformer" else "NotARealUNet2DModel"
     (tmp_path / layout).mkdir()
     (tmp_path / layout / "config.json").write_text(json.dumps({"_class_name": name}))
     with pytest.raises(ModelLoadError, match=f"unsupported model family.*{name}.*supported: .*FluxTransformer2DModel"):

@@ -106,7 +106,8 @@ class SamplingConfig:
     steps: int = 4
     resolution: int = 512
     guidance_scale: float = 0.0
-    """Distilled guidance for guidance-embedding models (FLUX.1-dev: 3.5); ignored otherwise."""
+    """Classifier-free guidance scale (SD, SDXL, SD3, PixArt, DiT; <= 1 means none), or the distilled guidance of
+    guidance-embedding models (FLUX.1-dev: 3.5; FLUX.1-schnell ignores it)."""
     max_sequence_length: int = 256
 
 

@@ -12,10 +12,14 @@ from .base import (
     zero_fold_site,
 )
 from .flux import FLUX
+from .sd3 import SD3
+from .unet import UNET
 
 __all__ = [
     "Architecture",
     "FLUX",
+    "SD3",
+    "UNET",
     "MaskSite",
     "Trajectory",
     "architecture_by_class_name",

@@ -1,0 +1,463 @@
+"""Stable Diffusion UNets (``UNet2DConditionModel``: SD 1.x, SD 2.x, SDXL): sites, samplers, fold, prune.
+
+Units (one set per ``BasicTransformerBlock`` of the down, mid and up blocks):
+
+* ``heads`` -- self-attention ``attn1`` and cross-attention ``attn2``: one scalar per head on the
+  input of ``to_out.0`` (``group = head_dim = inner_dim // attn.heads``); stream ``self`` / ``cross``.
+* ``neurons`` -- GEGLU feed-forward hidden units on the input of ``ff.net.2`` (the GEGLU projection
+  ``ff.net.0.proj`` is twice as wide: a value half and a gate half).
+* ``norm`` -- **none**. The transformer blocks of the SD 1.x / 2.x / XL UNets normalise with plain
+  ``LayerNorm`` (``norm1``, ``norm2``, ``norm3``) and have no adaptive-norm modulation Linear, so
+  there are no norm channels to mask; a config that enables ``mask.norm`` simply finds no norm sites.
+  (The UNet's ResNet blocks take the timestep through ``time_emb_proj``, which is not a per-block
+  norm of the transformer and is not a unit kind of the method.)
+
+Site ``block_type`` is ``down`` / ``mid`` / ``up`` (where the block sits in the UNet).
+
+Unit counts of the published configs (bundled in :data:`KNOWN_CONFIGS`, checked in tests):
+
+=========================================  =======  ============  =========  =======
+model                                      blocks   heads         neurons    norm
+=========================================  =======  ============  =========  =======
+SD 1.5 (stable-diffusion-v1-5)             16       256 (8/attn)  49 920     0
+SD 2.1 (stabilityai/stable-diffusion-2-1)  16       390           49 920     0
+SDXL base 1.0                              70       2 600         332 800    0
+=========================================  =======  ============  =========  =======
+
+SD 1.5: 16 blocks (6 down, 1 mid, 9 up), 8 heads per attention at every level (its config's
+``attention_head_dim: 8`` is diffusers' legacy name for the head count), 2 attentions per block:
+256 heads; GEGLU width 4 x channels: 4 x (2(320+640+1280) + 1280 + 3(1280+640+320)) = 49 920.
+SD 2.1: same blocks, heads 5/10/20 (head_dim 64) by level: 2(2(5+10+20) + 20 + 3(20+10+5)) = 390.
+SDXL: 10 blocks at 640 channels (10 heads) and 60 at 1280 (20 heads): 2(100 + 1200) = 2 600 heads,
+4(10 x 640 + 60 x 1280) = 332 800 neurons.
+
+Samplers: the trajectory uses the pipeline's own scheduler type. Supported:
+:class:`~diffusers.DDIMScheduler` (SD 2.x's default), :class:`~diffusers.EulerDiscreteScheduler`
+(SDXL's default), :class:`~diffusers.DPMSolverMultistepScheduler` (deterministic variants) and
+:class:`~diffusers.PNDMScheduler` with ``skip_prk_steps`` (SD 1.5's default, i.e. PLMS); any other
+scheduler is refused by name (switch with :func:`use_scheduler`). Each step calls the scheduler's
+own ``step`` on a private copy after setting every piece of its state explicitly (step index; for
+DPM-Solver the previous model outputs and ``lower_order_nums``; for PLMS the counter, the kept
+model outputs and the first sample), so the step is a pure function of its arguments and
+recomputing it is bit-identical.
+
+DPM-Solver is multistep: its update at step ``i`` uses the converted model outputs (data
+predictions) of the previous ``solver_order - 1`` steps. The trajectory state carries them
+explicitly: before step ``i > 0`` the state is ``cat([latent, x0_{i-k}, ..., x0_{i-1}], dim=1)``
+(``k = min(i, solver_order - 1)`` previous outputs, each with the latent's channels); step 0 takes
+the plain noise and the last step returns the plain latent, so the loss and ``decode`` see the
+latent only. Gradients flow through the carried outputs exactly as through the un-checkpointed
+graph. PLMS (PNDM) is multistep too, carried the same way: before step ``i`` the state is
+``cat([latent, eps_..., (x_0 at step 1)], dim=1)`` with the (at most 3) previous noise predictions
+PLMS keeps and, before step 1 only, the sample step 0 started from (PLMS re-evaluates that point);
+PNDM's timestep list has ``steps + 1`` entries, so its trajectory has ``steps + 1`` model calls as in
+the pipeline.
+
+Classifier-free guidance is done as the pipelines do it: unconditional (empty-prompt; zeros for
+SDXL with ``force_zeros_for_empty_prompt``) and conditional rows in one batch, applied when
+``guidance_scale > 1``. SDXL gets its pooled text embeddings and added time ids (original size =
+target size = the resolution, crop (0, 0)). CLIP's context is fixed at 77 tokens, so
+``max_sequence_length`` is ignored.
+
+Published configs (:data:`KNOWN_CONFIGS`): written from the ``unet/config.json`` files of the hub
+repositories; every value that changes a shape (block types and widths, layers per block,
+transformer layers, head counts, cross-attention and addition-embedding dims, linear projection)
+is certain; the remaining values equal diffusers' defaults there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import Architecture, MaskSite, Trajectory, register
+
+_SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+_SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+_SD_COMMON: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "down_block_types": _SD_DOWN,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "up_block_types": _SD_UP,
+}
+
+#: Denoiser (``unet/config.json``) configs of the published checkpoints, so ``inspect`` works offline.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": {
+        **_SD_COMMON,
+        "attention_head_dim": 8,
+        "cross_attention_dim": 768,
+        "sample_size": 64,
+    },
+    "stabilityai/stable-diffusion-2-1": {
+        **_SD_COMMON,
+        "attention_head_dim": [5, 10, 20, 20],
+        "cross_attention_dim": 1024,
+        "dual_cross_attention": False,
+        "num_class_embeds": None,
+        "only_cross_attention": False,
+        "sample_size": 96,
+        "upcast_attention": True,
+        "use_linear_projection": True,
+    },
+    "stabilityai/stable-diffusion-xl-base-1.0": {
+        "_class_name": "UNet2DConditionModel",
+        "act_fn": "silu",
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256,
+        "attention_head_dim": [5, 10, 20],
+        "block_out_channels": [320, 640, 1280],
+        "center_input_sample": False,
+        "class_embed_type": None,
+        "class_embeddings_concat": False,
+        "conv_in_kernel": 3,
+        "conv_out_kernel": 3,
+        "cross_attention_dim": 2048,
+        "cross_attention_norm": None,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "downsample_padding": 1,
+        "dual_cross_attention": False,
+        "encoder_hid_dim": None,
+        "encoder_hid_dim_type": None,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_only_cross_attention": None,
+        "mid_block_scale_factor": 1,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "num_attention_heads": None,
+        "num_class_embeds": None,
+        "only_cross_attention": False,
+        "out_channels": 4,
+        "projection_class_embeddings_input_dim": 2816,
+        "resnet_out_scale_factor": 1.0,
+        "resnet_skip_time_act": False,
+        "resnet_time_scale_shift": "default",
+        "sample_size": 128,
+        "time_cond_proj_dim": None,
+        "time_embedding_act_fn": None,
+        "time_embedding_dim": None,
+        "time_embedding_type": "positional",
+        "timestep_post_act": None,
+        "transformer_layers_per_block": [1, 2, 10],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "upcast_attention": None,
+        "use_linear_projection": True,
+    },
+}
+
+#: Scheduler names accepted by :func:`use_scheduler`, and the scheduler classes the trajectory supports.
+SCHEDULERS: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
+SUPPORTED_SCHEDULERS = tuple(SCHEDULERS.values())
+
+
+def use_scheduler(pipe: Any, name: str) -> Any:
+    """Replace ``pipe.scheduler`` by a supported one built from its config (``ddim``, ``euler``, ``dpm``, ``pndm``).
+
+    E.g. ``use_scheduler(pipe, "ddim")`` on SD 1.5 (which ships with PNDM) gives the DDIM sampler of
+    the method's reference setting. Returns the pipeline.
+    """
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls = getattr(diffusers, SCHEDULERS[name])
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def transformer_blocks(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(module path, BasicTransformerBlock)`` of every transformer block, in module order."""
+    return [(name, m) for name, m in denoiser.named_modules() if type(m).__name__ == "BasicTransformerBlock"]
+
+
+def _block_type(path: str) -> str:
+    return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(path.split(".")[0], path.split(".")[0])
+
+
+def _is_sdxl(pipe: Any) -> bool:
+    return hasattr(pipe, "_get_add_time_ids") and hasattr(pipe, "text_encoder_2")
+
+
+class UNetArchitecture(Architecture):
+    """Stable Diffusion 1.x / 2.x / XL UNets (any sizes)."""
+
+    family = "unet"
+    denoiser_classes = ("UNet2DConditionModel", "PrunedUNet2DConditionModel")
+    denoiser_attr = "unet"
+    known_configs = KNOWN_CONFIGS
+
+    def extra_classes(self) -> dict[str, type[nn.Module]]:
+        from .unet_pruned import PrunedUNet2DConditionModel
+
+        return {"PrunedUNet2DConditionModel": PrunedUNet2DConditionModel}
+
+    def sites(self, denoiser: nn.Module) -> list[MaskSite]:
+        sites: list[MaskSite] = []
+        for path, block in transformer_blocks(denoiser):
+            kind = _block_type(path)
+            for name, stream in (("attn1", "self"), ("attn2", "cross")):
+                attn = getattr(block, name, None)
+                if attn is None:
+                    continue
+                width = attn.to_out[0].in_features
+                sites.append(MaskSite("heads", f"{path}.{name}.to_out.0", "input", 0, width, width // attn.heads, kind, stream))
+            sites.append(MaskSite("neurons", f"{path}.ff.net.2", "input", 0, block.ff.net[2].in_features, 1, kind))
+        return sites
+
+    # ------------------------------------------------------------------ sampling
+    def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """Conditional and unconditional text embeddings, one row per prompt (``max_sequence_length`` unused)."""
+        device = _execution_device(pipe)
+        with torch.no_grad():
+            if _is_sdxl(pipe):
+                embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+                    prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True
+                )
+                return {
+                    "prompt_embeds": embeds,
+                    "negative_prompt_embeds": negative,
+                    "pooled_prompt_embeds": pooled,
+                    "negative_pooled_prompt_embeds": negative_pooled,
+                }
+            embeds, negative = pipe.encode_prompt(prompts, device, 1, True)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+
+    def trajectory(
+        self,
+        pipe: Any,
+        encoded: dict[str, torch.Tensor],
+        noise_seeds: list[int],
+        *,
+        steps: int,
+        resolution: int,
+        guidance_scale: float,
+    ) -> Trajectory:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        unet = pipe.unet
+        device = _execution_device(pipe)
+        multiple = pipe.vae_scale_factor
+        if resolution <= 0 or resolution % multiple:
+            raise ValueError(f"resolution {resolution} must be a positive multiple of {multiple} for this pipeline")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        scheduler_name = type(pipe.scheduler).__name__
+        if scheduler_name not in SUPPORTED_SCHEDULERS:
+            raise ValueError(
+                f"the UNet trajectory does not support {scheduler_name}; supported schedulers: "
+                f"{', '.join(SUPPORTED_SCHEDULERS)}. Switch with erasekit.arch.unet.use_scheduler(pipe, "
+                f"{' | '.join(repr(k) for k in SCHEDULERS)})"
+            )
+        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        multistep = scheduler_name == "DPMSolverMultistepScheduler"
+        plms = scheduler_name == "PNDMScheduler"
+        if plms and not sched.config.skip_prk_steps:
+            raise ValueError("PNDMScheduler is supported with skip_prk_steps=True (Stable Diffusion's setting) only")
+        if multistep and sched.config.algorithm_type.startswith("sde"):
+            raise ValueError(
+                f"DPMSolverMultistepScheduler with algorithm_type={sched.config.algorithm_type!r} is stochastic; "
+                "use algorithm_type 'dpmsolver++' or 'dpmsolver'"
+            )
+        sched.set_timesteps(steps, device=device)
+        timesteps = sched.timesteps
+        num_steps = len(timesteps)
+        order = int(sched.config.solver_order) if multistep else 1
+
+        prompt_embeds = encoded["prompt_embeds"]
+        batch = prompt_embeds.shape[0]
+        if len(noise_seeds) != batch:
+            raise ValueError(f"{len(noise_seeds)} noise seeds for {batch} prompts")
+        dtype = prompt_embeds.dtype
+        channels = unet.config.in_channels
+        side = resolution // multiple
+        parts = []
+        for seed in noise_seeds:
+            generator = torch.Generator(device="cpu").manual_seed(int(seed))
+            # as the pipelines' prepare_latents for batch 1, with this scheduler's initial sigma
+            parts.append(randn_tensor((1, channels, side, side), generator=generator, device=device, dtype=dtype))
+        noise = torch.cat(parts) * sched.init_noise_sigma
+
+        cfg = guidance_scale > 1 and unet.config.time_cond_proj_dim is None
+        negative = encoded["negative_prompt_embeds"]
+        context = torch.cat([negative, prompt_embeds]) if cfg else prompt_embeds
+        added: dict[str, torch.Tensor] | None = None
+        if _is_sdxl(pipe):
+            pooled = encoded["pooled_prompt_embeds"]
+            if cfg:
+                pooled = torch.cat([encoded["negative_pooled_prompt_embeds"], pooled])
+            projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
+            size = (resolution, resolution)
+            time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection)
+            added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(pooled.shape[0], 1)}
+        timestep_cond = None
+        if unet.config.time_cond_proj_dim is not None:
+            scale = torch.tensor(guidance_scale - 1).repeat(batch)
+            timestep_cond = pipe.get_guidance_scale_embedding(scale, embedding_dim=unet.config.time_cond_proj_dim)
+            timestep_cond = timestep_cond.to(device=device, dtype=dtype)
+
+        def step(z: torch.Tensor, i: int) -> torch.Tensor:
+            latent = z[:, :channels]
+            t = timesteps[i]
+            model_input = torch.cat([latent] * 2) if cfg else latent
+            sched._step_index = i  # explicit: the scheduler's own counter is never relied on
+            model_input = sched.scale_model_input(model_input, t)
+            prediction = unet(
+                model_input,
+                t,
+                encoder_hidden_states=context,
+                timestep_cond=timestep_cond,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
+            if cfg:
+                uncond, cond = prediction.chunk(2)
+                prediction = uncond + guidance_scale * (cond - uncond)
+            sched._step_index = i
+            if plms:
+                return plms_step(z, latent, prediction, t, i)
+            if not multistep:
+                return sched.step(prediction, t, latent, return_dict=False)[0]
+            previous = list(z[:, channels:].split(channels, dim=1)) if z.shape[1] > channels else []
+            sched.model_outputs = [None] * (order - len(previous)) + previous
+            sched.lower_order_nums = min(i, order)
+            new = sched.step(prediction, t, latent, return_dict=False)[0]
+            if i == num_steps - 1 or order == 1:
+                return new
+            carried = [m for m in sched.model_outputs[1:] if m is not None]
+            sched.model_outputs = [None] * order  # drop references to this step's graph
+            return torch.cat([new, *[m.to(new.dtype) for m in carried]], dim=1)
+
+        def plms_step(z: torch.Tensor, latent: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+            # State before step i: [latent, ets (the last <= 3 model outputs PLMS keeps), cur_sample (step 1 only)].
+            extra = list(z[:, channels:].split(channels, dim=1)) if z.shape[1] > channels else []
+            sched.cur_sample = extra.pop() if i == 1 else None
+            sched.ets = extra
+            sched.counter = i
+            new = sched.step(prediction, t, latent, return_dict=False)[0]
+            carried = list(sched.ets[-3:]) + ([sched.cur_sample] if sched.cur_sample is not None else [])
+            sched.ets, sched.cur_sample = [], None  # drop references to this step's graph
+            if i == num_steps - 1:
+                return new
+            return torch.cat([new, *[m.to(new.dtype) for m in carried]], dim=1)
+
+        sdxl = _is_sdxl(pipe)
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            vae = pipe.vae
+            latents = z[:, :channels]
+            upcast = sdxl and vae.dtype == torch.float16 and vae.config.force_upcast
+            if upcast:
+                vae.to(dtype=torch.float32)
+            mean = getattr(vae.config, "latents_mean", None)
+            std = getattr(vae.config, "latents_std", None)
+            if sdxl and mean is not None and std is not None:
+                mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+                std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+                latents = latents * std_t / vae.config.scaling_factor + mean_t
+            else:
+                latents = latents / vae.config.scaling_factor
+            try:
+                with torch.no_grad():
+                    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+            finally:
+                if upcast:
+                    vae.to(dtype=torch.float16)
+            return (image.float() / 2 + 0.5).clamp(0, 1)
+
+        return Trajectory(noise=noise, num_steps=num_steps, step=step, decode=decode)
+
+    # ------------------------------------------------------------------ pruning
+    def prune(self, denoiser: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+        """Return a :class:`PrunedUNet2DConditionModel` without the dropped heads and neurons.
+
+        ``keep`` maps site keys to boolean keep-masks and must already be zero-folded into
+        ``denoiser``. An attention (or feed-forward) that drops every unit keeps one zero-folded unit,
+        so that its shapes stay valid.
+        """
+        from .unet_pruned import PrunedUNet2DConditionModel
+
+        def kept(key: str, size: int) -> torch.Tensor:
+            mask = keep.get(key)
+            return torch.arange(size) if mask is None else _nonempty(torch.nonzero(mask.cpu()).flatten())
+
+        state = dict(denoiser.state_dict())
+
+        def rows(name: str, index: torch.Tensor) -> None:
+            state[f"{name}.weight"] = state[f"{name}.weight"][index]
+            if f"{name}.bias" in state:
+                state[f"{name}.bias"] = state[f"{name}.bias"][index]
+
+        def cols(name: str, index: torch.Tensor) -> None:
+            state[f"{name}.weight"] = state[f"{name}.weight"][:, index]
+
+        layout: dict[str, list[int]] = {}
+        for path, block in transformer_blocks(denoiser):
+            sizes = []
+            for name in ("attn1", "attn2"):
+                attn = getattr(block, name, None)
+                if attn is None:
+                    sizes.append(0)
+                    continue
+                p = f"{path}.{name}"
+                head_dim = attn.to_out[0].in_features // attn.heads
+                heads = kept(f"heads/{p}.to_out.0", attn.heads)
+                channels = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+                for proj in ("to_q", "to_k", "to_v"):
+                    rows(f"{p}.{proj}", channels)
+                cols(f"{p}.to_out.0", channels)
+                sizes.append(int(heads.numel()))
+            width = block.ff.net[2].in_features
+            factor = block.ff.net[0].proj.out_features // width
+            neurons = kept(f"neurons/{path}.ff.net.2", width)
+            # GEGLU: the value half and the gate half of ff.net.0.proj both lose the neuron's row
+            rows(f"{path}.ff.net.0.proj", torch.cat([neurons + k * width for k in range(factor)]))
+            cols(f"{path}.ff.net.2", neurons)
+            sizes.append(int(neurons.numel()))
+            layout[path] = sizes
+
+        config = {k: v for k, v in denoiser.config.items() if not k.startswith("_") and k != "pruned_layout"}
+        config["pruned_layout"] = layout
+        with torch.device("meta"):
+            pruned = PrunedUNet2DConditionModel(**config)
+        pruned.load_state_dict(state, assign=True, strict=True)
+        return pruned.eval()
+
+    def pruned_component_source(self) -> Path:
+        return Path(__file__).with_name("unet_pruned.py")
+
+
+def _nonempty(index: torch.Tensor) -> torch.Tensor:
+    # An attention with no heads (or a feed-forward with no neurons) left keeps one zero-folded unit.
+    return index if index.numel() else torch.zeros(1, dtype=torch.long)
+
+
+def _execution_device(pipe: Any) -> torch.device:
+    device = getattr(pipe, "_execution_device", None)
+    return device if isinstance(device, torch.device) else pipe.unet.device
+
+
+UNET = register(UNetArchitecture())
