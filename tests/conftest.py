@@ -4,3 +4,64 @@ import os
 
 # Never touch the Hugging Face Hub from tests (a hub lookup without network hangs).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# --------------------------------------------------------------------------- tiny FLUX training
+import pytest  # noqa: E402
+
+
+def _tiny_train_overrides(model: str, **extra: object) -> list[str]:
+    """``--set`` overrides for a CPU training run of the tiny FLUX pipeline at ``model``.
+
+    Large mask learning rates and a low ``init_lambda`` make some units switch off within a few
+    iterations. ``extra`` adds or replaces overrides: ``train__iterations=6`` means
+    ``train.iterations=6`` (values are written as YAML scalars).
+    """
+    settings: dict[str, object] = {
+        "model.id": model,
+        "model.device": "cpu",
+        "model.dtype": "float32",
+        "sampling.steps": 2,
+        "sampling.resolution": 32,
+        "sampling.max_sequence_length": 16,
+        "train.iterations": 4,
+        "train.checkpoint_every": 0,
+        "concept.concept": "cat",
+        "concept.anchor": "dog",
+        "concept.preservation_prompts": "[a red car on a road, a house by a lake, a bowl of fruit]",
+        "mask.neurons.lr": 2.0,
+        "mask.norm.lr": 2.0,
+        "mask.init_lambda": 0.5,
+    }
+    for key, value in extra.items():
+        settings[key.replace("__", ".")] = value
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny FLUX pipeline saved once per session (a diffusers folder, float32)."""
+    from erasekit.tiny.flux import save_tiny_flux_pipeline
+
+    return str(save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "pipeline"))
+
+
+@pytest.fixture(scope="session")
+def tiny_train_overrides(tiny_flux_path: str):
+    """Factory: ``tiny_train_overrides(train__iterations=6)`` -> the override list of a short CPU run."""
+
+    def make(**extra: object) -> list[str]:
+        return _tiny_train_overrides(tiny_flux_path, **extra)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config(tiny_train_overrides):
+    """Factory: the resolved :class:`EraseConfig` of a short CPU run on the tiny pipeline."""
+    from erasekit.config import load_config
+
+    def make(**extra: object):
+        return load_config(None, tiny_train_overrides(**extra))
+
+    return make

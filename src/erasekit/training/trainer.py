@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -161,7 +162,22 @@ class MaskTrainer:
         for old in sorted(p for p in root.glob("step-*") if p != final):
             shutil.rmtree(old, ignore_errors=True)
 
+    def _check_same_run(self) -> None:
+        """A resumed run must use the settings of the run it continues (else its result means nothing)."""
+        saved_file = self.staging / "config.yaml"
+        if not saved_file.is_file():
+            return
+        saved = _flat("", yaml.safe_load(saved_file.read_text()) or {}, {})
+        current = _flat("", config_to_dict(self.config), {})
+        for key in sorted(set(saved) | set(current)):
+            if saved.get(key) != current.get(key):
+                raise ErasekitError(
+                    f"--resume with other settings: {key} was {saved.get(key)!r} in the interrupted run, now "
+                    f"{current.get(key)!r}; resume with the same config, or remove {self.staging} to start afresh"
+                )
+
     def _restore(self, masked: MaskedModel, optimizer: Any, scheduler: Any) -> int:
+        self._check_same_run()
         checkpoints = sorted((self.staging / CHECKPOINTS).glob("step-*"))
         if not checkpoints:
             raise ErasekitError(f"nothing to resume: {self.staging} has no checkpoint; start without --resume")
@@ -194,6 +210,7 @@ class MaskTrainer:
             raise ErasekitError(
                 f"{self.staging} holds an interrupted run; pass --resume to continue it, or remove that folder"
             )
+        acc.wait_for_everyone()  # every process checks before the main one creates the staging folder
         started = time.perf_counter()
         masked = self._build_mask()
         try:
@@ -225,7 +242,8 @@ class MaskTrainer:
             raise
         finally:
             masked.remove()
-            acc.end_training()
+            for tracker in acc.trackers:  # not acc.end_training(): it destroys the process group still needed below
+                tracker.finish()
         logits = masked.logits_dict()
         fraction = masked.masked_fraction()
         seconds = time.perf_counter() - started
@@ -388,4 +406,7 @@ def erase(config: EraseConfig, output: str | Path, resume: bool = False, stop_af
     accelerator = make_accelerator(config, staging)
     pipe = load_pipeline(config.model.id, config.model.dtype, str(accelerator.device), config.model.revision)
     trainer = MaskTrainer(pipe, config, output, accelerator)
-    return trainer.fit(resume=resume, stop_after=stop_after)
+    try:
+        return trainer.fit(resume=resume, stop_after=stop_after)
+    finally:
+        accelerator.state.destroy_process_group()  # fit finished the trackers

@@ -1,0 +1,340 @@
+"""Tests of the mask trainer on the tiny FLUX pipeline (CPU, float32, a few iterations)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import erasekit.training.trainer as trainer_module
+from erasekit.config import EraseConfig, load_config
+from erasekit.errors import ErasekitError, TrainingDivergedError
+from erasekit.pipeline import load_pipeline
+from erasekit.training.trainer import CHECKPOINTS, MaskTrainer, TrainResult, erase, make_accelerator, staging_path
+
+INIT = 0.5  # mask.init_lambda of the tiny training config (conftest)
+LOG_COLUMNS = ("loss", "erase", "preserve", "sparsity", "masked_fraction")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine this is ~10x faster for the tiny model."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Each run builds its own Accelerator; start from a clean accelerate state (no leaks between tests)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_flux_path: str) -> Any:
+    return load_pipeline(tiny_flux_path, "float32", "cpu")
+
+
+def run(pipe: Any, config: EraseConfig, output: Path, resume: bool = False, **fit_kwargs: Any) -> TrainResult:
+    """What ``erase`` does, with an already loaded pipeline."""
+    accelerator = make_accelerator(config, staging_path(output))
+    return MaskTrainer(pipe, config, output, accelerator).fit(resume=resume, **fit_kwargs)
+
+
+def read_log(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_logits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0.0:
+            assert torch.equal(a[key], b[key]), f"{key}: max diff {(a[key] - b[key]).abs().max().item()}"
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=0.0, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def moved(logits: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(v, torch.full_like(v, INIT)) for v in logits.values())
+
+
+@pytest.fixture(scope="module")
+def six_steps(pipe: Any, tiny_train_config: Any, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """An uninterrupted 6-iteration run with checkpoints every 2 steps (the resume reference)."""
+    config = tiny_train_config(train__iterations=6, train__checkpoint_every=2)
+    return run(pipe, config, tmp_path_factory.mktemp("six") / "mask")
+
+
+# --------------------------------------------------------------------------- the artefact
+def test_short_run_writes_the_artifact(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    config = tiny_train_config()
+    output = tmp_path / "mask"
+    result = run(pipe, config, output)
+
+    assert result.output == output and result.iterations == 4
+    assert output.is_dir()
+    assert not staging_path(output).exists()
+    assert not (output / CHECKPOINTS).exists()
+
+    record = json.loads((output / "mask_config.json").read_text())
+    assert record["method"] == "mask"
+    assert record["base_model"]["id"] == config.model.id
+    assert record["base_model"]["denoiser_class"] == "FluxTransformer2DModel"
+    assert record["concept"] == "cat" and record["anchor"] == "dog"
+    assert record["settings"]["train"]["iterations"] == 4
+    assert record["settings"]["mask"]["init_lambda"] == INIT
+    assert record["erasekit_version"]
+    assert record["training"]["processes"] == 1
+
+    tensors = load_file(str(output / "masks.safetensors"))
+    trainer = MaskTrainer(pipe, config, tmp_path / "unused", make_accelerator(config, tmp_path / "unused-log"))
+    sites = {s.key: s for s in trainer.sites}
+    assert set(tensors) == set(sites) == set(result.logits)
+    assert {s.kind for s in sites.values()} == {"neurons", "norm"}  # heads are off by default
+    for key, value in tensors.items():
+        assert value.dtype == torch.float32
+        assert tuple(value.shape) == (sites[key].num_units,)
+        assert torch.equal(value, result.logits[key])
+    assert sorted(record["unit_kinds"]) == ["neurons", "norm"]
+
+    assert load_config(output / "config.yaml") == config
+
+    rows = read_log(output / "training_log.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        for column in LOG_COLUMNS:
+            assert math.isfinite(float(row[column])), (column, row)
+        assert float(row["erase"]) > 0 and float(row["preserve"]) >= 0
+    assert float(rows[-1]["masked_fraction"]) == pytest.approx(result.masked_fraction)
+
+    assert moved(result.logits)
+    assert result.masked_fraction > 0, "the large learning rates should switch some units off"
+    assert record["stats"]["masked_units"] > 0
+
+
+def test_same_seed_gives_identical_logits(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    config = tiny_train_config(train__seed=3)
+    first = run(pipe, config, tmp_path / "a")
+    second = run(pipe, config, tmp_path / "b")
+    assert moved(first.logits)
+    assert_same_logits(first.logits, second.logits)
+    other = run(pipe, tiny_train_config(train__seed=4), tmp_path / "c")
+    assert any(not torch.equal(first.logits[k], other.logits[k]) for k in first.logits)
+
+
+def test_erase_loads_the_model_and_trains(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    """The library entry point: load ``config.model``, train, write; the same logits as a run on a loaded pipe."""
+    config = tiny_train_config(train__iterations=2)
+    result = erase(config, tmp_path / "via-erase")
+    assert result.output == tmp_path / "via-erase" and (result.output / "masks.safetensors").is_file()
+    assert not staging_path(result.output).exists()
+    direct = run(pipe, config, tmp_path / "direct")
+    assert_same_logits(result.logits, direct.logits)
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+class Interrupt(Exception):
+    pass
+
+
+def _raise_at_3(step: int) -> None:
+    if step == 3:
+        raise Interrupt
+
+
+@pytest.mark.parametrize("how", ["stop_after", "exception"])
+def test_resume_matches_an_uninterrupted_run(
+    pipe: Any, tiny_train_config: Any, six_steps: TrainResult, tmp_path: Path, how: str
+) -> None:
+    config = tiny_train_config(train__iterations=6, train__checkpoint_every=2)
+    output = tmp_path / "mask"
+    staging = staging_path(output)
+    if how == "stop_after":
+        partial = run(pipe, config, output, stop_after=2)
+        assert partial.output == staging and partial.iterations == 2
+        logged = [1, 2]
+    else:
+        with pytest.raises(Interrupt):
+            run(pipe, config, output, on_step=_raise_at_3)
+        logged = [1, 2, 3]
+    assert not output.exists()
+    checkpoints = sorted(p.name for p in (staging / CHECKPOINTS).iterdir())
+    assert checkpoints == ["step-0000002"]
+    assert [int(r["step"]) for r in read_log(staging / "training_log.csv")] == logged
+
+    steps_seen: list[int] = []
+    resumed = run(pipe, config, output, resume=True, on_step=steps_seen.append)
+    assert steps_seen == [3, 4, 5, 6]
+    assert resumed.output == output and output.is_dir() and not staging.exists()
+    assert_same_logits(resumed.logits, six_steps.logits)
+    assert_same_logits(load_file(str(output / "masks.safetensors")), six_steps.logits)
+
+    rows = read_log(output / "training_log.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    reference = read_log(six_steps.output / "training_log.csv")
+    for mine, theirs in zip(rows, reference):
+        for column in LOG_COLUMNS:
+            assert float(mine[column]) == pytest.approx(float(theirs[column]), rel=1e-6, abs=1e-9), column
+
+
+def test_resume_with_other_settings_is_refused(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    output = tmp_path / "mask"
+    run(pipe, tiny_train_config(train__iterations=6, train__checkpoint_every=2), output, stop_after=2)
+    changed = tiny_train_config(train__iterations=6, train__checkpoint_every=2, loss__sparsity_weight=0.5)
+    with pytest.raises(ErasekitError, match="loss.sparsity_weight was 0.05 in the interrupted run, now 0.5"):
+        run(pipe, changed, output, resume=True)
+    assert staging_path(output).is_dir() and not output.exists()
+
+
+def test_checkpoints_keep_only_the_latest(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    config = tiny_train_config(train__iterations=6, train__checkpoint_every=1)
+    output = tmp_path / "mask"
+    run(pipe, config, output, stop_after=3)
+    root = staging_path(output) / CHECKPOINTS
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000003"]
+    latest = root / "step-0000003"
+    assert json.loads((latest / "state.json").read_text()) == {"step": 3}
+    assert {p.name for p in latest.iterdir()} >= {"logits.safetensors", "optimizer.pt", "state.pt"}
+
+
+# --------------------------------------------------------------------------- refusing
+def test_refuses_an_existing_output(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    config = tiny_train_config()
+    output = tmp_path / "mask"
+    output.mkdir()
+    with pytest.raises(ErasekitError, match="already exists"):
+        run(pipe, config, output)
+    with pytest.raises(ErasekitError, match="already exists"):
+        erase(config, output)
+    assert list(output.iterdir()) == [] and not staging_path(output).exists()
+
+
+def test_refuses_an_interrupted_run_without_resume(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    config = tiny_train_config()
+    output = tmp_path / "mask"
+    staging_path(output).mkdir()
+    (staging_path(output) / "marker").write_text("x")
+    with pytest.raises(ErasekitError, match="--resume"):
+        run(pipe, config, output)
+    with pytest.raises(ErasekitError, match="--resume"):
+        erase(config, output)
+    assert [p.name for p in staging_path(output).iterdir()] == ["marker"]
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("staging_exists", [False, True])
+def test_resume_without_a_checkpoint_fails(pipe: Any, tiny_train_config: Any, tmp_path: Path, staging_exists: bool) -> None:
+    config = tiny_train_config()
+    output = tmp_path / "mask"
+    if staging_exists:
+        staging_path(output).mkdir()
+    with pytest.raises(ErasekitError, match="nothing to resume") as info:
+        run(pipe, config, output, resume=True)
+    assert not isinstance(info.value, TrainingDivergedError)
+    assert not output.exists()
+    assert staging_path(output).exists() == staging_exists
+
+
+# --------------------------------------------------------------------------- divergence
+def test_nan_loss_raises_and_cleans_up(pipe: Any, tiny_train_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = trainer_module.distance
+    poisoned = {"on": False}
+
+    def distance(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+        d = real(a, b, kind)
+        return d * float("nan") if poisoned["on"] else d
+
+    def poison(step: int) -> None:
+        if step == 2:  # after a checkpoint and some log rows exist in the staging folder
+            poisoned["on"] = True
+
+    monkeypatch.setattr(trainer_module, "distance", distance)
+    config = tiny_train_config(train__checkpoint_every=1)
+    output = tmp_path / "mask"
+    steps: list[int] = []
+    with pytest.raises(TrainingDivergedError, match="iteration 3") as info:
+        run(pipe, config, output, on_step=lambda s: (steps.append(s), poison(s)))
+    assert info.value.exit_code == 1
+    assert steps == [1, 2]
+    assert not output.exists()
+    assert not staging_path(output).exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- optimisation settings
+def test_gradient_accumulation_equals_a_larger_batch(
+    pipe: Any, tiny_train_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """batch_size=2 x 1 micro-step == batch_size=1 x 2 accumulated micro-steps (same prompts, same seeds).
+
+    The trainer numbers samples globally (``(step * accum + micro) * batch * world + rank * batch + j``),
+    so both runs see the same prompt pairs and noise seeds at every step. Two caveats, both by design:
+    the hard-concrete noise is drawn once per micro-step (shared by its rows), so the test uses the
+    ``sigmoid`` parameterisation; and Adam divides by sqrt(v) + 1e-8, which turns the ~1e-4 relative
+    float noise of near-zero gradients into update differences of about ``lr * 1e-4``, so the logits
+    are compared at a moderate learning rate while the gradients themselves are compared directly.
+    """
+    seen: dict[str, list[list[torch.Tensor]]] = {}
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, *args: Any, **kwargs: Any) -> Any:
+            seen[self.run_name].append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+
+    def go(name: str, **extra: Any) -> TrainResult:
+        seen[name] = []
+        RecordingAdamW.run_name = name
+        config = tiny_train_config(
+            mask__parameterization="sigmoid", mask__neurons__lr=0.01, mask__norm__lr=0.01, train__iterations=3, **extra
+        )
+        return run(pipe, config, tmp_path / name)
+
+    big = go("big", train__batch_size=2)
+    accumulated = go("accum", train__batch_size=1, train__gradient_accumulation=2)
+    single = go("single", train__batch_size=1)
+
+    assert len(seen["big"]) == len(seen["accum"]) == 3
+    for step, (g_big, g_acc) in enumerate(zip(seen["big"], seen["accum"])):
+        for a, b in zip(g_big, g_acc, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-8, msg=lambda m, s=step: f"gradient at step {s + 1}: {m}")
+    assert moved(big.logits)
+    assert_same_logits(big.logits, accumulated.logits, atol=1e-5)
+    # the check has teeth: one prompt pair per step is a different run
+    assert any((big.logits[k] - single.logits[k]).abs().max() > 1e-3 for k in big.logits)
+
+    rows_big = read_log(tmp_path / "big" / "training_log.csv")
+    rows_acc = read_log(tmp_path / "accum" / "training_log.csv")
+    for a, b in zip(rows_big, rows_acc, strict=True):
+        for column in LOG_COLUMNS:
+            assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-4, abs=1e-7), column
+
+
+def test_zero_learning_rate_freezes_a_unit_kind(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    config = tiny_train_config(mask__norm__lr=0.0, train__iterations=3)
+    result = run(pipe, config, tmp_path / "mask")
+    norm = {k: v for k, v in result.logits.items() if k.startswith("norm/")}
+    neurons = {k: v for k, v in result.logits.items() if k.startswith("neurons/")}
+    assert norm and neurons
+    for key, value in norm.items():
+        assert torch.equal(value, torch.full_like(value, INIT)), key
+    assert moved(neurons)
+    rows = read_log(tmp_path / "mask" / "training_log.csv")
+    assert {float(r["lr_norm"]) for r in rows} == {0.0}
+    assert {float(r["lr_neurons"]) for r in rows} == {2.0}
