@@ -21,7 +21,8 @@ from .errors import ErasekitError
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default: the mask's training steps, else 4)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the mask's, else 512)")
-    p.add_argument("--guidance", type=float, help="distilled guidance scale (guidance-embedding models only)")
+    p.add_argument("--guidance", type=float, help="guidance scale: classifier-free for SD/SDXL/SD3/PixArt/DiT, distilled for FLUX.1-dev (default: the mask's, else none)")
+    p.add_argument("--max-sequence-length", type=int, help="text tokens (default: the mask's, else 256)")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, float16, bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_masks)
 
     p = sub.add_parser("tiny-model", help="build a tiny random pipeline folder (for trying erasekit without weights)")
-    p.add_argument("--family", choices=("flux",), default="flux")
+    p.add_argument("--family", choices=("flux", "sd", "sdxl", "sd3", "pixart", "dit"), default="flux")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True, help="pipeline folder to create")
     p.set_defaults(func=cmd_tiny_model)
@@ -125,6 +126,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PromptError("a --prompt is empty; give the text of the prompt")
     if Path(args.output).exists():
         raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
+    for flag in ("steps", "resolution", "max_sequence_length", "seed"):
+        values = getattr(args, flag)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and (value < 1 if flag != "seed" else value < 0):
+                raise ErasekitError(f"--{flag.replace('_', '-')} must be {'non-negative' if flag == 'seed' else 'at least 1'}, got {value}")
     defaults = _mask_sampling_defaults(args.masks)
     pipe = load_pipeline(args.model, args.dtype, args.device)
     if args.masks:
@@ -133,10 +139,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe,
         prompts,
         args.seed or [0],
-        steps=args.steps or defaults.get("steps", 4),
-        resolution=args.resolution or defaults.get("resolution", 512),
+        steps=args.steps if args.steps is not None else defaults.get("steps", 4),
+        resolution=args.resolution if args.resolution is not None else defaults.get("resolution", 512),
         guidance_scale=args.guidance if args.guidance is not None else defaults.get("guidance_scale", 0.0),
-        max_sequence_length=defaults.get("max_sequence_length", 256),
+        max_sequence_length=args.max_sequence_length if args.max_sequence_length is not None else defaults.get("max_sequence_length", 256),
     )
     save_images(images, args.output)
     print(f"{len(images)} images written to {args.output}")
@@ -188,11 +194,11 @@ def cmd_import_masks(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from .tiny import save_tiny_flux_pipeline
+    from .tiny import SAVERS
 
     if Path(args.output).exists():
         raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
-    path = save_tiny_flux_pipeline(args.output, seed=args.seed)
+    path = SAVERS[args.family](args.output, seed=args.seed)
     print(f"tiny {args.family} pipeline written to {path}")
     return 0
 
@@ -206,6 +212,9 @@ def _quiet_libraries() -> None:
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    # their loading/saving progress bars would surround an error message with bar lines on stderr
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 

@@ -107,8 +107,14 @@ def _read_hub_config(model: str) -> dict[str, Any]:
     )
 
 
+# Published PixArt and DiT folders name the generic class; diffusers picks the real one by norm type.
+_GENERIC_TRANSFORMER = {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}
+
+
 def _load_config(model: str) -> dict[str, Any]:
     config = _read_local_config(model) if looks_like_path(model) else _read_hub_config(model)
+    if isinstance(config, dict) and config.get("_class_name") == "Transformer2DModel":
+        config["_class_name"] = _GENERIC_TRANSFORMER.get(config.get("norm_type", ""), "Transformer2DModel")
     if not isinstance(config, dict) or "_class_name" not in config:
         raise ModelLoadError(
             f"the denoiser config of {model!r} has no _class_name; it is not a diffusers model config"

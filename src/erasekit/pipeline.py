@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .arch import Architecture, architecture_for
+from .arch import Architecture, architecture_by_class_name, architecture_for, supported_classes
 from .errors import ModelLoadError
 from .inspect import looks_like_path
 from .masks import MaskedModel, check_artifact, combine_logits, load_mask_artifact
@@ -53,9 +54,12 @@ def load_pipeline(model: str, dtype: str = "auto", device: str = "auto", revisio
             raise ModelLoadError(f"model path {model!r} does not exist; pass a diffusers pipeline folder or a hub id")
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(f"{model!r} is not a diffusers pipeline folder (no model_index.json)")
+        trust_code = _check_denoiser_class(path / "model_index.json", model)
         model = str(path)
+    else:
+        trust_code = False
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=DTYPES[dtype], revision=revision)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=DTYPES[dtype], revision=revision, trust_remote_code=trust_code)
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "" if looks_like_path(model) else " (not a local folder, so it was taken as a hub id)"
@@ -64,6 +68,31 @@ def load_pipeline(model: str, dtype: str = "auto", device: str = "auto", revisio
     pipe.to(target)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _check_denoiser_class(index_file: Path, model: str) -> bool:
+    """Refuse a local pipeline whose denoiser family is not supported before any weights are read.
+
+    Returns whether the folder's denoiser is erasekit's own pruned component (``erasekit fold --mode
+    prune``) with code byte-identical to the installed one: only then is the folder's code trusted.
+    """
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        return False  # unreadable: from_pretrained reports it
+    for attr in ("transformer", "unet"):
+        entry = index.get(attr) if isinstance(index, dict) else None
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
+            if entry[1] not in supported_classes():
+                raise ModelLoadError(
+                    f"unsupported model family: {model!r} has a {entry[1]} denoiser; supported: {', '.join(supported_classes())}"
+                )
+            component = index_file.parent / attr / f"{entry[0]}.py"
+            if not component.is_file():
+                return False
+            ours = architecture_by_class_name(entry[1]).pruned_component_source()
+            return component.name == ours.name and component.read_bytes() == ours.read_bytes()
+    return False
 
 
 def denoiser_of(pipe: Any) -> tuple[Architecture, torch.nn.Module]:

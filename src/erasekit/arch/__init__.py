@@ -11,13 +11,17 @@ from .base import (
     supported_classes,
     zero_fold_site,
 )
+from .dit import DIT
 from .flux import FLUX
+from .pixart import PIXART
 from .sd3 import SD3
 from .unet import UNET
 
 __all__ = [
     "Architecture",
+    "DIT",
     "FLUX",
+    "PIXART",
     "SD3",
     "UNET",
     "MaskSite",

@@ -120,6 +120,9 @@ class Architecture(ABC):
     #: published denoiser configs by hub id, so that ``inspect`` works offline
     known_configs: dict[str, dict[str, Any]] = {}
 
+    def before_save(self, pipe: Any) -> None:
+        """Make sure ``pipe.save_pretrained`` keeps what loading needs (e.g. class labels); default: nothing."""
+
     def extra_classes(self) -> dict[str, type[nn.Module]]:
         """Denoiser classes this family defines itself (e.g. its pruned variant), by class name."""
         return {}

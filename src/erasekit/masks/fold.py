@@ -47,6 +47,7 @@ def save_folded_pipeline(pipe: Any, output: str | Path, mode: str, provenance: d
         raise FileExistsError(f"output {str(target)!r} already exists; choose another --output or remove it")
     tmp = atomic_directory(target)
     try:
+        arch.before_save(pipe)
         pipe.save_pretrained(tmp, safe_serialization=True)
         if mode == "prune":
             component = arch.pruned_component_source()

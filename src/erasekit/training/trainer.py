@@ -276,78 +276,78 @@ class MaskTrainer:
         encode = PromptEncoder(self.arch, self.pipe, cfg.sampling.max_sequence_length)
         sample = dict(steps=steps, resolution=cfg.sampling.resolution, guidance_scale=cfg.sampling.guidance_scale)
         end = cfg.train.iterations if stop_after is None else min(stop_after, cfg.train.iterations)
-        bar = tqdm(total=cfg.train.iterations, initial=start, desc="erase", disable=not acc.is_local_main_process, dynamic_ncols=True)
-        for step in range(start, end):
-            grads = [torch.zeros_like(p) for p in params]
-            terms = torch.zeros(2, dtype=torch.float64)
-            for micro in range(accum):
-                k = step * accum + micro
-                index = [k * b * world + rank * b + j for j in range(b)]
-                concept_rows = [order_c[i % len(order_c)] for i in index]
-                keep_rows = [order_p[i % len(order_p)] for i in index]
-                prompts = [self.prompts.concept[r] for r in concept_rows] + [self.prompts.preservation[r] for r in keep_rows]
-                targets = [self.prompts.target[r] for r in concept_rows] + [self.prompts.preservation[r] for r in keep_rows]
-                seeds = [self._noise_seed(i, 0) for i in index] + [self._noise_seed(i, 1) for i in index]
-                # one hard-concrete sample per trajectory, identical on every process
-                masked.resample_noise(torch.Generator().manual_seed(cfg.train.seed * 7919 + k))
-                with masked.disabled():
-                    reference = self.arch.trajectory(self.pipe, encode(targets), seeds, **sample)
-                    goal = run_trajectory(reference.step, reference.noise, steps)[-1]
-                trajectory = self.arch.trajectory(self.pipe, encode(prompts), seeds, **sample)
-                parts: dict[str, torch.Tensor] = {}
+        with tqdm(total=cfg.train.iterations, initial=start, desc="erase", disable=not acc.is_local_main_process, dynamic_ncols=True) as bar:
+            for step in range(start, end):
+                grads = [torch.zeros_like(p) for p in params]
+                terms = torch.zeros(2, dtype=torch.float64)
+                for micro in range(accum):
+                    k = step * accum + micro
+                    index = [k * b * world + rank * b + j for j in range(b)]
+                    concept_rows = [order_c[i % len(order_c)] for i in index]
+                    keep_rows = [order_p[i % len(order_p)] for i in index]
+                    prompts = [self.prompts.concept[r] for r in concept_rows] + [self.prompts.preservation[r] for r in keep_rows]
+                    targets = [self.prompts.target[r] for r in concept_rows] + [self.prompts.preservation[r] for r in keep_rows]
+                    seeds = [self._noise_seed(i, 0) for i in index] + [self._noise_seed(i, 1) for i in index]
+                    # one hard-concrete sample per trajectory, identical on every process
+                    masked.resample_noise(torch.Generator().manual_seed(cfg.train.seed * 7919 + k))
+                    with masked.disabled():
+                        reference = self.arch.trajectory(self.pipe, encode(targets), seeds, **sample)
+                        goal = run_trajectory(reference.step, reference.noise, steps)[-1]
+                    trajectory = self.arch.trajectory(self.pipe, encode(prompts), seeds, **sample)
+                    parts: dict[str, torch.Tensor] = {}
 
-                def loss_fn(z: torch.Tensor) -> torch.Tensor:
-                    per_sample = distance(z, goal, cfg.loss.distance)
-                    parts["erase"], parts["preserve"] = per_sample[:b].mean(), per_sample[b:].mean()
-                    return cfg.loss.erase_weight * parts["erase"] + cfg.loss.preserve_weight * parts["preserve"]
+                    def loss_fn(z: torch.Tensor) -> torch.Tensor:
+                        per_sample = distance(z, goal, cfg.loss.distance)
+                        parts["erase"], parts["preserve"] = per_sample[:b].mean(), per_sample[b:].mean()
+                        return cfg.loss.erase_weight * parts["erase"] + cfg.loss.preserve_weight * parts["preserve"]
 
-                _, micro_grads = checkpointed_gradient(trajectory.step, trajectory.noise, steps, loss_fn, params)
-                for acc_grad, g in zip(grads, micro_grads):
-                    acc_grad.add_(g, alpha=1.0 / accum)
-                terms += torch.tensor([float(parts["erase"].detach()), float(parts["preserve"].detach())], dtype=torch.float64) / accum
-            if world > 1:
-                for g in grads:
-                    g.copy_(acc.reduce(g, reduction="mean"))
-                terms = acc.reduce(terms.to(acc.device), reduction="mean").cpu()
-            with torch.enable_grad():
-                penalty = masked.sparsity_penalty()
-                penalty_grads = torch.autograd.grad(cfg.loss.sparsity_weight * penalty, params, allow_unused=True)
-            erase, preserve = float(terms[0]), float(terms[1])
-            loss = cfg.loss.erase_weight * erase + cfg.loss.preserve_weight * preserve + cfg.loss.sparsity_weight * float(penalty.detach())
-            if not math.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"loss became {loss} at iteration {step + 1}; lower the mask learning rates (mask.*.lr) "
-                    "or train in float32 (--set model.dtype=float32)"
-                )
-            for p, g, pg in zip(params, grads, penalty_grads):
-                p.grad = g if pg is None else g + pg
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            fraction = masked.masked_fraction()
-            if done % cfg.train.log_every == 0 or done == cfg.train.iterations:
-                values: dict[str, float] = {
-                    "loss": loss,
-                    "erase": erase,
-                    "preserve": preserve,
-                    "sparsity": float(penalty.detach()),
-                    "masked_fraction": fraction,
-                }
-                for kind, c in masked.masked_counts().items():
-                    values[f"masked_{kind}"] = c["masked"] / c["total"]
-                for group in optimizer.param_groups:
-                    values[f"lr_{group['name']}"] = group["lr"]
-                acc.log(values, step=done)
-            bar.set_postfix(loss=f"{loss:.4g}", masked=f"{fraction:.2%}")
-            bar.update(1)
-            if cfg.train.checkpoint_every > 0 and done % cfg.train.checkpoint_every == 0 and done < cfg.train.iterations:
-                if acc.is_main_process:
-                    self._checkpoint(done, masked, optimizer, scheduler)
-                acc.wait_for_everyone()
-            if on_step is not None:
-                on_step(done)
-        bar.close()
+                    _, micro_grads = checkpointed_gradient(trajectory.step, trajectory.noise, steps, loss_fn, params)
+                    for acc_grad, g in zip(grads, micro_grads):
+                        acc_grad.add_(g, alpha=1.0 / accum)
+                    terms += torch.tensor([float(parts["erase"].detach()), float(parts["preserve"].detach())], dtype=torch.float64) / accum
+                if world > 1:
+                    for g in grads:
+                        g.copy_(acc.reduce(g, reduction="mean"))
+                    terms = acc.reduce(terms.to(acc.device), reduction="mean").cpu()
+                with torch.enable_grad():
+                    penalty = masked.sparsity_penalty()
+                    penalty_grads = torch.autograd.grad(cfg.loss.sparsity_weight * penalty, params, allow_unused=True)
+                erase, preserve = float(terms[0]), float(terms[1])
+                loss = cfg.loss.erase_weight * erase + cfg.loss.preserve_weight * preserve + cfg.loss.sparsity_weight * float(penalty.detach())
+                if not math.isfinite(loss):
+                    hint = "" if self.denoiser.dtype == torch.float32 else " or train in float32 (--set model.dtype=float32)"
+                    raise TrainingDivergedError(
+                        f"loss became {loss} at iteration {step + 1}; check the loss weights and lower the mask "
+                        f"learning rates (mask.*.lr){hint}"
+                    )
+                for p, g, pg in zip(params, grads, penalty_grads):
+                    p.grad = g if pg is None else g + pg
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                fraction = masked.masked_fraction()
+                if done % cfg.train.log_every == 0 or done == cfg.train.iterations:
+                    values: dict[str, float] = {
+                        "loss": loss,
+                        "erase": erase,
+                        "preserve": preserve,
+                        "sparsity": float(penalty.detach()),
+                        "masked_fraction": fraction,
+                    }
+                    for kind, c in masked.masked_counts().items():
+                        values[f"masked_{kind}"] = c["masked"] / c["total"]
+                    for group in optimizer.param_groups:
+                        values[f"lr_{group['name']}"] = group["lr"]
+                    acc.log(values, step=done)
+                bar.set_postfix(loss=f"{loss:.4g}", masked=f"{fraction:.2%}")
+                bar.update(1)
+                if cfg.train.checkpoint_every > 0 and done % cfg.train.checkpoint_every == 0 and done < cfg.train.iterations:
+                    if acc.is_main_process:
+                        self._checkpoint(done, masked, optimizer, scheduler)
+                    acc.wait_for_everyone()
+                if on_step is not None:
+                    on_step(done)
 
     def _write_artifact(self, masked: MaskedModel, seconds: float) -> None:
         cfg = self.config

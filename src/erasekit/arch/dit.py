@@ -1,0 +1,295 @@
+"""DiT (``DiTTransformer2DModel`` in ``DiTPipeline``): class-conditional ImageNet mask sites and trajectory.
+
+Units (one ``BasicTransformerBlock`` with ``AdaLayerNormZero`` per layer):
+
+* ``heads`` -- one scalar per self-attention head (input of ``attn1.to_out.0``); DiT has no
+  cross-attention (the class enters through the modulation).
+* ``neurons`` -- feed-forward hidden units (GELU-tanh, 4 x width) before the down projection
+  (input of ``ff.net.2``).
+* ``norm`` -- output channels of each block's AdaLN-Zero modulation Linear ``norm1.linear``
+  (6 x width: shift / scale / gate of attention and MLP), computed from that block's own
+  timestep + class embedding. The final layer's modulation (``proj_out_1``) is not a unit, as
+  FLUX's ``norm_out`` is not.
+
+Unit counts of the published configuration (DiT-XL/2: 28 blocks, width 1152, 16 heads x 72,
+feed-forward 4608):
+
+=====================  =====  =======  ======  =======
+model                  heads  neurons  norm    total
+=====================  =====  =======  ======  =======
+facebook/DiT-XL-2-256    448   129024  193536   323008
+=====================  =====  =======  ======  =======
+
+(heads = 28 x 16; neurons = 28 x 4608; norm = 28 x 6 x 1152.)
+
+Prompts are class names. :meth:`DiTArchitecture.encode_prompts` maps each prompt to an ImageNet
+class id: a numeric id (``"207"``), or a class name matched case-insensitively against any of the
+comma-separated synonyms of the pipeline's ``id2label`` (``"golden retriever"``, ``"Tabby Cat"``);
+the empty prompt is the null class (the unconditional model), so an empty ``concept.anchor`` means
+"erase the class towards unconditional samples". Anything else raises
+:class:`~erasekit.errors.PromptError` naming close valid names. So erasing a class uses the standard
+trainer with ``concept.templates=["{concept}"]`` (the default templates such as
+``"a photo of {concept}"`` are not class names and are refused), ``concept.anchor`` another class
+(the target), and ``concept.preservation_prompts`` a list of class names; see
+``configs/dit-xl-2.yaml``.
+
+Sampling: the pipeline's scheduler made stateless by :class:`~erasekit.arch.pixart.StatelessSampler`
+(DDIM, DiT-XL-2's default, and deterministic DPM-Solver multistep, whose history travels in the
+latent state). ``DiTPipeline`` does not scale the initial noise by the scheduler's
+``init_noise_sigma``, so schedulers that need it (Euler) are refused. Classifier-free guidance is the
+pipeline's: conditional rows then null-class rows in one batch, guidance on the epsilon channels
+when ``guidance_scale > 1``, learned sigma dropped. DiT generates only at its trained resolution
+(``sample_size x`` the VAE factor: 256 for DiT-XL-2-256).
+
+Published config: the ``transformer/config.json`` of ``facebook/DiT-XL-2-256`` as the author knows
+it without network access; all values that fix the unit counts (28 layers, 16 heads x 72,
+``ada_norm_zero``, GELU-tanh, 1000 classes, sample size 32, patch 2, out channels 8) are sure.
+The hub file names the class ``Transformer2DModel``; diffusers loads it as
+``DiTTransformer2DModel`` (its class remapping by ``norm_type``), the name bundled here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ModelLoadError, PromptError
+from .base import Architecture, MaskSite, Trajectory, register
+from .pixart import StatelessSampler, execution_device, head_channels, load_pruned_state, nonempty, randn_latents
+
+__all__ = ["DIT", "DiTArchitecture", "KNOWN_CONFIGS", "class_ids", "id2label_of"]
+
+#: Denoiser config of the published DiT checkpoint, so that ``inspect`` works without the hub.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "facebook/DiT-XL-2-256": {
+        "_class_name": "DiTTransformer2DModel",
+        "activation_fn": "gelu-approximate",
+        "attention_bias": True,
+        "attention_head_dim": 72,
+        "dropout": 0.0,
+        "in_channels": 4,
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-5,
+        "norm_num_groups": 32,
+        "norm_type": "ada_norm_zero",
+        "num_attention_heads": 16,
+        "num_embeds_ada_norm": 1000,
+        "num_layers": 28,
+        "out_channels": 8,
+        "patch_size": 2,
+        "sample_size": 32,
+        "upcast_attention": False,
+    },
+}
+
+_TEMPLATE_HINT = (
+    "DiT is class-conditional: every prompt (concept, anchor / target, preservation) must be an ImageNet "
+    "class name or id; for erase set concept.templates=['{concept}'], concept.anchor to another class and "
+    "concept.preservation_prompts to class names (see configs/dit-xl-2.yaml)"
+)
+
+
+def _label_table(pipe: Any) -> dict[str, int]:
+    # DiTPipeline.labels maps every comma-separated synonym of id2label to its id (later ids win, as there).
+    return {name.lower(): int(i) for name, i in (getattr(pipe, "labels", None) or {}).items()}
+
+
+def class_ids(pipe: Any, prompts: list[str]) -> list[int]:
+    """ImageNet class ids of ``prompts`` (names, case-insensitive, or numeric ids; ``""`` is the null class).
+
+    Raises:
+        PromptError: a prompt is neither a known class name nor an id in range; the message lists
+            close valid names.
+    """
+    num_classes = int(pipe.transformer.config.num_embeds_ada_norm)
+    table = _label_table(pipe)
+    ids = []
+    for prompt in prompts:
+        text = re.sub(r"\s+", " ", prompt).strip()
+        if text == "":
+            ids.append(num_classes)  # the null class: the unconditional model
+            continue
+        if re.fullmatch(r"\d+", text):
+            value = int(text)
+            if value >= num_classes:
+                raise PromptError(f"class id {value} is out of range: this DiT has classes 0..{num_classes - 1}")
+            ids.append(value)
+            continue
+        if text.lower() in table:
+            ids.append(table[text.lower()])
+            continue
+        if not table:
+            raise PromptError(
+                f"prompt {prompt!r} is not a class id, and this DiT pipeline has no id2label names; "
+                f"use numeric class ids 0..{num_classes - 1}"
+            )
+        close = difflib.get_close_matches(text.lower(), list(table), n=5, cutoff=0.5)
+        examples = close or sorted(table)[:5]
+        raise PromptError(
+            f"prompt {prompt!r} is not a class of this DiT ({'closest names' if close else 'e.g.'}: "
+            f"{', '.join(repr(n) for n in examples)}; or a class id 0..{num_classes - 1}). {_TEMPLATE_HINT}"
+        )
+    return ids
+
+
+def id2label_of(pipe: Any) -> dict[int, str]:
+    """The ``id2label`` mapping behind ``pipe.labels`` (synonyms joined with ", "), e.g. to save it again.
+
+    ``DiTPipeline.save_pretrained`` drops ``id2label`` unless it is registered in the pipeline config;
+    ``pipe.register_to_config(id2label=id2label_of(pipe))`` keeps class names in a saved folder.
+    """
+    grouped: dict[int, list[str]] = {}
+    for name, i in (getattr(pipe, "labels", None) or {}).items():
+        grouped.setdefault(int(i), []).append(name)
+    return {i: ", ".join(names) for i, names in sorted(grouped.items())}
+
+
+class DiTArchitecture(Architecture):
+    """DiT transformers (any sizes) in ``DiTPipeline``."""
+
+    family = "dit"
+    denoiser_classes = ("DiTTransformer2DModel", "PrunedDiTTransformer2DModel")
+    denoiser_attr = "transformer"
+    known_configs = KNOWN_CONFIGS
+
+    def before_save(self, pipe: Any) -> None:
+        # DiTPipeline.save_pretrained keeps class names only when id2label is in the pipeline config.
+        if getattr(pipe, "labels", None) and "id2label" not in pipe.config:
+            pipe.register_to_config(id2label=id2label_of(pipe))
+
+    def extra_classes(self) -> dict[str, type[nn.Module]]:
+        from .dit_pruned import PrunedDiTTransformer2DModel
+
+        return {"PrunedDiTTransformer2DModel": PrunedDiTTransformer2DModel}
+
+    def sites(self, denoiser: nn.Module) -> list[MaskSite]:
+        head_dim = denoiser.config.attention_head_dim
+        sites: list[MaskSite] = []
+        for i, block in enumerate(denoiser.transformer_blocks):
+            p = f"transformer_blocks.{i}"
+            sites += [
+                MaskSite("norm", f"{p}.norm1.linear", "output", 0, block.norm1.linear.out_features, 1, "block"),
+                MaskSite("heads", f"{p}.attn1.to_out.0", "input", 0, block.attn1.to_out[0].in_features, head_dim, "block"),
+                MaskSite("neurons", f"{p}.ff.net.2", "input", 0, block.ff.net[2].in_features, 1, "block"),
+            ]
+        return sites
+
+    # ------------------------------------------------------------------ sampling
+    def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """``{"class_labels": (B,) int64}``: see :func:`class_ids` (``max_sequence_length`` is unused)."""
+        ids = class_ids(pipe, prompts)
+        return {"class_labels": torch.tensor(ids, dtype=torch.long, device=execution_device(pipe))}
+
+    def trajectory(
+        self,
+        pipe: Any,
+        encoded: dict[str, torch.Tensor],
+        noise_seeds: list[int],
+        *,
+        steps: int,
+        resolution: int,
+        guidance_scale: float,
+    ) -> Trajectory:
+        transformer = pipe.transformer
+        device = execution_device(pipe)
+        size = int(transformer.config.sample_size)
+        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        if resolution != size * factor:
+            raise ConfigError(
+                f"DiT generates only at its trained resolution: {size * factor} px for this model, got "
+                f"{resolution}; set sampling.resolution={size * factor}"
+            )
+        labels = encoded["class_labels"].to(device)
+        batch = labels.shape[0]
+        if len(noise_seeds) != batch:
+            raise ValueError(f"{len(noise_seeds)} noise seeds for {batch} prompts")
+        channels = transformer.config.in_channels
+        out_channels = transformer.config.out_channels or channels
+        if out_channels not in (channels, 2 * channels):
+            raise ModelLoadError(f"DiT with {out_channels} output channels for {channels} latent channels is not supported")
+        sampler = StatelessSampler(pipe.scheduler, steps, device, channels, family="DiT")
+        if sampler.init_noise_sigma != 1.0:
+            raise ModelLoadError(
+                f"DiTPipeline does not scale its initial noise by the scheduler's init_noise_sigma "
+                f"({sampler.init_noise_sigma:g} for {type(pipe.scheduler).__name__}), so that scheduler does not sample "
+                "correctly with DiT; use DDIMScheduler or DPMSolverMultistepScheduler"
+            )
+        noise = randn_latents(noise_seeds, (channels, size, size), device, transformer.dtype)
+        cfg = guidance_scale > 1
+        null = torch.full_like(labels, int(transformer.config.num_embeds_ada_norm))
+        class_input = torch.cat([labels, null]) if cfg else labels
+
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            model_input = torch.cat([x, x]) if cfg else x
+            timestep = t[None].to(device).expand(model_input.shape[0])
+            out = transformer(model_input, timestep=timestep, class_labels=class_input, return_dict=False)[0]
+            eps = out[:, :channels]
+            if cfg:
+                cond, uncond = eps.split(batch)
+                eps = uncond + guidance_scale * (cond - uncond)
+            return eps
+
+        def step(z: torch.Tensor, i: int) -> torch.Tensor:
+            return sampler.step(z, i, predict)
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                image = pipe.vae.decode((1 / pipe.vae.config.scaling_factor * z).to(pipe.vae.dtype)).sample
+            return (image.float() / 2 + 0.5).clamp(0, 1)
+
+        return Trajectory(noise=noise, num_steps=sampler.num_steps, step=step, decode=decode)
+
+    # ------------------------------------------------------------------ pruning
+    def prune(self, denoiser: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+        """Return a :class:`PrunedDiTTransformer2DModel` without the dropped heads and neurons.
+
+        ``keep`` must already be zero-folded into ``denoiser``. A block keeps at least one (zeroed)
+        head and neuron so that its shapes stay valid. ``norm1.linear`` channels cannot be removed
+        (they are split into shift / scale / gate): they stay zero-folded.
+        """
+        from .dit_pruned import PrunedDiTTransformer2DModel
+
+        head_dim = denoiser.config.attention_head_dim
+        state = dict(denoiser.state_dict())
+
+        def kept(key: str, size: int) -> torch.Tensor:
+            mask = keep.get(key)
+            return torch.arange(size) if mask is None else nonempty(torch.nonzero(mask.cpu()).flatten())
+
+        def rows(name: str, index: torch.Tensor) -> None:
+            state[f"{name}.weight"] = state[f"{name}.weight"][index]
+            if f"{name}.bias" in state:
+                state[f"{name}.bias"] = state[f"{name}.bias"][index]
+
+        def cols(name: str, index: torch.Tensor) -> None:
+            state[f"{name}.weight"] = state[f"{name}.weight"][:, index]
+
+        layout: list[list[int]] = []
+        for i, block in enumerate(denoiser.transformer_blocks):
+            p = f"transformer_blocks.{i}"
+            heads = kept(f"heads/{p}.attn1.to_out.0", block.attn1.to_q.out_features // head_dim)
+            ch = head_channels(heads, head_dim)
+            for proj in ("to_q", "to_k", "to_v"):
+                rows(f"{p}.attn1.{proj}", ch)
+            cols(f"{p}.attn1.to_out.0", ch)
+            ff = kept(f"neurons/{p}.ff.net.2", block.ff.net[2].in_features)
+            rows(f"{p}.ff.net.0.proj", ff)
+            cols(f"{p}.ff.net.2", ff)
+            layout.append([int(heads.numel()), int(ff.numel())])
+
+        config = {k: v for k, v in denoiser.config.items() if not k.startswith("_") and k != "pruned_layout"}
+        config["pruned_layout"] = layout
+        with torch.device("meta"):
+            pruned = PrunedDiTTransformer2DModel(**config)
+        return load_pruned_state(pruned, state, denoiser)
+
+    def pruned_component_source(self) -> Path:
+        return Path(__file__).with_name("dit_pruned.py")
+
+
+DIT = register(DiTArchitecture())
