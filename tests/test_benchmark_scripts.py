@@ -1,0 +1,37 @@
+"""The benchmark scripts keep running (smoke runs on tiny configs; their numbers are not asserted here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_families_smoke_run_on_cpu(capsys):
+    module = _load("gpu_check_families")
+    assert module.main(["--device", "cpu", "--tiny", "--resolution", "32", "--steps", "2", "--iterations", "1"]) == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["family"] for r in results] == ["sdxl", "sd3.5-medium"]
+    for r in results:
+        assert r["mask_units"] > 0 and r["seconds_per_iteration"] > 0 and math.isfinite(r["final_loss"])
+
+
+def test_gpu_check_refuses_without_a_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert _load("gpu_check_families").main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
