@@ -10,16 +10,15 @@ per-block timestep + class embedding, 1000 classes + the null class, learned sig
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
-from .pixart import atomic_save, tiny_vae
+from ._common import DiTLikeSpec, build_components, refuse_unless_empty, run_meta, save_built
 
 __all__ = ["DIT_SPEC_FILE_NAME", "TINY_ID2LABEL", "TinyDiTSpec", "build_tiny_dit_pipeline", "save_tiny_dit_pipeline"]
 
@@ -38,41 +37,27 @@ TINY_ID2LABEL: dict[int, str] = {
     980: "volcano",
 }
 
-_SEED_OFFSETS = {"transformer": 0, "vae": 10_000}
-
 
 @dataclass
-class TinyDiTSpec:
+class TinyDiTSpec(DiTLikeSpec):
     """Sizes of a tiny DiT pipeline: ``num_layers`` blocks of ``num_attention_heads x attention_head_dim``,
-    ``sample_size`` latent cells (patch 2), and a VAE with ``vae_block_out_channels`` (one entry per level)."""
+    ``sample_size`` latent cells (patch 2), and a VAE with ``vae_block_out_channels`` (one entry per level).
 
-    num_layers: int = 2
-    num_attention_heads: int = 2
-    attention_head_dim: int = 8
-    sample_size: int = 8
-    learned_sigma: bool = True
-    latent_channels: int = 4
-    vae_block_out_channels: tuple[int, ...] = (8, 8, 16)
-    vae_norm_num_groups: int = 4
-    vae_scaling_factor: float = 0.18215
+    All fields (and ``inner_dim``, ``vae_scale_factor``, ``to_dict``) are those of the shared base also
+    behind :class:`~erasekit.tiny.pixart.TinyPixArtSpec`.
+    """
 
-    def __post_init__(self) -> None:
-        self.vae_block_out_channels = tuple(int(c) for c in self.vae_block_out_channels)
-        problems = [f"{n} must be positive" for n in ("num_layers", "num_attention_heads", "attention_head_dim", "sample_size") if getattr(self, n) <= 0]
-        if self.sample_size % 2:
-            problems.append("sample_size must be even (patch size 2)")
-        if problems:
-            raise ValueError("invalid TinyDiTSpec: " + "; ".join(problems))
+    def _more_problems(self) -> list[str]:
+        return ["sample_size must be even (patch size 2)"] if self.sample_size % 2 else []
 
     @property
     def resolution(self) -> int:
         """The one image size this DiT generates (``sample_size x`` the VAE factor)."""
-        return self.sample_size * 2 ** (len(self.vae_block_out_channels) - 1)
+        return self.sample_size * self.vae_scale_factor
 
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["vae_block_out_channels"] = list(self.vae_block_out_channels)
-        return data
+
+def _make_transformer(spec: TinyDiTSpec) -> DiTTransformer2DModel:
+    return DiTTransformer2DModel(**spec._transformer_kwargs(), norm_type="ada_norm_zero")
 
 
 def dit_scheduler() -> DDIMScheduler:
@@ -98,28 +83,7 @@ def build_tiny_dit_pipeline(
     """Build a tiny random ``DiTPipeline`` on the CPU (labels: ``id2label`` or :data:`TINY_ID2LABEL`)."""
     spec = spec if spec is not None else TinyDiTSpec()
     labels = dict(TINY_ID2LABEL if id2label is None else id2label)
-    models: dict[str, torch.nn.Module] = {}
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        torch.default_generator.manual_seed(seed + _SEED_OFFSETS["transformer"])
-        models["transformer"] = DiTTransformer2DModel(
-            num_attention_heads=spec.num_attention_heads,
-            attention_head_dim=spec.attention_head_dim,
-            in_channels=spec.latent_channels,
-            out_channels=2 * spec.latent_channels if spec.learned_sigma else spec.latent_channels,
-            num_layers=spec.num_layers,
-            sample_size=spec.sample_size,
-            patch_size=2,
-            activation_fn="gelu-approximate",
-            num_embeds_ada_norm=1000,  # DiTPipeline's null class id is hard-coded to 1000
-            norm_type="ada_norm_zero",
-            norm_elementwise_affine=False,
-        )
-        torch.default_generator.manual_seed(seed + _SEED_OFFSETS["vae"])
-        models["vae"] = tiny_vae(spec.vae_block_out_channels, spec.latent_channels, spec.vae_norm_num_groups, spec.vae_scaling_factor)
-        for name, model in models.items():
-            if dtype != torch.float32:
-                model = model.to(dtype=dtype)
-            models[name] = model.eval()
+    models = build_components({"transformer": lambda: _make_transformer(spec), "vae": spec._vae}, seed, dtype)
     pipe = DiTPipeline(transformer=models["transformer"], vae=models["vae"], scheduler=dit_scheduler(), id2label=labels)
     pipe.register_to_config(id2label={str(k): v for k, v in labels.items()})
     return pipe
@@ -140,9 +104,6 @@ def save_tiny_dit_pipeline(
         ValueError: ``path`` is a file or a non-empty folder.
     """
     spec = spec if spec is not None else TinyDiTSpec()
-    where = Path(path).expanduser()
-    if where.exists() and (not where.is_dir() or any(where.iterdir())):
-        raise ValueError(f"refusing to save a tiny DiT pipeline into {where.absolute()}: it exists and is not an empty folder")
-    pipe = build_tiny_dit_pipeline(spec, seed=seed, dtype=dtype)
-    meta = {"spec": spec.to_dict(), "seed": seed, "dtype": str(dtype).removeprefix("torch.")}
-    return atomic_save(pipe, path, DIT_SPEC_FILE_NAME, meta, "DiT")
+    refuse_unless_empty(path, "DiT")
+    build = functools.partial(build_tiny_dit_pipeline, spec, seed=seed, dtype=dtype)
+    return save_built(path, build, DIT_SPEC_FILE_NAME, run_meta(seed, dtype, spec=spec.to_dict()), "DiT")

@@ -12,20 +12,17 @@ Everything is deterministic given ``seed``, and nothing is downloaded.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from transformers import CLIPTextModel
 
-from .tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer
+from ._common import SEED_OFFSETS, SpecMixin, build_components, clip_config, positive_problems, run_meta, save_built, spec_t5, tiny_vae
+from .tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 __all__ = [
     "COMPONENT_SEED_OFFSETS",
@@ -42,15 +39,12 @@ SPEC_FILE_NAME = "erasekit_tiny_flux.json"
 #: a component's weights depend only on ``seed`` and its own offset (not on build
 #: order); the offsets are far apart so seeds below 10000 never share a random stream.
 COMPONENT_SEED_OFFSETS: dict[str, int] = {
-    "transformer": 0,
-    "vae": 10_000,
-    "text_encoder": 20_000,
-    "text_encoder_2": 30_000,
+    name: SEED_OFFSETS[name] for name in ("transformer", "vae", "text_encoder", "text_encoder_2")
 }
 
 
 @dataclass
-class TinyFluxSpec:
+class TinyFluxSpec(SpecMixin):
     """Sizes of a tiny FLUX pipeline (defaults: ~2.1 M parameters, 1.6 M of them in CLIP's
     token embedding).
 
@@ -138,44 +132,28 @@ class TinyFluxSpec:
             )
         if self.clip_hidden_size % self.clip_num_heads:
             problems.append("clip_num_heads must divide clip_hidden_size")
-        for name in (
-            "num_layers",
-            "num_attention_heads",
-            "attention_head_dim",
-            "latent_channels",
-            "clip_num_layers",
-            "t5_num_layers",
-            "t5_num_heads",
-            "t5_d_kv",
-        ):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
+        problems += positive_problems(
+            self,
+            (
+                "num_layers",
+                "num_attention_heads",
+                "attention_head_dim",
+                "latent_channels",
+                "clip_num_layers",
+                "t5_num_layers",
+                "t5_num_heads",
+                "t5_d_kv",
+            ),
+        )
         if self.num_single_layers < 0:
             problems.append("num_single_layers must be >= 0")
         if problems:
             raise ValueError("invalid TinyFluxSpec: " + "; ".join(problems))
 
     @property
-    def inner_dim(self) -> int:
-        """Transformer width (``num_attention_heads * attention_head_dim``)."""
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Spatial downsampling of the VAE (pixels per latent cell)."""
-        return 2 ** (len(self.vae_block_out_channels) - 1)
-
-    @property
     def transformer_in_channels(self) -> int:
         """Channels of a packed latent token (``4 * latent_channels``)."""
         return 4 * self.latent_channels
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict (inverse of :meth:`from_dict`)."""
-        data = dataclasses.asdict(self)
-        data["axes_dims_rope"] = list(self.axes_dims_rope)
-        data["vae_block_out_channels"] = list(self.vae_block_out_channels)
-        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TinyFluxSpec:
@@ -200,62 +178,28 @@ def _make_transformer(spec: TinyFluxSpec) -> FluxTransformer2DModel:
 
 
 def _make_vae(spec: TinyFluxSpec) -> AutoencoderKL:
-    levels = len(spec.vae_block_out_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=spec.vae_block_out_channels,
+    return tiny_vae(
+        spec.vae_block_out_channels,
+        spec.latent_channels,
+        spec.vae_norm_num_groups,
+        spec.vae_scaling_factor,
         layers_per_block=spec.vae_layers_per_block,
-        act_fn="silu",
-        latent_channels=spec.latent_channels,
-        norm_num_groups=spec.vae_norm_num_groups,
         sample_size=32 * spec.vae_scale_factor,
-        scaling_factor=spec.vae_scaling_factor,
         shift_factor=spec.vae_shift_factor,
-        force_upcast=True,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
         mid_block_add_attention=True,
     )
 
 
 def _make_clip(spec: TinyFluxSpec) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=spec.clip_hidden_size,
-        intermediate_size=spec.clip_intermediate_size,
-        projection_dim=spec.clip_hidden_size,
-        num_hidden_layers=spec.clip_num_layers,
-        num_attention_heads=spec.clip_num_heads,
-        max_position_embeddings=spec.clip_max_length,
-        hidden_act="quick_gelu",
-        attention_dropout=0.0,
-        pad_token_id=1,
-        bos_token_id=49406,
-        eos_token_id=49407,
+    return CLIPTextModel(
+        clip_config(
+            spec.clip_hidden_size,
+            intermediate=spec.clip_intermediate_size,
+            layers=spec.clip_num_layers,
+            heads=spec.clip_num_heads,
+            max_length=spec.clip_max_length,
+        )
     )
-    return CLIPTextModel(config)
-
-
-def _make_t5(spec: TinyFluxSpec) -> T5EncoderModel:
-    config = T5Config(
-        vocab_size=spec.t5_vocab_size,
-        d_model=spec.t5_d_model,
-        d_kv=spec.t5_d_kv,
-        d_ff=spec.t5_d_ff,
-        num_layers=spec.t5_num_layers,
-        num_heads=spec.t5_num_heads,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return T5EncoderModel(config)
 
 
 def _make_scheduler(spec: TinyFluxSpec) -> FlowMatchEulerDiscreteScheduler:
@@ -297,20 +241,12 @@ def build_tiny_flux_pipeline(
     """
     spec = spec if spec is not None else TinyFluxSpec()
     makers = {
-        "transformer": _make_transformer,
-        "vae": _make_vae,
-        "text_encoder": _make_clip,
-        "text_encoder_2": _make_t5,
+        "transformer": lambda: _make_transformer(spec),
+        "vae": lambda: _make_vae(spec),
+        "text_encoder": lambda: _make_clip(spec),
+        "text_encoder_2": lambda: spec_t5(spec),
     }
-    models: dict[str, torch.nn.Module] = {}
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        for name, make in makers.items():
-            # torch.manual_seed(s) without also reseeding accelerator generators.
-            torch.default_generator.manual_seed(seed + COMPONENT_SEED_OFFSETS[name])
-            model = make(spec)
-            if dtype != torch.float32:  # .to(dtype) logs a warning even when it is a no-op
-                model = model.to(dtype=dtype)
-            models[name] = model.eval()
+    models = build_components(makers, seed, dtype, COMPONENT_SEED_OFFSETS)
     return FluxPipeline(
         scheduler=_make_scheduler(spec),
         vae=models["vae"],
@@ -349,30 +285,6 @@ def save_tiny_flux_pipeline(
     Raises:
         ValueError: if ``path`` exists and is a file or a non-empty folder.
     """
-    target = Path(path).expanduser().absolute()
-
-    def _check_target() -> None:
-        if target.is_dir():
-            if any(target.iterdir()):
-                raise ValueError(f"refusing to save a tiny FLUX pipeline into non-empty folder {target}")
-        elif target.exists() or target.is_symlink():
-            raise ValueError(f"refusing to save a tiny FLUX pipeline: {target} exists and is not a folder")
-
-    _check_target()
     spec = spec if spec is not None else TinyFluxSpec()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    pipe = build_tiny_flux_pipeline(spec, seed=seed, dtype=dtype)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        meta = {"spec": spec.to_dict(), "seed": seed, "dtype": str(dtype).removeprefix("torch.")}
-        (tmp / SPEC_FILE_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _check_target()
-        if target.is_dir():
-            target.rmdir()  # empty (checked above); fails if it was filled meanwhile
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    meta = run_meta(seed, dtype, spec=spec.to_dict())
+    return save_built(path, lambda: build_tiny_flux_pipeline(spec, seed=seed, dtype=dtype), SPEC_FILE_NAME, meta, "FLUX")

@@ -16,26 +16,22 @@ block 2 ``context_pre_only``), CLIP widths 16 and 24 (pooled 40), T5 width 48 (t
 
 from __future__ import annotations
 
-import json
+import functools
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-from .tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer
+from ._common import build_components, clip_config, run_meta, save_built, tiny_t5, tiny_vae
+from .tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 __all__ = ["SD3_SPEC_FILE_NAME", "build_tiny_sd3_pipeline", "save_tiny_sd3_pipeline"]
 
 #: File written next to ``model_index.json`` by :func:`save_tiny_sd3_pipeline`.
 SD3_SPEC_FILE_NAME = "erasekit_tiny_sd3.json"
-
-#: ``torch.manual_seed(seed + offset)`` before each component (see :mod:`erasekit.tiny.flux`).
-_OFFSETS = {"transformer": 0, "vae": 10_000, "text_encoder": 20_000, "text_encoder_2": 30_000, "text_encoder_3": 40_000}
 
 _CLIP_HIDDEN = (16, 24)
 _T5_WIDTH = 48
@@ -64,60 +60,15 @@ def _transformer(num_layers: int, dual_attention_layers: tuple[int, ...], qk_nor
 
 
 def _vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        act_fn="silu",
-        latent_channels=_LATENT_CHANNELS,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=_VAE_SCALING,
-        shift_factor=_VAE_SHIFT,
-        force_upcast=True,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    return tiny_vae((8, 8, 16, 16), _LATENT_CHANNELS, 4, _VAE_SCALING, sample_size=64, shift_factor=_VAE_SHIFT)
 
 
 def _clip(hidden: int) -> CLIPTextModelWithProjection:
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        projection_dim=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        attention_dropout=0.0,
-        pad_token_id=1,
-        bos_token_id=49406,
-        eos_token_id=49407,
-    )
-    return CLIPTextModelWithProjection(config)
+    return CLIPTextModelWithProjection(clip_config(hidden, act="gelu"))
 
 
 def _t5() -> T5EncoderModel:
-    config = T5Config(
-        vocab_size=_T5_VOCAB,
-        d_model=_T5_WIDTH,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=3,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return T5EncoderModel(config)
+    return tiny_t5(_T5_VOCAB, _T5_WIDTH, d_kv=16, d_ff=64, num_layers=2, num_heads=3)
 
 
 def build_tiny_sd3_pipeline(
@@ -156,14 +107,7 @@ def build_tiny_sd3_pipeline(
         "text_encoder_2": lambda: _clip(_CLIP_HIDDEN[1]),
         "text_encoder_3": _t5,
     }
-    models: dict[str, torch.nn.Module] = {}
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        for name, make in makers.items():
-            torch.default_generator.manual_seed(seed + _OFFSETS[name])
-            model = make()
-            if dtype != torch.float32:  # .to(dtype) logs a warning even when it is a no-op
-                model = model.to(dtype=dtype)
-            models[name] = model.eval()
+    models = build_components(makers, seed, dtype)
     return StableDiffusion3Pipeline(
         transformer=models["transformer"],
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
@@ -190,33 +134,5 @@ def save_tiny_sd3_pipeline(
     Raises:
         ValueError: if ``path`` exists and is a file or a non-empty folder.
     """
-    target = Path(path).expanduser().absolute()
-
-    def check_target() -> None:
-        if target.is_dir():
-            if any(target.iterdir()):
-                raise ValueError(f"refusing to save a tiny SD3 pipeline into non-empty folder {target}")
-        elif target.exists() or target.is_symlink():
-            raise ValueError(f"refusing to save a tiny SD3 pipeline: {target} exists and is not a folder")
-
-    check_target()
-    pipe = build_tiny_sd3_pipeline(seed, dtype, **options)
-    meta = {
-        "seed": seed,
-        "dtype": str(dtype).removeprefix("torch."),
-        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
-    }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / SD3_SPEC_FILE_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        check_target()
-        if target.is_dir():
-            target.rmdir()  # empty (checked above); fails if it was filled meanwhile
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    build = functools.partial(build_tiny_sd3_pipeline, seed, dtype, **options)
+    return save_built(path, build, SD3_SPEC_FILE_NAME, run_meta(seed, dtype, options=options), "SD3")

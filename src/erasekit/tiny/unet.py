@@ -17,12 +17,10 @@ downloaded.
 
 from __future__ import annotations
 
-import json
+import functools
 import os
-import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import (
@@ -35,9 +33,10 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from .tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer
+from ._common import build_components, clip_config, run_meta, save_built, tiny_vae
+from .tokenizers import build_clip_tokenizer
 
 __all__ = [
     "SD_SPEC_FILE_NAME",
@@ -50,9 +49,6 @@ __all__ = [
 
 SD_SPEC_FILE_NAME = "erasekit_tiny_sd.json"
 SDXL_SPEC_FILE_NAME = "erasekit_tiny_sdxl.json"
-
-#: ``torch.manual_seed(seed + offset)`` before each component (see :mod:`erasekit.tiny.flux`).
-_OFFSETS = {"unet": 0, "vae": 10_000, "text_encoder": 20_000, "text_encoder_2": 30_000}
 
 _CLIP_HIDDEN = 32
 _SD_BETAS: dict[str, Any] = dict(
@@ -73,83 +69,50 @@ def _scheduler(name: str, prediction_type: str) -> Any:
 
 
 def _vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
+    return tiny_vae((8, 8, 16, 16), 4, 4, 0.18215, sample_size=64)
 
 
-def _clip_config(hidden: int, projection: int | None = None) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        projection_dim=projection or hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        attention_dropout=0.0,
-        pad_token_id=1,
-        bos_token_id=49406,
-        eos_token_id=49407,
-    )
+def _clip() -> CLIPTextModel:
+    return CLIPTextModel(clip_config(_CLIP_HIDDEN))
 
 
-def _sd_unet(use_linear_projection: bool) -> UNet2DConditionModel:
+def _unet(down: tuple[str, str], up: tuple[str, str], cross_attention_dim: int, **extra: Any) -> UNet2DConditionModel:
+    """A 2-level UNet (16, 32 channels; 2 and 4 heads of dim 8) on 4 latent channels."""
     return UNet2DConditionModel(
         sample_size=4,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=down,
+        up_block_types=up,
         block_out_channels=(16, 32),
         layers_per_block=1,
         norm_num_groups=8,
-        cross_attention_dim=_CLIP_HIDDEN,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=(2, 4),  # diffusers' legacy name: the head count per level (head_dim 8)
+        **extra,
+    )
+
+
+def _sd_unet(use_linear_projection: bool) -> UNet2DConditionModel:
+    return _unet(
+        ("CrossAttnDownBlock2D", "DownBlock2D"),
+        ("UpBlock2D", "CrossAttnUpBlock2D"),
+        _CLIP_HIDDEN,
         use_linear_projection=use_linear_projection,
     )
 
 
 def _sdxl_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=4,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
+    return _unet(
+        ("DownBlock2D", "CrossAttnDownBlock2D"),
+        ("CrossAttnUpBlock2D", "UpBlock2D"),
+        2 * _CLIP_HIDDEN,
         transformer_layers_per_block=(1, 2),
-        norm_num_groups=8,
-        cross_attention_dim=2 * _CLIP_HIDDEN,
-        attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + _CLIP_HIDDEN,
     )
-
-
-def _build(makers: dict[str, Callable[[], torch.nn.Module]], seed: int, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-    models: dict[str, torch.nn.Module] = {}
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        for name, make in makers.items():
-            torch.default_generator.manual_seed(seed + _OFFSETS[name])
-            model = make()
-            if dtype != torch.float32:
-                model = model.to(dtype=dtype)
-            models[name] = model.eval()
-    return models
 
 
 def build_tiny_sd_pipeline(
@@ -172,12 +135,8 @@ def build_tiny_sd_pipeline(
 
     Images must be multiples of 8 pixels; e.g. ``height=width=32, num_inference_steps=3``.
     """
-    models = _build(
-        {
-            "unet": lambda: _sd_unet(use_linear_projection),
-            "vae": _vae,
-            "text_encoder": lambda: CLIPTextModel(_clip_config(_CLIP_HIDDEN)),
-        },
+    models = build_components(
+        {"unet": lambda: _sd_unet(use_linear_projection), "vae": _vae, "text_encoder": _clip},
         seed,
         dtype,
     )
@@ -206,12 +165,12 @@ def build_tiny_sdxl_pipeline(
     embedding), ``text_time`` added embeddings, empty negative prompts as zeros (SDXL's
     ``force_zeros_for_empty_prompt``), no watermarker. Images must be multiples of 8 pixels.
     """
-    models = _build(
+    models = build_components(
         {
             "unet": _sdxl_unet,
             "vae": _vae,
-            "text_encoder": lambda: CLIPTextModel(_clip_config(_CLIP_HIDDEN)),
-            "text_encoder_2": lambda: CLIPTextModelWithProjection(_clip_config(_CLIP_HIDDEN, _CLIP_HIDDEN)),
+            "text_encoder": _clip,
+            "text_encoder_2": lambda: CLIPTextModelWithProjection(clip_config(_CLIP_HIDDEN, projection=_CLIP_HIDDEN)),
         },
         seed,
         dtype,
@@ -229,33 +188,6 @@ def build_tiny_sdxl_pipeline(
     )
 
 
-def _save_atomically(path: str | os.PathLike[str], pipe: Any, spec_name: str, meta: dict[str, Any], what: str) -> Path:
-    target = Path(path).expanduser().absolute()
-
-    def check_target() -> None:
-        if target.is_dir():
-            if any(target.iterdir()):
-                raise ValueError(f"refusing to save a tiny {what} pipeline into non-empty folder {target}")
-        elif target.exists() or target.is_symlink():
-            raise ValueError(f"refusing to save a tiny {what} pipeline: {target} exists and is not a folder")
-
-    check_target()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / spec_name).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        check_target()
-        if target.is_dir():
-            target.rmdir()
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
 def save_tiny_sd_pipeline(
     path: str | os.PathLike[str], seed: int = 0, *, dtype: torch.dtype = torch.float32, **options: Any
 ) -> Path:
@@ -265,15 +197,13 @@ def save_tiny_sd_pipeline(
     as an empty folder); ``erasekit_tiny_sd.json`` records the seed, dtype and options. Returns the
     absolute path.
     """
-    pipe = build_tiny_sd_pipeline(seed, dtype, **options)
-    meta = {"seed": seed, "dtype": str(dtype).removeprefix("torch."), "options": options}
-    return _save_atomically(path, pipe, SD_SPEC_FILE_NAME, meta, "SD")
+    build = functools.partial(build_tiny_sd_pipeline, seed, dtype, **options)
+    return save_built(path, build, SD_SPEC_FILE_NAME, run_meta(seed, dtype, options=options), "SD")
 
 
 def save_tiny_sdxl_pipeline(
     path: str | os.PathLike[str], seed: int = 0, *, dtype: torch.dtype = torch.float32, **options: Any
 ) -> Path:
     """Build :func:`build_tiny_sdxl_pipeline` and ``save_pretrained`` it atomically (see :func:`save_tiny_sd_pipeline`)."""
-    pipe = build_tiny_sdxl_pipeline(seed, dtype, **options)
-    meta = {"seed": seed, "dtype": str(dtype).removeprefix("torch."), "options": options}
-    return _save_atomically(path, pipe, SDXL_SPEC_FILE_NAME, meta, "SDXL")
+    build = functools.partial(build_tiny_sdxl_pipeline, seed, dtype, **options)
+    return save_built(path, build, SDXL_SPEC_FILE_NAME, run_meta(seed, dtype, options=options), "SDXL")
