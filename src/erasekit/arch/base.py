@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -119,13 +120,25 @@ class Architecture(ABC):
     denoiser_attr: str = "transformer"
     #: published denoiser configs by hub id, so that ``inspect`` works offline
     known_configs: dict[str, dict[str, Any]] = {}
+    #: the self-contained module (in this package) defining the pruned denoiser class, which is the
+    #: last of :attr:`denoiser_classes`
+    pruned_module: str = ""
 
     def before_save(self, pipe: Any) -> None:
         """Make sure ``pipe.save_pretrained`` keeps what loading needs (e.g. class labels); default: nothing."""
 
+    def execution_device(self, pipe: Any) -> torch.device:
+        """Where ``pipe`` runs: its ``_execution_device``, else the device of its denoiser."""
+        device = getattr(pipe, "_execution_device", None)
+        return device if isinstance(device, torch.device) else getattr(pipe, self.denoiser_attr).device
+
+    def pruned_class(self) -> type[nn.Module]:
+        """The pruned denoiser class, from :attr:`pruned_module`."""
+        return getattr(importlib.import_module(f"{__package__}.{self.pruned_module}"), self.denoiser_classes[-1])
+
     def extra_classes(self) -> dict[str, type[nn.Module]]:
-        """Denoiser classes this family defines itself (e.g. its pruned variant), by class name."""
-        return {}
+        """Denoiser classes this family defines itself (its pruned variant), by class name."""
+        return {self.denoiser_classes[-1]: self.pruned_class()} if self.pruned_module else {}
 
     @abstractmethod
     def sites(self, denoiser: nn.Module) -> list[MaskSite]:
@@ -152,9 +165,9 @@ class Architecture(ABC):
     def prune(self, denoiser: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
         """Physically remove the dropped heads and neurons; returns the smaller denoiser."""
 
-    @abstractmethod
     def pruned_component_source(self) -> Path:
         """The self-contained module defining the pruned denoiser class (shipped with pruned pipelines)."""
+        return Path(__file__).with_name(f"{self.pruned_module}.py")
 
 
 _REGISTRY: dict[str, Architecture] = {}

@@ -33,7 +33,7 @@ trainer with ``concept.templates=["{concept}"]`` (the default templates such as
 (the target), and ``concept.preservation_prompts`` a list of class names; see
 ``configs/dit-xl-2.yaml``.
 
-Sampling: the pipeline's scheduler made stateless by :class:`~erasekit.arch.pixart.StatelessSampler`
+Sampling: the pipeline's scheduler made stateless by :class:`~erasekit.arch.samplers.StatelessSampler`
 (DDIM, DiT-XL-2's default, and deterministic DPM-Solver multistep, whose history travels in the
 latent state). ``DiTPipeline`` does not scale the initial noise by the scheduler's
 ``init_noise_sigma``, so schedulers that need it (Euler) are refused. Classifier-free guidance is the
@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import difflib
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,7 +59,8 @@ from torch import nn
 
 from ..errors import ConfigError, ModelLoadError, PromptError
 from .base import Architecture, MaskSite, Trajectory, register
-from .pixart import StatelessSampler, execution_device, head_channels, load_pruned_state, nonempty, randn_latents
+from .common import PrunedState, cfg_rows, check_seeds, decode_to_unit, guide, numbered_blocks, randn_latents
+from .samplers import StatelessSampler
 
 __all__ = ["DIT", "DiTArchitecture", "KNOWN_CONFIGS", "class_ids", "id2label_of"]
 
@@ -154,24 +154,18 @@ class DiTArchitecture(Architecture):
 
     family = "dit"
     denoiser_classes = ("DiTTransformer2DModel", "PrunedDiTTransformer2DModel")
-    denoiser_attr = "transformer"
     known_configs = KNOWN_CONFIGS
+    pruned_module = "dit_pruned"
 
     def before_save(self, pipe: Any) -> None:
         # DiTPipeline.save_pretrained keeps class names only when id2label is in the pipeline config.
         if getattr(pipe, "labels", None) and "id2label" not in pipe.config:
             pipe.register_to_config(id2label=id2label_of(pipe))
 
-    def extra_classes(self) -> dict[str, type[nn.Module]]:
-        from .dit_pruned import PrunedDiTTransformer2DModel
-
-        return {"PrunedDiTTransformer2DModel": PrunedDiTTransformer2DModel}
-
     def sites(self, denoiser: nn.Module) -> list[MaskSite]:
         head_dim = denoiser.config.attention_head_dim
         sites: list[MaskSite] = []
-        for i, block in enumerate(denoiser.transformer_blocks):
-            p = f"transformer_blocks.{i}"
+        for p, block in numbered_blocks(denoiser):
             sites += [
                 MaskSite("norm", f"{p}.norm1.linear", "output", 0, block.norm1.linear.out_features, 1, "block"),
                 MaskSite("heads", f"{p}.attn1.to_out.0", "input", 0, block.attn1.to_out[0].in_features, head_dim, "block"),
@@ -183,7 +177,7 @@ class DiTArchitecture(Architecture):
     def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
         """``{"class_labels": (B,) int64}``: see :func:`class_ids` (``max_sequence_length`` is unused)."""
         ids = class_ids(pipe, prompts)
-        return {"class_labels": torch.tensor(ids, dtype=torch.long, device=execution_device(pipe))}
+        return {"class_labels": torch.tensor(ids, dtype=torch.long, device=self.execution_device(pipe))}
 
     def trajectory(
         self,
@@ -196,7 +190,7 @@ class DiTArchitecture(Architecture):
         guidance_scale: float,
     ) -> Trajectory:
         transformer = pipe.transformer
-        device = execution_device(pipe)
+        device = self.execution_device(pipe)
         size = int(transformer.config.sample_size)
         factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         if resolution != size * factor:
@@ -205,9 +199,7 @@ class DiTArchitecture(Architecture):
                 f"{resolution}; set sampling.resolution={size * factor}"
             )
         labels = encoded["class_labels"].to(device)
-        batch = labels.shape[0]
-        if len(noise_seeds) != batch:
-            raise ValueError(f"{len(noise_seeds)} noise seeds for {batch} prompts")
+        check_seeds(noise_seeds, labels.shape[0])
         channels = transformer.config.in_channels
         out_channels = transformer.config.out_channels or channels
         if out_channels not in (channels, 2 * channels):
@@ -225,22 +217,17 @@ class DiTArchitecture(Architecture):
         class_input = torch.cat([labels, null]) if cfg else labels
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            model_input = torch.cat([x, x]) if cfg else x
+            model_input = cfg_rows(x, cfg)
             timestep = t[None].to(device).expand(model_input.shape[0])
             out = transformer(model_input, timestep=timestep, class_labels=class_input, return_dict=False)[0]
             eps = out[:, :channels]
-            if cfg:
-                cond, uncond = eps.split(batch)
-                eps = uncond + guidance_scale * (cond - uncond)
-            return eps
+            return guide(eps, guidance_scale, cond_first=True) if cfg else eps
 
         def step(z: torch.Tensor, i: int) -> torch.Tensor:
             return sampler.step(z, i, predict)
 
         def decode(z: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                image = pipe.vae.decode((1 / pipe.vae.config.scaling_factor * z).to(pipe.vae.dtype)).sample
-            return (image.float() / 2 + 0.5).clamp(0, 1)
+            return decode_to_unit(pipe.vae, 1 / pipe.vae.config.scaling_factor * z)
 
         return Trajectory(noise=noise, num_steps=sampler.num_steps, step=step, decode=decode)
 
@@ -252,44 +239,13 @@ class DiTArchitecture(Architecture):
         head and neuron so that its shapes stay valid. ``norm1.linear`` channels cannot be removed
         (they are split into shift / scale / gate): they stay zero-folded.
         """
-        from .dit_pruned import PrunedDiTTransformer2DModel
-
         head_dim = denoiser.config.attention_head_dim
-        state = dict(denoiser.state_dict())
-
-        def kept(key: str, size: int) -> torch.Tensor:
-            mask = keep.get(key)
-            return torch.arange(size) if mask is None else nonempty(torch.nonzero(mask.cpu()).flatten())
-
-        def rows(name: str, index: torch.Tensor) -> None:
-            state[f"{name}.weight"] = state[f"{name}.weight"][index]
-            if f"{name}.bias" in state:
-                state[f"{name}.bias"] = state[f"{name}.bias"][index]
-
-        def cols(name: str, index: torch.Tensor) -> None:
-            state[f"{name}.weight"] = state[f"{name}.weight"][:, index]
-
-        layout: list[list[int]] = []
-        for i, block in enumerate(denoiser.transformer_blocks):
-            p = f"transformer_blocks.{i}"
-            heads = kept(f"heads/{p}.attn1.to_out.0", block.attn1.to_q.out_features // head_dim)
-            ch = head_channels(heads, head_dim)
-            for proj in ("to_q", "to_k", "to_v"):
-                rows(f"{p}.attn1.{proj}", ch)
-            cols(f"{p}.attn1.to_out.0", ch)
-            ff = kept(f"neurons/{p}.ff.net.2", block.ff.net[2].in_features)
-            rows(f"{p}.ff.net.0.proj", ff)
-            cols(f"{p}.ff.net.2", ff)
-            layout.append([int(heads.numel()), int(ff.numel())])
-
-        config = {k: v for k, v in denoiser.config.items() if not k.startswith("_") and k != "pruned_layout"}
-        config["pruned_layout"] = layout
-        with torch.device("meta"):
-            pruned = PrunedDiTTransformer2DModel(**config)
-        return load_pruned_state(pruned, state, denoiser)
-
-    def pruned_component_source(self) -> Path:
-        return Path(__file__).with_name("dit_pruned.py")
+        cut = PrunedState(denoiser, keep)
+        layout = [
+            [cut.attention(f"{p}.attn1", block.attn1, head_dim), cut.feed_forward(f"{p}.ff", block.ff)]
+            for p, block in numbered_blocks(denoiser)
+        ]
+        return cut.build(self.pruned_class(), layout).eval()
 
 
 DIT = register(DiTArchitecture())

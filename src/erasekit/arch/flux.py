@@ -14,7 +14,6 @@ Units:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,17 @@ import torch
 from torch import nn
 
 from .base import Architecture, MaskSite, Trajectory, register
+from .common import (
+    ADDED_QKV,
+    QKV,
+    PrunedState,
+    check_resolution,
+    check_seeds,
+    decode_to_unit,
+    numbered_blocks,
+    seed_generators,
+)
+from .samplers import fresh_scheduler
 
 #: Denoiser configs of the published FLUX.1 checkpoints, so that ``inspect`` works without the hub.
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
@@ -51,18 +61,12 @@ class FluxArchitecture(Architecture):
 
     family = "flux"
     denoiser_classes = ("FluxTransformer2DModel", "PrunedFluxTransformer2DModel")
-    denoiser_attr = "transformer"
     known_configs = KNOWN_CONFIGS
-
-    def extra_classes(self) -> dict[str, type[nn.Module]]:
-        from .flux_pruned import PrunedFluxTransformer2DModel
-
-        return {"PrunedFluxTransformer2DModel": PrunedFluxTransformer2DModel}
+    pruned_module = "flux_pruned"
 
     def sites(self, denoiser: nn.Module) -> list[MaskSite]:
         sites: list[MaskSite] = []
-        for i, block in enumerate(denoiser.transformer_blocks):
-            p = f"transformer_blocks.{i}"
+        for p, block in numbered_blocks(denoiser):
             head_dim = block.attn.head_dim
             attn_width = _heads_of(block.attn) * head_dim
             sites += [
@@ -73,8 +77,7 @@ class FluxArchitecture(Architecture):
                 MaskSite("neurons", f"{p}.ff.net.2", "input", 0, block.ff.net[2].in_features, 1, "double", "image"),
                 MaskSite("neurons", f"{p}.ff_context.net.2", "input", 0, block.ff_context.net[2].in_features, 1, "double", "text"),
             ]
-        for i, block in enumerate(denoiser.single_transformer_blocks):
-            p = f"single_transformer_blocks.{i}"
+        for p, block in numbered_blocks(denoiser, "single_transformer_blocks"):
             head_dim = block.attn.head_dim
             attn_width = _heads_of(block.attn) * head_dim
             mlp_width = block.proj_mlp.out_features
@@ -87,7 +90,7 @@ class FluxArchitecture(Architecture):
 
     # ------------------------------------------------------------------ sampling
     def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
-        device = _execution_device(pipe)
+        device = self.execution_device(pipe)
         with torch.no_grad():
             prompt_embeds, pooled, text_ids = pipe.encode_prompt(
                 prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
@@ -112,25 +115,22 @@ class FluxArchitecture(Architecture):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         transformer = pipe.transformer
-        device = _execution_device(pipe)
-        multiple = pipe.vae_scale_factor * 2
-        if resolution <= 0 or resolution % multiple:
-            raise ValueError(f"resolution {resolution} must be a positive multiple of {multiple} for this pipeline")
+        device = self.execution_device(pipe)
+        check_resolution(resolution, pipe.vae_scale_factor * 2)
         prompt_embeds = encoded["prompt_embeds"]
         pooled = encoded["pooled_prompt_embeds"]
         text_ids = encoded["text_ids"][0]
-        if len(noise_seeds) != prompt_embeds.shape[0]:
-            raise ValueError(f"{len(noise_seeds)} noise seeds for {prompt_embeds.shape[0]} prompts")
+        check_seeds(noise_seeds, prompt_embeds.shape[0])
         channels = transformer.config.in_channels // 4
-        parts = []
-        for seed in noise_seeds:
-            generator = torch.Generator(device="cpu").manual_seed(int(seed))
-            latents, image_ids = pipe.prepare_latents(1, channels, resolution, resolution, prompt_embeds.dtype, device, generator)
-            parts.append(latents)
-        noise = torch.cat(parts)
+        drawn = [
+            pipe.prepare_latents(1, channels, resolution, resolution, prompt_embeds.dtype, device, generator)
+            for generator in seed_generators(noise_seeds)
+        ]
+        noise = torch.cat([latents for latents, _ in drawn])
+        image_ids = drawn[-1][1]
         batch = noise.shape[0]
 
-        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        sched = fresh_scheduler(pipe.scheduler)
         cfg = sched.config
         sigmas = np.linspace(1.0, 1 / steps, steps)
         if getattr(cfg, "use_flow_sigmas", False):
@@ -170,10 +170,7 @@ class FluxArchitecture(Architecture):
 
         def decode(z: torch.Tensor) -> torch.Tensor:
             latents = pipe._unpack_latents(z, resolution, resolution, pipe.vae_scale_factor)
-            latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-            with torch.no_grad():
-                image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-            return (image.float() / 2 + 0.5).clamp(0, 1)
+            return decode_to_unit(pipe.vae, latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor)
 
         return Trajectory(noise=noise, num_steps=steps, step=step, decode=decode)
 
@@ -187,77 +184,25 @@ class FluxArchitecture(Architecture):
         shapes stay valid. Norm channels cannot be removed (they are split into shift/scale/gate):
         they stay zero-folded.
         """
-        from .flux_pruned import PrunedFluxTransformer2DModel
-
-        def kept(key: str, size: int) -> torch.Tensor:
-            mask = keep.get(key)
-            return torch.arange(size) if mask is None else _nonempty(torch.nonzero(mask.cpu()).flatten())
-
         head_dim = denoiser.config.attention_head_dim
-        state = {k: v for k, v in denoiser.state_dict().items()}
+        cut = PrunedState(denoiser, keep)
         double_layout, single_layout = [], []
+        for p, block in numbered_blocks(denoiser):
+            heads = cut.kept(_heads_of(block.attn), f"heads/{p}.attn.to_out.0", f"heads/{p}.attn.to_add_out")
+            cut.heads(f"{p}.attn", heads, head_dim, QKV + ADDED_QKV, ("to_out.0", "to_add_out"))
+            ff, ffc = cut.feed_forward(f"{p}.ff", block.ff), cut.feed_forward(f"{p}.ff_context", block.ff_context)
+            double_layout.append([int(heads.numel()), ff, ffc])
 
-        def rows(name: str, index: torch.Tensor) -> None:
-            state[f"{name}.weight"] = state[f"{name}.weight"][index]
-            if f"{name}.bias" in state:
-                state[f"{name}.bias"] = state[f"{name}.bias"][index]
-
-        def cols(name: str, index: torch.Tensor) -> None:
-            state[f"{name}.weight"] = state[f"{name}.weight"][:, index]
-
-        def channels(heads: torch.Tensor) -> torch.Tensor:
-            return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
-
-        for i, block in enumerate(denoiser.transformer_blocks):
-            p = f"transformer_blocks.{i}"
+        for p, block in numbered_blocks(denoiser, "single_transformer_blocks"):
             n_heads = _heads_of(block.attn)
-            img = keep.get(f"heads/{p}.attn.to_out.0", torch.ones(n_heads, dtype=torch.bool))
-            txt = keep.get(f"heads/{p}.attn.to_add_out", torch.ones(n_heads, dtype=torch.bool))
-            heads = _nonempty(torch.nonzero((img | txt).cpu()).flatten())
-            ch = channels(heads)
-            for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-                rows(f"{p}.attn.{name}", ch)
-            cols(f"{p}.attn.to_out.0", ch)
-            cols(f"{p}.attn.to_add_out", ch)
-            ff = kept(f"neurons/{p}.ff.net.2", block.ff.net[2].in_features)
-            rows(f"{p}.ff.net.0.proj", ff)
-            cols(f"{p}.ff.net.2", ff)
-            ffc = kept(f"neurons/{p}.ff_context.net.2", block.ff_context.net[2].in_features)
-            rows(f"{p}.ff_context.net.0.proj", ffc)
-            cols(f"{p}.ff_context.net.2", ffc)
-            double_layout.append([int(heads.numel()), int(ff.numel()), int(ffc.numel())])
-
-        for i, block in enumerate(denoiser.single_transformer_blocks):
-            p = f"single_transformer_blocks.{i}"
-            n_heads = _heads_of(block.attn)
-            heads = kept(f"heads/{p}.proj_out", n_heads)
-            mlp = kept(f"neurons/{p}.proj_out", block.proj_mlp.out_features)
-            ch = channels(heads)
-            for name in ("to_q", "to_k", "to_v"):
-                rows(f"{p}.attn.{name}", ch)
-            rows(f"{p}.proj_mlp", mlp)
-            cols(f"{p}.proj_out", torch.cat([ch, n_heads * head_dim + mlp]))
+            heads = cut.kept(n_heads, f"heads/{p}.proj_out")
+            mlp = cut.kept(block.proj_mlp.out_features, f"neurons/{p}.proj_out")
+            ch = cut.heads(f"{p}.attn", heads, head_dim, outputs=())
+            cut.rows(f"{p}.proj_mlp", mlp)
+            cut.cols(f"{p}.proj_out", torch.cat([ch, n_heads * head_dim + mlp]))
             single_layout.append([int(heads.numel()), int(mlp.numel())])
 
-        config = {k: v for k, v in denoiser.config.items() if not k.startswith("_") and k != "pruned_layout"}
-        config["pruned_layout"] = {"double": double_layout, "single": single_layout}
-        with torch.device("meta"):
-            pruned = PrunedFluxTransformer2DModel(**config)
-        pruned.load_state_dict(state, assign=True, strict=True)
-        return pruned
-
-    def pruned_component_source(self) -> Path:
-        return Path(__file__).with_name("flux_pruned.py")
-
-
-def _nonempty(index: torch.Tensor) -> torch.Tensor:
-    # A block with no heads (or no neurons) left keeps one zero-folded unit: zero-size layers break attention.
-    return index if index.numel() else torch.zeros(1, dtype=torch.long)
-
-
-def _execution_device(pipe: Any) -> torch.device:
-    device = getattr(pipe, "_execution_device", None)
-    return device if isinstance(device, torch.device) else pipe.transformer.device
+        return cut.build(self.pruned_class(), {"double": double_layout, "single": single_layout})
 
 
 FLUX = register(FluxArchitecture())

@@ -48,13 +48,27 @@ and ~16.3 GB).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .base import Architecture, MaskSite, Trajectory, register
+from .common import (
+    ADDED_QKV,
+    QKV,
+    PrunedState,
+    cfg_cat,
+    cfg_rows,
+    check_resolution,
+    check_seeds,
+    check_steps,
+    decode_to_unit,
+    guide,
+    numbered_blocks,
+    seed_generators,
+)
+from .samplers import fresh_scheduler
 
 _SD3_MEDIUM: dict[str, Any] = {
     "_class_name": "SD3Transformer2DModel",
@@ -108,18 +122,12 @@ class SD3Architecture(Architecture):
 
     family = "sd3"
     denoiser_classes = ("SD3Transformer2DModel", "PrunedSD3Transformer2DModel")
-    denoiser_attr = "transformer"
     known_configs = KNOWN_CONFIGS
-
-    def extra_classes(self) -> dict[str, type[nn.Module]]:
-        from .sd3_pruned import PrunedSD3Transformer2DModel
-
-        return {"PrunedSD3Transformer2DModel": PrunedSD3Transformer2DModel}
+    pruned_module = "sd3_pruned"
 
     def sites(self, denoiser: nn.Module) -> list[MaskSite]:
         sites: list[MaskSite] = []
-        for i, block in enumerate(denoiser.transformer_blocks):
-            p = f"transformer_blocks.{i}"
+        for p, block in numbered_blocks(denoiser):
             attn = block.attn
             head_dim = _head_dim(attn)
             width = attn.to_out[0].in_features
@@ -149,7 +157,7 @@ class SD3Architecture(Architecture):
         The negative (unconditional) rows are what ``StableDiffusion3Pipeline`` uses for
         classifier-free guidance with no ``negative_prompt``: the encoding of ``""``.
         """
-        device = _execution_device(pipe)
+        device = self.execution_device(pipe)
         with torch.no_grad():
             embeds, _, pooled, _ = pipe.encode_prompt(
                 prompt=prompts, prompt_2=None, prompt_3=None, device=device,
@@ -186,34 +194,29 @@ class SD3Architecture(Architecture):
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
         transformer = pipe.transformer
-        device = _execution_device(pipe)
+        device = self.execution_device(pipe)
         multiple = pipe.vae_scale_factor * transformer.config.patch_size
-        if resolution <= 0 or resolution % multiple:
-            raise ValueError(f"resolution {resolution} must be a positive multiple of {multiple} for this pipeline")
+        check_resolution(resolution, multiple)
         tokens = resolution // multiple
         if tokens > transformer.config.pos_embed_max_size:
             largest = transformer.config.pos_embed_max_size * multiple
             raise ValueError(f"resolution {resolution} exceeds this transformer's positional embeddings (at most {largest})")
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        prompt_embeds = encoded["prompt_embeds"]
-        pooled = encoded["pooled_prompt_embeds"]
-        if len(noise_seeds) != prompt_embeds.shape[0]:
-            raise ValueError(f"{len(noise_seeds)} noise seeds for {prompt_embeds.shape[0]} prompts")
+        check_steps(steps)
+        check_seeds(noise_seeds, encoded["prompt_embeds"].shape[0])
         cfg_on = guidance_scale > 1
-        if cfg_on:
-            prompt_embeds = torch.cat([encoded["negative_prompt_embeds"], prompt_embeds])
-            pooled = torch.cat([encoded["negative_pooled_prompt_embeds"], pooled])
+        prompt_embeds = cfg_cat(encoded["negative_prompt_embeds"], encoded["prompt_embeds"], cfg_on)
+        pooled = cfg_cat(encoded["negative_pooled_prompt_embeds"], encoded["pooled_prompt_embeds"], cfg_on)
 
         channels = transformer.config.in_channels
-        parts = []
-        for seed in noise_seeds:
-            generator = torch.Generator(device="cpu").manual_seed(int(seed))
-            parts.append(pipe.prepare_latents(1, channels, resolution, resolution, prompt_embeds.dtype, device, generator))
-        noise = torch.cat(parts)
+        noise = torch.cat(
+            [
+                pipe.prepare_latents(1, channels, resolution, resolution, prompt_embeds.dtype, device, generator)
+                for generator in seed_generators(noise_seeds)
+            ]
+        )
 
         # A fresh scheduler: the pipeline's own schedule, read once; the step below keeps no counter.
-        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        sched = fresh_scheduler(pipe.scheduler)
         kwargs: dict[str, Any] = {}
         if sched.config.get("use_dynamic_shifting", False):
             patch = transformer.config.patch_size
@@ -231,7 +234,7 @@ class SD3Architecture(Architecture):
         sigmas = sched.sigmas.to(device)
 
         def step(z: torch.Tensor, i: int) -> torch.Tensor:
-            model_input = torch.cat([z, z]) if cfg_on else z
+            model_input = cfg_rows(z, cfg_on)
             velocity = transformer(
                 hidden_states=model_input,
                 timestep=timesteps[i].expand(model_input.shape[0]),
@@ -240,18 +243,14 @@ class SD3Architecture(Architecture):
                 return_dict=False,
             )[0]
             if cfg_on:
-                uncond, cond = velocity.chunk(2)
-                velocity = uncond + guidance_scale * (cond - uncond)
+                velocity = guide(velocity, guidance_scale)
             # FlowMatchEulerDiscreteScheduler.step for index i, without its step counter (so recomputing step i
             # is exact), with its casts: sample upcast to float32 (float64 kept), result in the model's dtype.
             sample = z if z.dtype == torch.float64 else z.to(torch.float32)
             return (sample + (sigmas[i + 1] - sigmas[i]) * velocity).to(velocity.dtype)
 
         def decode(z: torch.Tensor) -> torch.Tensor:
-            latents = z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-            with torch.no_grad():
-                image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-            return (image.float() / 2 + 0.5).clamp(0, 1)
+            return decode_to_unit(pipe.vae, z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor)
 
         return Trajectory(noise=noise, num_steps=steps, step=step, decode=decode)
 
@@ -265,81 +264,24 @@ class SD3Architecture(Architecture):
         shapes stay valid. Norm channels cannot be removed (they are split into shift/scale/gate):
         they stay zero-folded.
         """
-        from .sd3_pruned import PrunedSD3Transformer2DModel
-
-        state = dict(denoiser.state_dict())
-
-        def rows(name: str, index: torch.Tensor) -> None:
-            state[f"{name}.weight"] = state[f"{name}.weight"][index]
-            if f"{name}.bias" in state:
-                state[f"{name}.bias"] = state[f"{name}.bias"][index]
-
-        def cols(name: str, index: torch.Tensor) -> None:
-            state[f"{name}.weight"] = state[f"{name}.weight"][:, index]
-
-        def channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-            return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
-
-        def mask(key: str, size: int) -> torch.Tensor:
-            value = keep.get(key)
-            return torch.ones(size, dtype=torch.bool) if value is None else value.cpu().to(torch.bool)
-
+        cut = PrunedState(denoiser, keep)
         layout = []
-        for i, block in enumerate(denoiser.transformer_blocks):
-            p = f"transformer_blocks.{i}"
+        for p, block in numbered_blocks(denoiser):
             attn = block.attn
-            head_dim, n_heads = _head_dim(attn), _heads_of(attn)
-            used = mask(f"heads/{p}.attn.to_out.0", n_heads)
+            streams = [f"heads/{p}.attn.to_out.0"]
+            outputs = ["to_out.0"]
             if attn.to_add_out is not None:
-                used = used | mask(f"heads/{p}.attn.to_add_out", n_heads)
-            heads = _nonempty(torch.nonzero(used).flatten())
-            ch = channels(heads, head_dim)
-            for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-                rows(f"{p}.attn.{name}", ch)
-            cols(f"{p}.attn.to_out.0", ch)
-            if attn.to_add_out is not None:
-                cols(f"{p}.attn.to_add_out", ch)
+                streams.append(f"heads/{p}.attn.to_add_out")
+                outputs.append("to_add_out")
+            heads = cut.kept(_heads_of(attn), *streams)
+            cut.heads(f"{p}.attn", heads, _head_dim(attn), QKV + ADDED_QKV, tuple(outputs))
 
-            heads2 = 0
-            if block.attn2 is not None:
-                head_dim2 = _head_dim(block.attn2)
-                kept2 = _nonempty(torch.nonzero(mask(f"heads/{p}.attn2.to_out.0", _heads_of(block.attn2))).flatten())
-                ch2 = channels(kept2, head_dim2)
-                for name in ("to_q", "to_k", "to_v"):
-                    rows(f"{p}.attn2.{name}", ch2)
-                cols(f"{p}.attn2.to_out.0", ch2)
-                heads2 = int(kept2.numel())
+            heads2 = 0 if block.attn2 is None else cut.attention(f"{p}.attn2", block.attn2, _head_dim(block.attn2))
+            ff = cut.feed_forward(f"{p}.ff", block.ff)
+            ffc = 0 if block.ff_context is None else cut.feed_forward(f"{p}.ff_context", block.ff_context)
+            layout.append([int(heads.numel()), heads2, ff, ffc])
 
-            ff = _nonempty(torch.nonzero(mask(f"neurons/{p}.ff.net.2", block.ff.net[2].in_features)).flatten())
-            rows(f"{p}.ff.net.0.proj", ff)
-            cols(f"{p}.ff.net.2", ff)
-            ffc_width = 0
-            if block.ff_context is not None:
-                ffc = _nonempty(torch.nonzero(mask(f"neurons/{p}.ff_context.net.2", block.ff_context.net[2].in_features)).flatten())
-                rows(f"{p}.ff_context.net.0.proj", ffc)
-                cols(f"{p}.ff_context.net.2", ffc)
-                ffc_width = int(ffc.numel())
-            layout.append([int(heads.numel()), heads2, int(ff.numel()), ffc_width])
-
-        config = {k: v for k, v in denoiser.config.items() if not k.startswith("_") and k != "pruned_layout"}
-        config["pruned_layout"] = layout
-        with torch.device("meta"):
-            pruned = PrunedSD3Transformer2DModel(**config)
-        pruned.load_state_dict(state, assign=True, strict=True)
-        return pruned
-
-    def pruned_component_source(self) -> Path:
-        return Path(__file__).with_name("sd3_pruned.py")
-
-
-def _nonempty(index: torch.Tensor) -> torch.Tensor:
-    # A block with no heads (or no neurons) left keeps one zero-folded unit: zero-size layers break attention.
-    return index if index.numel() else torch.zeros(1, dtype=torch.long)
-
-
-def _execution_device(pipe: Any) -> torch.device:
-    device = getattr(pipe, "_execution_device", None)
-    return device if isinstance(device, torch.device) else pipe.transformer.device
+        return cut.build(self.pruned_class(), layout)
 
 
 SD3 = register(SD3Architecture())

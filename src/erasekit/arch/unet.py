@@ -35,9 +35,10 @@ Samplers: the trajectory uses the pipeline's own scheduler type. Supported:
 :class:`~diffusers.DDIMScheduler` (SD 2.x's default), :class:`~diffusers.EulerDiscreteScheduler`
 (SDXL's default), :class:`~diffusers.DPMSolverMultistepScheduler` (deterministic variants) and
 :class:`~diffusers.PNDMScheduler` with ``skip_prk_steps`` (SD 1.5's default, i.e. PLMS); any other
-scheduler is refused by name (switch with :func:`use_scheduler`). Each step calls the scheduler's
-own ``step`` on a private copy after setting every piece of its state explicitly (step index; for
-DPM-Solver the previous model outputs and ``lower_order_nums``; for PLMS the counter, the kept
+scheduler is refused by name (switch with :func:`~erasekit.arch.samplers.set_scheduler`, alias
+:func:`use_scheduler`). Each step calls the scheduler's own ``step`` on a private copy after setting
+every piece of its state explicitly (:class:`~erasekit.arch.samplers.StatelessSampler`: step index;
+for DPM-Solver the previous model outputs and ``lower_order_nums``; for PLMS the counter, the kept
 model outputs and the first sample), so the step is a pure function of its arguments and
 recomputing it is bit-identical.
 
@@ -67,13 +68,24 @@ is certain; the remaining values equal diffusers' defaults there.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .base import Architecture, MaskSite, Trajectory, register
+from .common import (
+    PrunedState,
+    basic_block_sites,
+    cfg_cat,
+    cfg_rows,
+    check_resolution,
+    check_seeds,
+    decode_to_unit,
+    guide,
+    randn_latents,
+)
+from .samplers import ALL_SCHEDULERS, SCHEDULER_CLASSES, StatelessSampler, set_scheduler
 
 _SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 _SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
@@ -164,29 +176,13 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
-#: Scheduler names accepted by :func:`use_scheduler`, and the scheduler classes the trajectory supports.
-SCHEDULERS: dict[str, str] = {
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "pndm": "PNDMScheduler",
-}
+#: Scheduler names of :func:`use_scheduler` the trajectory supports, and their scheduler classes.
+SCHEDULERS: dict[str, str] = {k: v for k, v in SCHEDULER_CLASSES.items() if v in ALL_SCHEDULERS}
 SUPPORTED_SCHEDULERS = tuple(SCHEDULERS.values())
 
-
-def use_scheduler(pipe: Any, name: str) -> Any:
-    """Replace ``pipe.scheduler`` by a supported one built from its config (``ddim``, ``euler``, ``dpm``, ``pndm``).
-
-    E.g. ``use_scheduler(pipe, "ddim")`` on SD 1.5 (which ships with PNDM) gives the DDIM sampler of
-    the method's reference setting. Returns the pipeline.
-    """
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    cls = getattr(diffusers, SCHEDULERS[name])
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
-    return pipe
+#: Replace ``pipe.scheduler`` by one built from its config, e.g. ``use_scheduler(pipe, "ddim")`` on
+#: SD 1.5 (which ships with PNDM) for the DDIM sampler of the method's reference setting.
+use_scheduler = set_scheduler
 
 
 def transformer_blocks(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -209,29 +205,18 @@ class UNetArchitecture(Architecture):
     denoiser_classes = ("UNet2DConditionModel", "PrunedUNet2DConditionModel")
     denoiser_attr = "unet"
     known_configs = KNOWN_CONFIGS
-
-    def extra_classes(self) -> dict[str, type[nn.Module]]:
-        from .unet_pruned import PrunedUNet2DConditionModel
-
-        return {"PrunedUNet2DConditionModel": PrunedUNet2DConditionModel}
+    pruned_module = "unet_pruned"
 
     def sites(self, denoiser: nn.Module) -> list[MaskSite]:
         sites: list[MaskSite] = []
         for path, block in transformer_blocks(denoiser):
-            kind = _block_type(path)
-            for name, stream in (("attn1", "self"), ("attn2", "cross")):
-                attn = getattr(block, name, None)
-                if attn is None:
-                    continue
-                width = attn.to_out[0].in_features
-                sites.append(MaskSite("heads", f"{path}.{name}.to_out.0", "input", 0, width, width // attn.heads, kind, stream))
-            sites.append(MaskSite("neurons", f"{path}.ff.net.2", "input", 0, block.ff.net[2].in_features, 1, kind))
+            sites += basic_block_sites(path, block, _block_type(path))
         return sites
 
     # ------------------------------------------------------------------ sampling
     def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
         """Conditional and unconditional text embeddings, one row per prompt (``max_sequence_length`` unused)."""
-        device = _execution_device(pipe)
+        device = self.execution_device(pipe)
         with torch.no_grad():
             if _is_sdxl(pipe):
                 embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
@@ -256,59 +241,28 @@ class UNetArchitecture(Architecture):
         resolution: int,
         guidance_scale: float,
     ) -> Trajectory:
-        from diffusers.utils.torch_utils import randn_tensor
-
         unet = pipe.unet
-        device = _execution_device(pipe)
+        device = self.execution_device(pipe)
         multiple = pipe.vae_scale_factor
-        if resolution <= 0 or resolution % multiple:
-            raise ValueError(f"resolution {resolution} must be a positive multiple of {multiple} for this pipeline")
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        scheduler_name = type(pipe.scheduler).__name__
-        if scheduler_name not in SUPPORTED_SCHEDULERS:
-            raise ValueError(
-                f"the UNet trajectory does not support {scheduler_name}; supported schedulers: "
-                f"{', '.join(SUPPORTED_SCHEDULERS)}. Switch with erasekit.arch.unet.use_scheduler(pipe, "
-                f"{' | '.join(repr(k) for k in SCHEDULERS)})"
-            )
-        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        multistep = scheduler_name == "DPMSolverMultistepScheduler"
-        plms = scheduler_name == "PNDMScheduler"
-        if plms and not sched.config.skip_prk_steps:
-            raise ValueError("PNDMScheduler is supported with skip_prk_steps=True (Stable Diffusion's setting) only")
-        if multistep and sched.config.algorithm_type.startswith("sde"):
-            raise ValueError(
-                f"DPMSolverMultistepScheduler with algorithm_type={sched.config.algorithm_type!r} is stochastic; "
-                "use algorithm_type 'dpmsolver++' or 'dpmsolver'"
-            )
-        sched.set_timesteps(steps, device=device)
-        timesteps = sched.timesteps
-        num_steps = len(timesteps)
-        order = int(sched.config.solver_order) if multistep else 1
+        check_resolution(resolution, multiple)
+        channels = unet.config.in_channels
+        sampler = StatelessSampler(
+            pipe.scheduler, steps, device, channels, family="UNet", supported=SUPPORTED_SCHEDULERS, error=ValueError
+        )
 
         prompt_embeds = encoded["prompt_embeds"]
         batch = prompt_embeds.shape[0]
-        if len(noise_seeds) != batch:
-            raise ValueError(f"{len(noise_seeds)} noise seeds for {batch} prompts")
+        check_seeds(noise_seeds, batch)
         dtype = prompt_embeds.dtype
-        channels = unet.config.in_channels
         side = resolution // multiple
-        parts = []
-        for seed in noise_seeds:
-            generator = torch.Generator(device="cpu").manual_seed(int(seed))
-            # as the pipelines' prepare_latents for batch 1, with this scheduler's initial sigma
-            parts.append(randn_tensor((1, channels, side, side), generator=generator, device=device, dtype=dtype))
-        noise = torch.cat(parts) * sched.init_noise_sigma
+        # as the pipelines' prepare_latents for batch 1, times this scheduler's initial sigma as they scale it
+        noise = randn_latents(noise_seeds, (channels, side, side), device, dtype) * sampler.scheduler.init_noise_sigma
 
         cfg = guidance_scale > 1 and unet.config.time_cond_proj_dim is None
-        negative = encoded["negative_prompt_embeds"]
-        context = torch.cat([negative, prompt_embeds]) if cfg else prompt_embeds
+        context = cfg_cat(encoded["negative_prompt_embeds"], prompt_embeds, cfg)
         added: dict[str, torch.Tensor] | None = None
         if _is_sdxl(pipe):
-            pooled = encoded["pooled_prompt_embeds"]
-            if cfg:
-                pooled = torch.cat([encoded["negative_pooled_prompt_embeds"], pooled])
+            pooled = cfg_cat(encoded["negative_pooled_prompt_embeds"], encoded["pooled_prompt_embeds"], cfg)
             projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
             size = (resolution, resolution)
             time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection)
@@ -319,50 +273,19 @@ class UNetArchitecture(Architecture):
             timestep_cond = pipe.get_guidance_scale_embedding(scale, embedding_dim=unet.config.time_cond_proj_dim)
             timestep_cond = timestep_cond.to(device=device, dtype=dtype)
 
-        def step(z: torch.Tensor, i: int) -> torch.Tensor:
-            latent = z[:, :channels]
-            t = timesteps[i]
-            model_input = torch.cat([latent] * 2) if cfg else latent
-            sched._step_index = i  # explicit: the scheduler's own counter is never relied on
-            model_input = sched.scale_model_input(model_input, t)
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             prediction = unet(
-                model_input,
+                cfg_rows(x, cfg),
                 t,
                 encoder_hidden_states=context,
                 timestep_cond=timestep_cond,
                 added_cond_kwargs=added,
                 return_dict=False,
             )[0]
-            if cfg:
-                uncond, cond = prediction.chunk(2)
-                prediction = uncond + guidance_scale * (cond - uncond)
-            sched._step_index = i
-            if plms:
-                return plms_step(z, latent, prediction, t, i)
-            if not multistep:
-                return sched.step(prediction, t, latent, return_dict=False)[0]
-            previous = list(z[:, channels:].split(channels, dim=1)) if z.shape[1] > channels else []
-            sched.model_outputs = [None] * (order - len(previous)) + previous
-            sched.lower_order_nums = min(i, order)
-            new = sched.step(prediction, t, latent, return_dict=False)[0]
-            if i == num_steps - 1 or order == 1:
-                return new
-            carried = [m for m in sched.model_outputs[1:] if m is not None]
-            sched.model_outputs = [None] * order  # drop references to this step's graph
-            return torch.cat([new, *[m.to(new.dtype) for m in carried]], dim=1)
+            return guide(prediction, guidance_scale) if cfg else prediction
 
-        def plms_step(z: torch.Tensor, latent: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
-            # State before step i: [latent, ets (the last <= 3 model outputs PLMS keeps), cur_sample (step 1 only)].
-            extra = list(z[:, channels:].split(channels, dim=1)) if z.shape[1] > channels else []
-            sched.cur_sample = extra.pop() if i == 1 else None
-            sched.ets = extra
-            sched.counter = i
-            new = sched.step(prediction, t, latent, return_dict=False)[0]
-            carried = list(sched.ets[-3:]) + ([sched.cur_sample] if sched.cur_sample is not None else [])
-            sched.ets, sched.cur_sample = [], None  # drop references to this step's graph
-            if i == num_steps - 1:
-                return new
-            return torch.cat([new, *[m.to(new.dtype) for m in carried]], dim=1)
+        def step(z: torch.Tensor, i: int) -> torch.Tensor:
+            return sampler.step(z, i, predict)
 
         sdxl = _is_sdxl(pipe)
 
@@ -381,14 +304,12 @@ class UNetArchitecture(Architecture):
             else:
                 latents = latents / vae.config.scaling_factor
             try:
-                with torch.no_grad():
-                    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+                return decode_to_unit(vae, latents)
             finally:
                 if upcast:
                     vae.to(dtype=torch.float16)
-            return (image.float() / 2 + 0.5).clamp(0, 1)
 
-        return Trajectory(noise=noise, num_steps=num_steps, step=step, decode=decode)
+        return Trajectory(noise=noise, num_steps=sampler.num_steps, step=step, decode=decode)
 
     # ------------------------------------------------------------------ pruning
     def prune(self, denoiser: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
@@ -398,66 +319,9 @@ class UNetArchitecture(Architecture):
         ``denoiser``. An attention (or feed-forward) that drops every unit keeps one zero-folded unit,
         so that its shapes stay valid.
         """
-        from .unet_pruned import PrunedUNet2DConditionModel
-
-        def kept(key: str, size: int) -> torch.Tensor:
-            mask = keep.get(key)
-            return torch.arange(size) if mask is None else _nonempty(torch.nonzero(mask.cpu()).flatten())
-
-        state = dict(denoiser.state_dict())
-
-        def rows(name: str, index: torch.Tensor) -> None:
-            state[f"{name}.weight"] = state[f"{name}.weight"][index]
-            if f"{name}.bias" in state:
-                state[f"{name}.bias"] = state[f"{name}.bias"][index]
-
-        def cols(name: str, index: torch.Tensor) -> None:
-            state[f"{name}.weight"] = state[f"{name}.weight"][:, index]
-
-        layout: dict[str, list[int]] = {}
-        for path, block in transformer_blocks(denoiser):
-            sizes = []
-            for name in ("attn1", "attn2"):
-                attn = getattr(block, name, None)
-                if attn is None:
-                    sizes.append(0)
-                    continue
-                p = f"{path}.{name}"
-                head_dim = attn.to_out[0].in_features // attn.heads
-                heads = kept(f"heads/{p}.to_out.0", attn.heads)
-                channels = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
-                for proj in ("to_q", "to_k", "to_v"):
-                    rows(f"{p}.{proj}", channels)
-                cols(f"{p}.to_out.0", channels)
-                sizes.append(int(heads.numel()))
-            width = block.ff.net[2].in_features
-            factor = block.ff.net[0].proj.out_features // width
-            neurons = kept(f"neurons/{path}.ff.net.2", width)
-            # GEGLU: the value half and the gate half of ff.net.0.proj both lose the neuron's row
-            rows(f"{path}.ff.net.0.proj", torch.cat([neurons + k * width for k in range(factor)]))
-            cols(f"{path}.ff.net.2", neurons)
-            sizes.append(int(neurons.numel()))
-            layout[path] = sizes
-
-        config = {k: v for k, v in denoiser.config.items() if not k.startswith("_") and k != "pruned_layout"}
-        config["pruned_layout"] = layout
-        with torch.device("meta"):
-            pruned = PrunedUNet2DConditionModel(**config)
-        pruned.load_state_dict(state, assign=True, strict=True)
-        return pruned.eval()
-
-    def pruned_component_source(self) -> Path:
-        return Path(__file__).with_name("unet_pruned.py")
-
-
-def _nonempty(index: torch.Tensor) -> torch.Tensor:
-    # An attention with no heads (or a feed-forward with no neurons) left keeps one zero-folded unit.
-    return index if index.numel() else torch.zeros(1, dtype=torch.long)
-
-
-def _execution_device(pipe: Any) -> torch.device:
-    device = getattr(pipe, "_execution_device", None)
-    return device if isinstance(device, torch.device) else pipe.unet.device
+        cut = PrunedState(denoiser, keep)
+        layout = {path: cut.basic_block(path, block) for path, block in transformer_blocks(denoiser)}
+        return cut.build(self.pruned_class(), layout).eval()
 
 
 UNET = register(UNetArchitecture())
