@@ -49,3 +49,17 @@ def test_family_journey(family, tmp_path):
 
     assert np.abs(image("folded") - image("masked")).max() <= 1  # equal up to 8-bit rounding
     assert np.abs(image("plain") - image("masked")).max() > 1  # the mask changed the image
+
+
+def test_sampling_scheduler_is_applied_and_checked(tmp_path):
+    from erasekit.config import load_config
+    from erasekit.errors import ConfigError
+    from erasekit.tiny import build_tiny_sd_pipeline
+    from erasekit.training import MaskTrainer, make_accelerator
+
+    pipe = build_tiny_sd_pipeline(seed=0)
+    config = load_config(None, ["model.device=cpu", "concept.concept=cat", "sampling.scheduler=euler"])
+    MaskTrainer(pipe, config, tmp_path / "mask", make_accelerator(config, tmp_path / "logs"))
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    with pytest.raises(ConfigError, match="sampling.scheduler: 'heun' is not one of pipeline, ddim"):
+        load_config(None, ["sampling.scheduler=heun"])

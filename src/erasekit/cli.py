@@ -23,6 +23,8 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the mask's, else 512)")
     p.add_argument("--guidance", type=float, help="guidance scale: classifier-free for SD/SDXL/SD3/PixArt/DiT, distilled for FLUX.1-dev (default: the mask's, else none)")
     p.add_argument("--max-sequence-length", type=int, help="text tokens (default: the mask's, else 256)")
+    p.add_argument("--scheduler", choices=("pipeline", "ddim", "euler", "dpm", "pndm", "flow-euler"),
+                   help="sampler (default: the mask's, else the pipeline's own)")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, float16, bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
@@ -118,6 +120,7 @@ def _mask_sampling_defaults(mask_dirs: list[str]) -> dict[str, Any]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .data import read_prompt_file
     from .errors import PromptError
+    from .arch.samplers import set_scheduler
     from .generate import generate_images, save_images
     from .pipeline import apply_masks, load_pipeline
 
@@ -133,6 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 raise ErasekitError(f"--{flag.replace('_', '-')} must be {'non-negative' if flag == 'seed' else 'at least 1'}, got {value}")
     defaults = _mask_sampling_defaults(args.masks)
     pipe = load_pipeline(args.model, args.dtype, args.device)
+    set_scheduler(pipe, args.scheduler or defaults.get("scheduler", "pipeline"))
     if args.masks:
         apply_masks(pipe, args.masks)
     images = generate_images(

@@ -109,6 +109,8 @@ class SamplingConfig:
     """Classifier-free guidance scale (SD, SDXL, SD3, PixArt, DiT; <= 1 means none), or the distilled guidance of
     guidance-embedding models (FLUX.1-dev: 3.5; FLUX.1-schnell ignores it)."""
     max_sequence_length: int = 256
+    scheduler: str = "pipeline"
+    """The sampler: ``pipeline`` (the pipeline's own), or ddim, euler, dpm, pndm, flow-euler (built from its config)."""
 
 
 @dataclass
@@ -158,6 +160,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "float32", "float16", "bfloat16"),
     "mask.parameterization": ("sigmoid", "hard_concrete", "binary"),
     "loss.distance": ("mse", "l1"),
+    "sampling.scheduler": ("pipeline", "ddim", "euler", "dpm", "pndm", "flow-euler"),
 }
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..arch import count_units, select_sites
+from ..arch.samplers import set_scheduler
 from ..config import UNIT_KINDS, EraseConfig, config_to_dict, save_config
 from ..data import build_concept_prompts
 from ..errors import ConfigError, ErasekitError, TrainingDivergedError
@@ -125,6 +126,7 @@ class MaskTrainer:
         self.staging = staging_path(self.output)
         self.model_id = model_id or config.model.id
         self.arch, self.denoiser = denoiser_of(pipe)
+        set_scheduler(pipe, config.sampling.scheduler)
         self.prompts = build_concept_prompts(config.concept)
         validate_training_config(config)
         selection = {k: (getattr(config.mask, k).enabled, getattr(config.mask, k).include, getattr(config.mask, k).exclude) for k in UNIT_KINDS}
