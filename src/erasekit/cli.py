@@ -104,7 +104,10 @@ def cmd_erase(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={value}")
     config = load_config(args.config, overrides)
     result = erase(config, args.output, resume=args.resume)
-    logging.getLogger("erasekit").info("wrote %s", result.output)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch, one line for the whole run
+        return 0
     print(f"mask written to {result.output} ({result.masked_fraction:.2%} of masked units off, {result.seconds:.1f} s)")
     return 0
 
