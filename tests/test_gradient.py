@@ -55,6 +55,12 @@ def test_checkpointed_gradient_equals_naive_backprop(pipe64, parameterization):
 def test_one_autograd_call_per_recomputed_step(pipe64, monkeypatch):
     masked, trajectory, loss_fn = _setup(pipe64, "sigmoid")
     calls = []
+    step_calls = []
+
+    def counting_step(z, i):
+        step_calls.append(i)
+        return trajectory.step(z, i)
+
     real_grad = torch.autograd.grad
 
     def counting_grad(*args, **kwargs):
@@ -63,8 +69,10 @@ def test_one_autograd_call_per_recomputed_step(pipe64, monkeypatch):
 
     monkeypatch.setattr(gradient_module.torch.autograd, "grad", counting_grad)
     with masked:
-        checkpointed_gradient(trajectory.step, trajectory.noise, 4, loss_fn, list(masked.logits))
-    assert len(calls) == 1 + 4  # dL/dz0, then one per step
+        checkpointed_gradient(counting_step, trajectory.noise, 4, loss_fn, list(masked.logits))
+    assert len(calls) == 4  # one per step; the loss joins the last step's call
+    # steps 0-2 without a graph, then 3, 2, 1, 0 with one: the last step is computed only once
+    assert step_calls == [0, 1, 2, 3, 2, 1, 0]
 
 
 def test_recomputed_step_reproduces_the_forward_step(pipe64):
@@ -89,3 +97,18 @@ def test_trajectory_matches_the_diffusers_pipeline():
     ).images
     assert ours.shape == theirs.shape == (1, 3, 32, 32)
     assert torch.allclose(ours, theirs.float(), atol=1e-5)
+
+
+def test_true_cfg_trajectory_matches_the_diffusers_pipeline():
+    """A FLUX model without guidance embedding gets FluxPipeline's true CFG (empty negative prompt)."""
+    pipe = build_tiny_flux_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    assert not pipe.transformer.config.guidance_embeds
+    encoded = FLUX.encode_prompts(pipe, ["a photo of a cat"], max_sequence_length=16)
+    trajectory = FLUX.trajectory(pipe, encoded, [5], steps=3, resolution=32, guidance_scale=4.0)
+    ours = trajectory.decode(run_trajectory(trajectory.step, trajectory.noise, 3)[-1])
+    call = dict(num_inference_steps=3, height=32, width=32, max_sequence_length=16, output_type="pt")
+    theirs = pipe("a photo of a cat", negative_prompt="", true_cfg_scale=4.0, generator=torch.Generator().manual_seed(5), **call).images
+    unguided = pipe("a photo of a cat", generator=torch.Generator().manual_seed(5), **call).images
+    assert torch.allclose(ours, theirs.float(), atol=1e-5)
+    assert not torch.allclose(ours, unguided.float(), atol=1e-3)

@@ -10,6 +10,11 @@ Units:
 * ``norm`` -- output channels of the AdaLN modulation layers ``norm1.linear`` and
   ``norm1_context.linear`` (6 x width: shift/scale/gate for attention and MLP) and single blocks'
   ``norm.linear`` (3 x width).
+
+Sampling: the flow-matching Euler steps of ``FluxPipeline``. A guidance-distilled transformer
+(``guidance_embeds``, FLUX.1-dev) receives ``guidance_scale`` as an input; any other (FLUX.1-schnell,
+the ShapesCanvas model) gets true classifier-free guidance when ``guidance_scale > 1``, as
+``FluxPipeline(true_cfg_scale=g, negative_prompt="")`` computes it, both halves in one batch.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ from .common import (
     ADDED_QKV,
     QKV,
     PrunedState,
+    cfg_cat,
+    cfg_rows,
     check_resolution,
     check_seeds,
     decode_to_unit,
+    guide,
     numbered_blocks,
     seed_generators,
 )
@@ -95,11 +103,17 @@ class FluxArchitecture(Architecture):
             prompt_embeds, pooled, text_ids = pipe.encode_prompt(
                 prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
             )
+            # The empty prompt: FluxPipeline's negative prompt for true classifier-free guidance.
+            negative, negative_pooled, _ = pipe.encode_prompt(
+                prompt=[""], prompt_2=None, device=device, max_sequence_length=max_sequence_length
+            )
         batch = len(prompts)
         return {
             "prompt_embeds": prompt_embeds,
             "pooled_prompt_embeds": pooled,
             "text_ids": text_ids.unsqueeze(0).expand(batch, *text_ids.shape),
+            "negative_prompt_embeds": negative.expand(batch, *negative.shape[1:]),
+            "negative_pooled_prompt_embeds": negative_pooled.expand(batch, *negative_pooled.shape[1:]),
         }
 
     def trajectory(
@@ -149,13 +163,21 @@ class FluxArchitecture(Architecture):
         timesteps = sched.timesteps.to(device)
         schedule = sched.sigmas.to(device=device, dtype=torch.float32)
         guidance = None
+        # A guidance-distilled model (FLUX.1-dev) takes the scale as an input; any other FLUX model
+        # gets true classifier-free guidance above 1 (FluxPipeline's true_cfg_scale with the empty
+        # negative prompt), with both halves in one batch.
+        true_cfg = guidance_scale > 1 and not transformer.config.guidance_embeds
         if transformer.config.guidance_embeds:
             guidance = torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
+        if true_cfg:
+            prompt_embeds = cfg_cat(encoded["negative_prompt_embeds"], prompt_embeds, True)
+            pooled = cfg_cat(encoded["negative_pooled_prompt_embeds"], pooled, True)
 
         def step(z: torch.Tensor, i: int) -> torch.Tensor:
-            timestep = timesteps[i].expand(batch).to(z.dtype)
+            model_input = cfg_rows(z, true_cfg)
+            timestep = timesteps[i].expand(model_input.shape[0]).to(z.dtype)
             velocity = transformer(
-                hidden_states=z,
+                hidden_states=model_input,
                 timestep=timestep / 1000,
                 guidance=guidance,
                 pooled_projections=pooled,
@@ -164,6 +186,8 @@ class FluxArchitecture(Architecture):
                 img_ids=image_ids,
                 return_dict=False,
             )[0]
+            if true_cfg:
+                velocity = guide(velocity, guidance_scale)
             # The scheduler's Euler step, without its step counter: recomputing step i is exact.
             out = z.to(torch.float32) + (schedule[i + 1] - schedule[i]) * velocity.to(torch.float32)
             return out.to(velocity.dtype)

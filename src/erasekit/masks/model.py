@@ -84,40 +84,56 @@ class MaskedModel(nn.Module):
         return mask_values(logits, self.settings, noise)
 
     # ------------------------------------------------------------------ hooks
-    def _scale(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        site = self.sites[index]
-        m = self.mask(index).to(device=x.device, dtype=x.dtype).repeat_interleave(site.group)
-        if site.start == 0 and site.stop == x.shape[-1]:
-            return x * m
-        return torch.cat([x[..., : site.start], x[..., site.start : site.stop] * m, x[..., site.stop :]], dim=-1)
+    def _scale(self, indices: list[int], x: torch.Tensor) -> torch.Tensor:
+        """Multiply ``x`` once by the masks of the sites ``indices`` (all on one module and hook).
 
-    def _make_hook(self, index: int, where: str) -> Any:
+        One full-width scale vector (ones where no site applies) rather than one slice-and-concatenate
+        per site: a single blocks' ``proj_out`` input carries heads and neurons, and copying it per
+        site cost memory and time during training.
+        """
+        width = x.shape[-1]
+        pieces: list[torch.Tensor] = []
+        position = 0
+        for index in sorted(indices, key=lambda i: self.sites[i].start):
+            site = self.sites[index]
+            if site.start > position:
+                pieces.append(torch.ones(site.start - position, device=x.device, dtype=x.dtype))
+            pieces.append(self.mask(index).to(device=x.device, dtype=x.dtype).repeat_interleave(site.group))
+            position = site.stop
+        if position < width:
+            pieces.append(torch.ones(width - position, device=x.device, dtype=x.dtype))
+        return x * (pieces[0] if len(pieces) == 1 else torch.cat(pieces))
+
+    def _make_hook(self, indices: list[int], where: str) -> Any:
         if where == "input":
 
             def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
                 if not self.enabled:
                     return None
-                return (self._scale(index, args[0]), *args[1:])
+                return (self._scale(indices, args[0]), *args[1:])
 
             return pre_hook
 
         def post_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
             if not self.enabled:
                 return None
-            return self._scale(index, output)
+            return self._scale(indices, output)
 
         return post_hook
 
     def install(self) -> "MaskedModel":
-        """Register the hooks (idempotent)."""
+        """Register the hooks (idempotent): one per hooked module and direction."""
         if self._handles:
             return self
+        groups: dict[tuple[str, str], list[int]] = {}
         for index, site in enumerate(self.sites):
-            module = self.denoiser.get_submodule(site.module)
-            if site.hook == "input":
-                handle = module.register_forward_pre_hook(self._make_hook(index, "input"))
+            groups.setdefault((site.module, site.hook), []).append(index)
+        for (module_path, where), indices in groups.items():
+            module = self.denoiser.get_submodule(module_path)
+            if where == "input":
+                handle = module.register_forward_pre_hook(self._make_hook(indices, "input"))
             else:
-                handle = module.register_forward_hook(self._make_hook(index, "output"))
+                handle = module.register_forward_hook(self._make_hook(indices, "output"))
             self._handles.append(handle)
         return self
 

@@ -46,6 +46,8 @@ __all__ = [
     "build_t5_backend",
     "build_t5_tokenizer",
     "clip_bpe_vocab_path",
+    "clip_tokenizer_from_vocab",
+    "t5_tokenizer_from_pieces",
     "clip_vocab_and_merges",
     "t5_pieces",
 ]
@@ -210,6 +212,24 @@ def build_clip_backend(vocab_path: str | os.PathLike[str] | None = None) -> Toke
     return backend
 
 
+def _clip_special_tokens(max_length: int) -> dict[str, Any]:
+    return {
+        "bos_token": CLIP_BOS_TOKEN,
+        "eos_token": CLIP_EOS_TOKEN,
+        "pad_token": CLIP_EOS_TOKEN,
+        "unk_token": CLIP_EOS_TOKEN,
+        "model_max_length": max_length,
+    }
+
+
+def clip_tokenizer_from_vocab(vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int = 77) -> Any:
+    """A ``transformers.CLIPTokenizer`` (v5) over any CLIP-style byte-level BPE vocabulary.
+
+    ``vocab`` must hold ``<|startoftext|>`` and ``<|endoftext|>`` (eos = pad = unk, as in CLIP).
+    """
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, **_clip_special_tokens(max_length))
+
+
 def build_clip_tokenizer(
     max_length: int = 77, vocab_path: str | os.PathLike[str] | None = None
 ) -> Any:
@@ -225,19 +245,12 @@ def build_clip_tokenizer(
         A ``transformers.CLIPTokenizer`` (v5) / ``CLIPTokenizerFast`` (v4) with bos id
         49406, eos (= pad = unk) id 49407 and 49408 tokens.
     """
-    common: dict[str, Any] = {
-        "bos_token": CLIP_BOS_TOKEN,
-        "eos_token": CLIP_EOS_TOKEN,
-        "pad_token": CLIP_EOS_TOKEN,
-        "unk_token": CLIP_EOS_TOKEN,
-        "model_max_length": max_length,
-    }
     if _transformers_major() >= 5:
         vocab, merges = clip_vocab_and_merges(vocab_path)
-        tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=merges, **common)
+        tokenizer = clip_tokenizer_from_vocab(vocab, merges, max_length)
     else:  # pragma: no cover - transformers v4
         tokenizer = transformers.CLIPTokenizerFast(
-            tokenizer_object=build_clip_backend(vocab_path), **common
+            tokenizer_object=build_clip_backend(vocab_path), **_clip_special_tokens(max_length)
         )
     if len(tokenizer) != CLIP_VOCAB_SIZE:
         raise RuntimeError(f"CLIP tokenizer has {len(tokenizer)} tokens, expected {CLIP_VOCAB_SIZE}")
@@ -392,8 +405,31 @@ def build_t5_tokenizer(
         A ``transformers.T5Tokenizer`` (v5) / ``T5TokenizerFast`` (v4) with ``<pad>`` = 0,
         ``</s>`` = 1 (appended to every sequence) and ``<unk>`` = 2.
     """
+    if _transformers_major() >= 5:
+        pieces = t5_pieces(vocab_size, num_subwords, extra_ids, vocab_path)
+        tokenizer = t5_tokenizer_from_pieces(pieces, max_length, extra_ids)
+    else:  # pragma: no cover - transformers v4
+        tokenizer = transformers.T5TokenizerFast(
+            tokenizer_object=build_t5_backend(vocab_size, num_subwords, extra_ids, vocab_path),
+            **_t5_special_tokens(max_length, extra_ids),
+        )
+    if len(tokenizer) != vocab_size:
+        raise RuntimeError(f"T5 tokenizer has {len(tokenizer)} tokens, expected {vocab_size}")
+    return tokenizer
+
+
+def t5_tokenizer_from_pieces(pieces: list[tuple[str, float]], max_length: int = 512, extra_ids: int = 0) -> Any:
+    """A ``transformers.T5Tokenizer`` (v5) over any Unigram ``(piece, score)`` list.
+
+    The list must start with ``<pad>``, ``</s>``, ``<unk>`` (ids 0, 1, 2) and end with the
+    ``extra_ids`` sentinels, as :func:`t5_pieces` lays it out.
+    """
+    return transformers.T5Tokenizer(vocab=pieces, **_t5_special_tokens(max_length, extra_ids))
+
+
+def _t5_special_tokens(max_length: int, extra_ids: int) -> dict[str, Any]:
     sentinels = [f"<extra_id_{i}>" for i in range(extra_ids)]
-    common: dict[str, Any] = {
+    return {
         "pad_token": _T5_PAD,
         "eos_token": _T5_EOS,
         "unk_token": _T5_UNK,
@@ -401,14 +437,3 @@ def build_t5_tokenizer(
         "additional_special_tokens": sentinels or None,
         "model_max_length": max_length,
     }
-    if _transformers_major() >= 5:
-        pieces = t5_pieces(vocab_size, num_subwords, extra_ids, vocab_path)
-        tokenizer = transformers.T5Tokenizer(vocab=pieces, **common)
-    else:  # pragma: no cover - transformers v4
-        tokenizer = transformers.T5TokenizerFast(
-            tokenizer_object=build_t5_backend(vocab_size, num_subwords, extra_ids, vocab_path),
-            **common,
-        )
-    if len(tokenizer) != vocab_size:
-        raise RuntimeError(f"T5 tokenizer has {len(tokenizer)} tokens, expected {vocab_size}")
-    return tokenizer

@@ -2,7 +2,8 @@
 
 :func:`checkpointed_gradient` is erasekit's method: keep the T latents of a no-grad pass, then walk
 back through the steps, recomputing each one with gradients on and obtaining, in ONE autograd call,
-both its contribution to dL/dlambda and dL/dz for the step before. Peak memory is one step's graph
+both its contribution to dL/dlambda and dL/dz for the step before (the last step is not recomputed:
+it runs with its graph at once and the loss joins its autograd call). Peak memory is one step's graph
 whatever T is. :func:`naive_gradient` (one graph over all steps) and :func:`two_call_gradient` (two
 autograd calls per recomputed step, as the reference implementation does) exist to test and
 benchmark it.
@@ -63,20 +64,30 @@ def checkpointed_gradient(
     Returns:
         ``(loss, grads)`` with ``grads[k]`` shaped like ``params[k]`` (zeros where unused).
     """
-    latents, loss, g = _forward_and_final_gradient(step, z_start, num_steps, loss_fn)
+    if num_steps < 1:
+        raise ValueError("checkpointed_gradient needs at least one step")
+    # The last step runs with gradients on straight away and the loss joins its autograd call: it
+    # would otherwise be computed once without a graph and then again to differentiate it.
+    latents = run_trajectory(step, z_start, num_steps - 1, keep=True)
     grads = [torch.zeros_like(p) for p in params]
+    g: torch.Tensor | None = None
+    loss = torch.zeros(())
     for i in reversed(range(num_steps)):
         if before_step is not None:
             before_step(i)
         z = latents[i].detach().requires_grad_(True)
         with torch.enable_grad():
             out = step(z, i)
-            results = torch.autograd.grad(out, [z, *params], grad_outputs=g, allow_unused=True)
+            if g is None:
+                loss = loss_fn(out)
+                results = torch.autograd.grad(loss, [z, *params], allow_unused=True)
+            else:
+                results = torch.autograd.grad(out, [z, *params], grad_outputs=g, allow_unused=True)
         g = results[0]
         for acc, r in zip(grads, results[1:]):
             if r is not None:
                 acc.add_(r)
-        latents[i + 1] = None  # type: ignore[call-overload]  # free the latent we no longer need
+        latents[i] = None  # type: ignore[call-overload]  # free the latent we no longer need
     return loss.detach(), grads
 
 
