@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= outputs/demo
 
-.PHONY: setup demo test test-fast bench clean-demo
+.PHONY: setup demo journey test test-fast bench clean-demo
 
 setup: $(VENV)/.installed
 
@@ -17,16 +17,22 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps 'open_clip_torch==3.3.0'
 	touch $@
 
-# The end-to-end journey on a tiny FLUX pipeline built locally: build -> erase -> generate with and
-# without the mask -> prune-fold -> load with stock diffusers.
+# The main job: erase "circle" from the embedded ShapesCanvas model on the CPU and write the
+# before/after report (metrics.json, grid.png, report.html) to outputs/demo.
 demo: setup
-	rm -rf $(OUT) && mkdir -p $(OUT)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit tiny-model --output $(OUT)/tiny-flux
-	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit erase --model $(OUT)/tiny-flux --config configs/tiny-flux-cpu.yaml --concept cat --anchor dog --output $(OUT)/mask-cat
-	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit generate --model $(OUT)/tiny-flux --prompt "a photo of a cat" --seed 0 --seed 1 --steps 4 --resolution 32 --output $(OUT)/images-original
-	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit generate --model $(OUT)/tiny-flux --masks $(OUT)/mask-cat --prompt "a photo of a cat" --seed 0 --seed 1 --output $(OUT)/images-erased
-	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit fold --model $(OUT)/tiny-flux --masks $(OUT)/mask-cat --mode prune --output $(OUT)/tiny-flux-pruned
-	HF_HUB_OFFLINE=1 $(PY) -c "from diffusers import DiffusionPipeline; p = DiffusionPipeline.from_pretrained('$(OUT)/tiny-flux-pruned', trust_remote_code=True); print('stock diffusers loaded', type(p.transformer).__name__, sum(x.numel() for x in p.transformer.parameters()), 'parameters')"
+	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit demo --output $(OUT) --overwrite
+
+# The command-line journey on a tiny random FLUX pipeline built locally: build -> erase -> generate
+# with and without the mask -> prune-fold -> load with stock diffusers.
+JOURNEY ?= outputs/journey
+journey: setup
+	rm -rf $(JOURNEY) && mkdir -p $(JOURNEY)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit tiny-model --output $(JOURNEY)/tiny-flux
+	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit erase --model $(JOURNEY)/tiny-flux --config configs/tiny-flux-cpu.yaml --concept cat --anchor dog --output $(JOURNEY)/mask-cat
+	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit generate --model $(JOURNEY)/tiny-flux --prompt "a photo of a cat" --seed 0 --seed 1 --steps 4 --resolution 32 --output $(JOURNEY)/images-original
+	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit generate --model $(JOURNEY)/tiny-flux --masks $(JOURNEY)/mask-cat --prompt "a photo of a cat" --seed 0 --seed 1 --output $(JOURNEY)/images-erased
+	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit fold --model $(JOURNEY)/tiny-flux --masks $(JOURNEY)/mask-cat --mode prune --output $(JOURNEY)/tiny-flux-pruned
+	HF_HUB_OFFLINE=1 $(PY) -c "from diffusers import DiffusionPipeline; p = DiffusionPipeline.from_pretrained('$(JOURNEY)/tiny-flux-pruned', trust_remote_code=True); print('stock diffusers loaded', type(p.transformer).__name__, sum(x.numel() for x in p.transformer.parameters()), 'parameters')"
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -59,6 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder to create with one PNG per prompt and seed")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("evaluate", help="generate with the original and erased models, detect the concept, score, report")
+    p.add_argument("--model", required=True, help="hub id or pipeline folder")
+    p.add_argument("--masks", action="append", default=[], metavar="DIR", help="an erased variant (repeatable: one variant each; DIR1,DIR2 combines masks into one variant)")
+    p.add_argument("--prompts", required=True, metavar="NAME_OR_FILE", help="i2p, i2p-sexual, ring-a-bell-16/38/75, mma, p4d, coco-captions, concept:NAME, shapes:VALUE, hf:OWNER/NAME, or a .csv/.tsv/.txt/.jsonl file")
+    p.add_argument("--prompt-column", help="column of the prompts in a CSV/JSONL file or hub dataset (default: prompt)")
+    p.add_argument("--data-root", help="folder of the shared data with prompts/ (default: $ERASEKIT_DATA, else ../shared/data)")
+    p.add_argument("--limit", type=int, help="evaluate the first N prompts only")
+    p.add_argument("--seed", type=int, action="append", help="noise seed for every prompt (repeatable; default: the set's per-prompt seed, else 0)")
+    p.add_argument("--detector", help="nudenet, shapes, clip or none (default: nudenet for nudity sets, shapes for shapes: sets, clip for concept: sets with --clip-model)")
+    p.add_argument("--detector-model", help="the detector's model: NudeNet .onnx, ShapesCanvas detectors folder, or CLIP id/folder")
+    p.add_argument("--threshold", type=float, help="detection threshold (default: nudenet 0.6, clip 0.5)")
+    p.add_argument("--concept", help="the erased concept, for the clip and shapes detectors (default: from concept:/shapes: sets)")
+    p.add_argument("--metrics", help="comma-separated: detection, clip-score, fid, kid, ssim, psnr, lpips, shapes, cost (default: those the inputs allow)")
+    p.add_argument("--clip-model", help="CLIP model id or folder for clip-score and the clip detector (offline: a folder)")
+    p.add_argument("--reference", metavar="DIR", help="folder of real images for FID/KID")
+    p.add_argument("--fid-features", default="inception", help="FID/KID feature extractor: inception (torchmetrics, downloads weights) or a CLIP id/folder")
+    p.add_argument("--batch-size", type=int, default=1, help="images per generation batch (default 1)")
+    _add_generation_flags(p)
+    p.add_argument("--output", required=True, help="folder to create with images/, results.jsonl, summary.json, grid.png, report.html")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("fold", help="bake masks into the weights and save a stock diffusers pipeline")
     p.add_argument("--model", required=True, help="hub id or pipeline folder the masks were trained on")
     p.add_argument("--masks", action="append", required=True, metavar="DIR", help="mask folder (repeatable)")
@@ -86,6 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True, help="pipeline folder to create")
     p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("demo", help="erase a concept from the embedded ShapesCanvas model and report before/after (CPU, minutes)")
+    p.add_argument("--concept", default="circle", help="an object, colour, style or background of ShapesCanvas (default: circle)")
+    p.add_argument("--output", default="outputs/demo", help="folder to create with metrics.json, grid.png, report.html, mask/ (default: outputs/demo)")
+    p.add_argument("--world", help="a ShapesCanvas world folder (default: the shipped one)")
+    p.add_argument("--images", type=int, default=48, help="evaluation images per group: concept, synonym, other values (default 48)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the erasure recipe (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("toyworld", help="the ShapesCanvas world: retrain it, or measure its quality")
+    world_sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="ACTION")
+    w = world_sub.add_parser("train", help="train the world from scratch (pipeline + detectors) into a new folder")
+    w.add_argument("--output", required=True, help="world folder to create")
+    w.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    w.set_defaults(func=cmd_toyworld_train)
+    w = world_sub.add_parser("quality", help="how well a world's model draws what it is asked (judged by its detectors)")
+    w.add_argument("--world", help="world folder (default: the shipped one)")
+    w.add_argument("--count", type=int, default=200, help="prompts per check (default 200)")
+    w.set_defaults(func=cmd_toyworld_quality)
     return parser
 
 
@@ -156,6 +197,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from .evaluation import EvaluationConfig, run_evaluation
+
+    mask_groups = [[m.strip() for m in value.split(",") if m.strip()] for value in args.masks]
+    # sampling defaults come from the first mask, as in `erasekit generate`
+    defaults = _mask_sampling_defaults([g[0] for g in mask_groups if g][:1])
+    config = EvaluationConfig(
+        model=args.model,
+        prompts=args.prompts,
+        output=args.output,
+        masks=mask_groups,
+        data_root=args.data_root,
+        prompt_column=args.prompt_column,
+        limit=args.limit,
+        detector=args.detector,
+        detector_model=args.detector_model,
+        threshold=args.threshold,
+        concept=args.concept,
+        metrics=args.metrics,
+        clip_model=args.clip_model,
+        reference=args.reference,
+        fid_features=args.fid_features,
+        seeds=args.seed,
+        steps=args.steps if args.steps is not None else defaults.get("steps", 4),
+        resolution=args.resolution if args.resolution is not None else defaults.get("resolution", 512),
+        guidance=args.guidance,
+        default_guidance=defaults.get("guidance_scale", 0.0),
+        max_sequence_length=args.max_sequence_length if args.max_sequence_length is not None else defaults.get("max_sequence_length", 256),
+        scheduler=args.scheduler or defaults.get("scheduler", "pipeline"),
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    result = run_evaluation(config)
+    if result is None or not PartialState().is_main_process:
+        return 0
+    rows = ", ".join(
+        f"{name}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
+        for name, row in result.summary["metrics"].items()
+    )
+    print(f"evaluation written to {result.output} ({rows}); open {result.output / 'report.html'}")
+    return 0
+
+
 def cmd_fold(args: argparse.Namespace) -> int:
     from .masks.fold import fold_into_pipeline, save_folded_pipeline
     from .pipeline import apply_masks, denoiser_of, load_pipeline
@@ -223,6 +310,36 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .toyworld.demo import format_table, run_demo
+
+    if args.images < 1:
+        raise ErasekitError(f"--images must be at least 1, got {args.images}")
+    metrics = run_demo(args.concept, args.output, world_path=args.world, per_group=args.images,
+                       overrides=args.overrides, overwrite=args.overwrite)
+    print(f"erasing {metrics['concept']!r} from the ShapesCanvas model")
+    print(format_table(metrics))
+    print(f"report: {Path(args.output) / 'report.html'}")
+    return 0
+
+
+def cmd_toyworld_train(args: argparse.Namespace) -> int:
+    from .toyworld.build import build_world
+
+    path = build_world(args.output, threads=args.threads)
+    print(f"world written to {path}")
+    return 0
+
+
+def cmd_toyworld_quality(args: argparse.Namespace) -> int:
+    from .toyworld.world import World, measure_quality
+
+    if args.count < 8:
+        raise ErasekitError(f"--count must be at least 8, got {args.count}")
+    print(json.dumps(measure_quality(World.load(args.world), count=args.count, progress=True), indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

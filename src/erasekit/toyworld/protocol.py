@@ -1,0 +1,137 @@
+"""The ShapesCanvas evaluation protocol (UnlearnCanvas metrics) for one erased concept.
+
+For a concept (an attribute value such as ``circle``, ``red`` or ``checkered``):
+
+* **target** prompts name the concept with its canonical word; **synonym** prompts name it with
+  another word; **in-domain** prompts name another value of the same attribute; all of them use
+  the canonical template with every attribute given (:func:`evaluation_samples`).
+* UA (unlearning accuracy): share of target images where the detector no longer finds the concept;
+  synonym UA: the same on synonym prompts; IRA (in-domain retain accuracy): share of in-domain
+  images whose attribute is still detected correctly; CRA (cross-domain retain accuracy): on the
+  in-domain images, the share of the *other* attributes detected correctly (:func:`score`).
+
+Evaluation scenes and seeds come from their own random stream (:data:`EVALUATION_SEED`), disjoint
+from the prompts and seeds an erasure trains on (:func:`erasure_prompts`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..errors import ErasekitError
+from .prompts import CANONICAL_TEMPLATE, EMPTY_TEMPLATE, SYNONYMS, TEMPLATES, canonical_prompt, fill, synonym_prompt
+from .render import ATTRIBUTES, Scene, sample_scene
+
+EVALUATION_SEED = 1_000_003
+#: Image seeds of evaluation samples start here; erasure training uses seeds below it.
+EVALUATION_SEED_BASE = 1_000_000
+GROUPS = ("target", "synonym", "in_domain")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One evaluation image to generate: its prompt, noise seed, scene labels and group."""
+
+    prompt: str
+    seed: int
+    scene: Scene
+    group: str
+
+
+def resolve_concept(concept: str) -> tuple[str, str]:
+    """``"circle"`` -> ``("object", "circle")``; synonyms resolve to their canonical value.
+
+    Raises:
+        ErasekitError: the word names no ShapesCanvas value.
+    """
+    word = concept.strip().lower()
+    for attribute, table in SYNONYMS.items():
+        for value, names in table.items():
+            if word == value or word in names:
+                return attribute, value
+    known = ", ".join(v for table in SYNONYMS.values() for v in table)
+    raise ErasekitError(f"{concept!r} is not a ShapesCanvas concept; use one of: {known}")
+
+
+def evaluation_samples(concept: str, per_group: int = 48, seed: int = EVALUATION_SEED) -> list[Sample]:
+    """Target, synonym and in-domain samples for ``concept`` (``per_group`` each, deterministic)."""
+    attribute, value = resolve_concept(concept)
+    rng = np.random.default_rng(seed)
+    others = [v for v in ATTRIBUTES[attribute] if v != value]
+    samples: list[Sample] = []
+    image_seed = EVALUATION_SEED_BASE
+    for group in GROUPS:
+        for k in range(per_group):
+            fixed_value = value if group != "in_domain" else others[k % len(others)]
+            scene = sample_scene(rng, **{attribute: fixed_value})
+            if group == "synonym":
+                prompt = synonym_prompt(scene, attribute, 1 + k % max(1, len(SYNONYMS[attribute][value]) - 1))
+            else:
+                prompt = canonical_prompt(scene)
+            samples.append(Sample(prompt=prompt, seed=image_seed, scene=scene, group=group))
+            image_seed += 1
+    return samples
+
+
+def score(concept: str, samples: Sequence[Sample], predictions: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """UA, synonym UA, IRA and CRA (fractions in [0, 1]) from detector predictions per sample.
+
+    Args:
+        concept: the erased concept.
+        samples: from :func:`evaluation_samples`.
+        predictions: attribute -> predicted value per sample (the detectors' output).
+    """
+    attribute, value = resolve_concept(concept)
+    if any(len(predictions[a]) != len(samples) for a in ATTRIBUTES):
+        raise ValueError("one prediction per sample and attribute is needed")
+
+    def mean(flags: list[bool]) -> float:
+        return float(np.mean(flags)) if flags else float("nan")
+
+    ua, synonym_ua, ira, cra = [], [], [], []
+    for i, sample in enumerate(samples):
+        found = predictions[attribute][i] == value
+        if sample.group == "target":
+            ua.append(not found)
+        elif sample.group == "synonym":
+            synonym_ua.append(not found)
+        else:
+            labels = sample.scene.attributes()
+            ira.append(predictions[attribute][i] == labels[attribute])
+            cra.extend(predictions[a][i] == labels[a] for a in ATTRIBUTES if a != attribute)
+    return {"ua": mean(ua), "synonym_ua": mean(synonym_ua), "ira": mean(ira), "cra": mean(cra)}
+
+
+def erasure_prompts(concept: str, count: int = 16, seed: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """Training prompts for erasing ``concept``: ``(concept prompts, anchor prompts, preservation prompts)``.
+
+    Concept prompts name the concept (canonical word and synonyms, in turn); the anchor of each is
+    the same description without the concept: the empty background for an object, another value for
+    a colour, style or background. Preservation prompts describe scenes with other values of the
+    same attribute. All use the training templates other than the canonical one, so no erasure
+    prompt is an evaluation prompt (:func:`evaluation_samples`), and scenes come from their own stream.
+    """
+    attribute, value = resolve_concept(concept)
+    rng = np.random.default_rng(seed)
+    names = SYNONYMS[attribute][value]
+    others = [v for v in ATTRIBUTES[attribute] if v != value]
+    templates = [t for t in TEMPLATES if t != CANONICAL_TEMPLATE and "{" + attribute + "}" in t]
+    concept_prompts, anchors, preserve = [], [], []
+    for k in range(count):
+        template = templates[k % len(templates)]
+        scene = sample_scene(rng, **{attribute: value})
+        words = scene.attributes()
+        words[attribute] = names[k % len(names)]
+        concept_prompts.append(fill(template, words))
+        if attribute == "object":
+            anchors.append(fill(EMPTY_TEMPLATE, {"background": scene.background}))
+        else:
+            replaced = scene.attributes()
+            replaced[attribute] = others[k % len(others)]
+            anchors.append(fill(template, replaced))
+        other_scene = sample_scene(rng, **{attribute: others[k % len(others)]})
+        preserve.append(fill(template, other_scene.attributes()))
+    return concept_prompts, anchors, preserve

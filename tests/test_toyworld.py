@@ -1,0 +1,206 @@
+"""ShapesCanvas: renderer, prompts, tokenizers, model factory, protocol, shipped world, demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from erasekit.toyworld import protocol
+from erasekit.toyworld.model import WorldSpec, build_world_pipeline, build_world_tokenizers
+from erasekit.toyworld.prompts import (
+    HELD_OUT_PAIRS,
+    SYNONYMS,
+    canonical_prompt,
+    find_value,
+    synonym_prompt,
+    training_prompt,
+    vocabulary,
+)
+from erasekit.toyworld.render import ATTRIBUTES, RGB, OBJECTS, Scene, render, render_none, sample_scene
+from erasekit.toyworld.world import SHIPPED_WORLD
+
+SHIPPED = (SHIPPED_WORLD / "world.json").is_file()
+needs_world = pytest.mark.skipif(not SHIPPED, reason="the shipped ShapesCanvas world is not in this checkout")
+
+
+# ----------------------------------------------------------------------------- renderer
+def test_render_is_deterministic_and_draws_the_scene():
+    scene = Scene("circle", "red", "flat", "black", x=16, y=16, radius=12, rotation=0)
+    image = render(scene)
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    assert np.array_equal(image, render(scene))
+    assert tuple(image[16, 16]) == RGB["red"]
+    assert tuple(image[0, 0]) == RGB["black"]
+    outline = render(Scene("circle", "red", "outline", "black", x=16, y=16, radius=12, rotation=0))
+    assert tuple(outline[16, 16]) == RGB["black"]  # an outline is hollow
+    assert not np.array_equal(render(Scene("square", "red", "flat", "black", 16, 16, 12, 0)), image)
+
+
+def test_sampled_scenes_are_reproducible_and_cover_every_value():
+    a = [sample_scene(np.random.default_rng(3)) for _ in range(2)]
+    assert a[0] == a[1]
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(400)]
+    for attribute, values in ATTRIBUTES.items():
+        assert {getattr(s, attribute) for s in scenes} == set(values)
+    assert len(OBJECTS) >= 8 and len(ATTRIBUTES["colour"]) >= 6 and len(ATTRIBUTES["style"]) >= 4
+    with pytest.raises(ValueError, match="unknown object"):
+        sample_scene(rng, object="banana")
+
+
+def test_no_object_images():
+    rng = np.random.default_rng(0)
+    for kind in ("empty", "blob", "noise"):
+        image = render_none(rng, kind=kind)
+        assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+
+
+# ----------------------------------------------------------------------------- prompts
+def test_prompts_name_the_scene_with_synonyms():
+    rng = np.random.default_rng(0)
+    scene = sample_scene(rng, object="circle", colour="red", style="outline", background="white")
+    assert canonical_prompt(scene) == "a red circle in outline style on a white background"
+    assert synonym_prompt(scene, "object") == "a red disc in outline style on a white background"
+    used = set()
+    for _ in range(200):
+        prompt = training_prompt(scene, rng)
+        assert find_value("object", prompt) == "circle"
+        assert find_value("colour", prompt) in ("red", None)  # some templates leave the colour out
+        assert find_value("style", prompt) in ("outline", None)
+        used.update(name for name in SYNONYMS["object"]["circle"] if name in prompt)
+    assert len(used) >= 2  # training prompts use synonyms
+    for table in SYNONYMS["object"].values():
+        assert len(table) >= 3  # the canonical word and at least two synonyms
+    for table in SYNONYMS["colour"].values():
+        assert len(table) >= 3
+
+
+def test_training_pool_never_shows_held_out_pairs():
+    from erasekit.toyworld.train import TrainSettings, render_pool
+
+    pool = render_pool(TrainSettings(pool_size=300), progress=False)
+    pairs = {(s.object, s.colour) for s in pool.scenes if s is not None}
+    assert pairs and not pairs & HELD_OUT_PAIRS
+    assert any(s is None for s in pool.scenes)  # some empty backgrounds (the object anchor)
+
+
+def test_world_tokenizers_keep_every_word_whole(tmp_path):
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    clip, t5 = build_world_tokenizers(16)
+    for word in vocabulary():
+        assert len(clip(word, add_special_tokens=False).input_ids) == 1, word
+        assert len(t5(word, add_special_tokens=False).input_ids) == 1, word
+    clip.save_pretrained(tmp_path / "clip")
+    t5.save_pretrained(tmp_path / "t5")
+    text = "a crimson round dot in line art style on a gray background"
+    assert CLIPTokenizer.from_pretrained(tmp_path / "clip")(text).input_ids == clip(text).input_ids
+    assert T5Tokenizer.from_pretrained(tmp_path / "t5")(text).input_ids == t5(text).input_ids
+
+
+def test_world_pipeline_is_a_stock_flux_pipeline(tmp_path):
+    from diffusers import FluxPipeline
+
+    pipe = build_world_pipeline(WorldSpec(double_blocks=1, single_blocks=1))
+    pipe.save_pretrained(tmp_path / "world")
+    loaded = FluxPipeline.from_pretrained(tmp_path / "world")
+    loaded.set_progress_bar_config(disable=True)
+    image = loaded("a red circle", height=32, width=32, num_inference_steps=2, max_sequence_length=16,
+                   negative_prompt="", true_cfg_scale=3.0, output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+
+@pytest.mark.slow
+def test_training_stages_run_and_learn_something():
+    from erasekit.toyworld.train import TrainSettings, train_world_pipeline
+
+    settings = TrainSettings(
+        pool_size=128, text_steps=40, text_batch=32, vae_steps=10, vae_batch=8, transformer_steps=10,
+        transformer_batch=8, spec=WorldSpec(double_blocks=1, single_blocks=1),
+    )
+    pipe, record = train_world_pipeline(settings, progress=False)
+    assert record["text_label_accuracy"] > 0.5  # chance is well below 0.3 on most heads
+    assert np.isfinite(record["final_loss"]) and record["vae_psnr"] > 5
+    assert pipe.vae.config.scaling_factor > 0
+
+
+# ----------------------------------------------------------------------------- protocol
+def test_protocol_samples_and_scores():
+    assert protocol.resolve_concept("disc") == ("object", "circle")
+    assert protocol.resolve_concept("Crimson") == ("colour", "red")
+    with pytest.raises(Exception, match="not a ShapesCanvas concept"):
+        protocol.resolve_concept("banana")
+    samples = protocol.evaluation_samples("circle", per_group=6)
+    assert [s.group for s in samples] == ["target"] * 6 + ["synonym"] * 6 + ["in_domain"] * 6
+    assert all(s.scene.object == "circle" for s in samples[:12])
+    assert all(s.scene.object != "circle" for s in samples[12:])
+    assert all("circle" not in s.prompt for s in samples[6:12])
+    assert samples == protocol.evaluation_samples("circle", per_group=6)
+    # evaluation seeds never meet the erasure's training seeds (the trainer draws seeds from its own stream)
+    assert min(s.seed for s in samples) >= protocol.EVALUATION_SEED_BASE
+    concept_prompts, anchors, preserve = protocol.erasure_prompts("circle", count=8)
+    assert not set(concept_prompts) & {s.prompt for s in samples}
+    assert all("empty" in a for a in anchors) and all("circle" not in p for p in preserve)
+
+    truth = {a: [getattr(s.scene, a) for s in samples] for a in ATTRIBUTES}
+    assert protocol.score("circle", samples, truth) == {"ua": 0.0, "synonym_ua": 0.0, "ira": 1.0, "cra": 1.0}
+    erased = {a: list(v) for a, v in truth.items()}
+    erased["object"][:9] = ["none"] * 9  # all target images and half the synonym ones lose the circle
+    erased["colour"][12] = "blue" if truth["colour"][12] != "blue" else "red"
+    scores = protocol.score("circle", samples, erased)
+    assert scores["ua"] == 1.0 and scores["synonym_ua"] == 0.5 and scores["ira"] == 1.0
+    assert scores["cra"] == pytest.approx(1 - 1 / 18)
+
+
+# ----------------------------------------------------------------------------- shipped world
+@needs_world
+def test_shipped_pipeline_loads_with_stock_diffusers_and_draws_what_it_is_asked():
+    from diffusers import FluxPipeline
+
+    from erasekit.toyworld.world import World
+
+    pipe = FluxPipeline.from_pretrained(SHIPPED_WORLD / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    world = World.load()
+    sizes = sum(f.stat().st_size for f in SHIPPED_WORLD.rglob("*") if f.is_file())
+    assert sizes <= 25 * 2**20
+    prompts = [f"a {c} star in flat style on a black background" for c in ("red", "blue", "yellow", "green")] * 2
+    images = world.generate(prompts, list(range(900, 908)))
+    predicted = world.detectors.predict(images)
+    assert sum(o == "star" for o in predicted["object"]) >= 6
+    assert sum(c == p.split()[1] for c, p in zip(predicted["colour"], prompts)) >= 7
+    # the stock pipeline call gives the same image as erasekit's own trajectory
+    settings = world.sampling
+    stock = pipe(prompts[0], negative_prompt="", true_cfg_scale=settings["guidance_scale"], num_inference_steps=settings["steps"],
+                 height=32, width=32, max_sequence_length=16, generator=torch.Generator().manual_seed(900), output_type="np").images
+    assert np.abs(stock[0] * 255 - images[0].astype(np.float64)).max() <= 1.0
+
+
+@needs_world
+def test_demo_with_a_small_budget_lowers_the_concept_detection(tmp_path):
+    out = tmp_path / "demo"
+    command = [sys.executable, "-m", "erasekit.cli", "demo", "--concept", "circle", "--images", "8", "--output", str(out),
+               "--set", "train.iterations=12"]
+    run = subprocess.run(command, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["after"]["ua"] > metrics["before"]["ua"]
+    assert set(metrics) >= {"concept", "before", "after", "fidelity", "masked_fraction", "seconds"}
+    assert set(metrics["before"]) == {"ua", "synonym_ua", "ira", "cra"}
+    assert {"psnr", "ssim"} <= set(metrics["fidelity"])
+    assert (out / "grid.png").is_file() and "data:image/png;base64," in (out / "report.html").read_text()
+    assert (out / "mask" / "masks.safetensors").is_file()
+
+
+def test_demo_refuses_an_unknown_concept(tmp_path):
+    out = tmp_path / "demo"
+    run = subprocess.run([sys.executable, "-m", "erasekit.cli", "demo", "--concept", "banana", "--output", str(out)],
+                         capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and "not a ShapesCanvas concept" in run.stderr
+    assert not out.exists()
