@@ -236,7 +236,10 @@ def test_clip_detector_offline_without_a_local_model_fails_clearly() -> None:
 
 
 def test_shapes_detector_needs_the_shipped_world() -> None:
-    from erasekit.evaluation.detectors import SHAPES_DETECTORS_DIR, get_detector
+    from erasekit.evaluation.detectors import get_detector
+    from erasekit.toyworld.world import SHIPPED_WORLD
+
+    SHAPES_DETECTORS_DIR = SHIPPED_WORLD / "detectors"
 
     if SHAPES_DETECTORS_DIR.is_dir():
         pytest.importorskip("erasekit.toyworld.detectors")

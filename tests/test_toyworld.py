@@ -129,6 +129,27 @@ def test_training_stages_run_and_learn_something():
     assert pipe.vae.config.scaling_factor > 0
 
 
+@pytest.mark.slow
+def test_toyworld_train_writes_a_loadable_world(tmp_path):
+    """`erasekit toyworld train` end to end, with tiny budgets."""
+    from erasekit.toyworld.build import build_world
+    from erasekit.toyworld.train import TrainSettings
+    from erasekit.toyworld.world import World
+
+    settings = TrainSettings(
+        pool_size=64, text_steps=5, text_batch=8, vae_steps=3, vae_batch=8, transformer_steps=3, transformer_batch=8,
+        detector_steps=3, spec=WorldSpec(double_blocks=1, single_blocks=1),
+    )
+    path = build_world(tmp_path / "world", settings, progress=False, quality_count=8)
+    record = json.loads((path / "world.json").read_text())
+    assert set(record["quality"]) >= {"object", "colour", "style", "background", "synonym_object", "held_out", "per_object"}
+    assert set(record["training"]["seconds"]) >= {"render", "text", "vae", "transformer", "detectors", "total"}
+    world = World.load(path)
+    assert world.generate(["a red circle"], [0]).shape == (1, 32, 32, 3)
+    with pytest.raises(Exception, match="already exists"):
+        build_world(path, settings, progress=False)
+
+
 # ----------------------------------------------------------------------------- protocol
 def test_protocol_samples_and_scores():
     assert protocol.resolve_concept("disc") == ("object", "circle")
@@ -181,13 +202,24 @@ def test_shipped_pipeline_loads_with_stock_diffusers_and_draws_what_it_is_asked(
     assert np.abs(stock[0] * 255 - images[0].astype(np.float64)).max() <= 1.0
 
 
-@needs_world
-def test_demo_with_a_small_budget_lowers_the_concept_detection(tmp_path):
-    out = tmp_path / "demo"
-    command = [sys.executable, "-m", "erasekit.cli", "demo", "--concept", "circle", "--images", "8", "--output", str(out),
-               "--set", "train.iterations=12"]
-    run = subprocess.run(command, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=600)
+def _erasekit(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "erasekit.cli", *args], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    """`erasekit demo` with a small erasure budget (12 iterations), on the default evaluation images."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    run = _erasekit("demo", "--concept", "circle", "--output", str(out), "--set", "train.iterations=12")
     assert run.returncode == 0, run.stderr[-2000:]
+    return out
+
+
+@needs_world
+@pytest.mark.slow
+def test_demo_with_a_small_budget_lowers_the_concept_detection(small_demo):
+    out = small_demo
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["after"]["ua"] > metrics["before"]["ua"]
     assert set(metrics) >= {"concept", "before", "after", "fidelity", "masked_fraction", "seconds"}
@@ -197,10 +229,27 @@ def test_demo_with_a_small_budget_lowers_the_concept_detection(tmp_path):
     assert (out / "mask" / "masks.safetensors").is_file()
 
 
+@needs_world
+@pytest.mark.slow
+def test_evaluate_on_a_shapes_set_gives_the_demo_numbers(small_demo, tmp_path):
+    """`erasekit evaluate --prompts shapes:circle` scores the same images as the demo (same samples, seeds, settings)."""
+    out = tmp_path / "eval"
+    run = _erasekit("evaluate", "--model", str(SHIPPED_WORLD / "pipeline"), "--masks", str(small_demo / "mask"),
+                    "--prompts", "shapes:circle", "--batch-size", "48", "--output", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    demo = json.loads((small_demo / "metrics.json").read_text())
+    rows = summary["metrics"]
+    original, erased = rows["original"], next(v for k, v in rows.items() if k != "original")
+    for key in ("ua", "synonym_ua", "ira", "cra"):
+        # batch composition may move a borderline image by a rounding step: allow one image of 48
+        assert abs(original[f"shapes_{key}"] - demo["before"][key]) <= 1 / 48 + 1e-9, key
+        assert abs(erased[f"shapes_{key}"] - demo["after"][key]) <= 1 / 48 + 1e-9, key
+
+
 def test_demo_refuses_an_unknown_concept(tmp_path):
     out = tmp_path / "demo"
-    run = subprocess.run([sys.executable, "-m", "erasekit.cli", "demo", "--concept", "banana", "--output", str(out)],
-                         capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=120)
+    run = _erasekit("demo", "--concept", "banana", "--output", str(out), timeout=120)
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and "not a ShapesCanvas concept" in run.stderr
     assert not out.exists()

@@ -30,8 +30,6 @@ NUDENET_THRESHOLD = 0.6
 CLIP_THRESHOLD = 0.5
 #: The CLIP detector's alternative to "a photo of {concept}".
 CLIP_NEUTRAL_TEXT = "a photo"
-#: Where the shipped ShapesCanvas world keeps its detectors.
-SHAPES_DETECTORS_DIR = Path(__file__).resolve().parents[1] / "toyworld" / "shapes_canvas" / "detectors"
 
 
 class Detector:
@@ -108,13 +106,13 @@ class ShapesDetector(Detector):
         from ..toyworld.protocol import resolve_concept
 
         self.attribute, self.value = resolve_concept(concept)
-        self.path = Path(model_path) if model_path else SHAPES_DETECTORS_DIR
+        from ..toyworld.world import SHIPPED_WORLD
+
+        self.path = Path(model_path) if model_path else SHIPPED_WORLD / "detectors"
         if not self.path.is_dir():
             raise ErasekitError(f"ShapesCanvas detectors {str(self.path)!r} do not exist; pass --detector-model DIR with the world's detectors/ folder")
-        try:
-            from ..toyworld.detectors import ShapesDetectors
-        except ImportError as exc:
-            raise ErasekitError(f"the shapes detector needs erasekit.toyworld.detectors ({exc})") from None
+        from ..toyworld.detectors import ShapesDetectors
+
         self._model = ShapesDetectors.from_pretrained(self.path)
 
     def detect(self, paths: list[Path]) -> list[dict[str, Any]]:

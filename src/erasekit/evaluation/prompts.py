@@ -69,10 +69,6 @@ CONCEPT_TEMPLATES: tuple[str, ...] = (
 SEED_COLUMNS = ("evaluation_seed", "seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "guidance", "guidance_scale")
 
-#: Evaluation samples per group (target, synonym, in-domain) of a ``shapes:`` set.
-SHAPES_PER_GROUP = 16
-
-
 @dataclass(frozen=True)
 class PromptItem:
     """One prompt of a set.
@@ -351,12 +347,13 @@ def _concept_set(concept: str) -> PromptSet:
                      kind="concept", concept=concept)
 
 
-def _shapes_set(concept: str, per_group: int = SHAPES_PER_GROUP) -> PromptSet:
+def _shapes_set(concept: str, per_group: int | None = None) -> PromptSet:
     if not concept:
         raise PromptError("shapes: needs a ShapesCanvas value after the colon, e.g. --prompts shapes:circle")
     from ..toyworld import protocol  # imported here: the toy world is optional for other sets
 
     _, value = protocol.resolve_concept(concept)
+    per_group = per_group or protocol.PER_GROUP  # the demo's samples, so both give the same numbers
     samples = protocol.evaluation_samples(value, per_group=per_group)
     items = [PromptItem(index=i, prompt=s.prompt, seed=s.seed, labels=s.scene.attributes(), group=s.group) for i, s in enumerate(samples)]
     return PromptSet(name=f"shapes:{value}", source="erasekit.toyworld.protocol.evaluation_samples", items=items, kind="shapes",

@@ -32,7 +32,9 @@ def write_world_record(folder: Path, training: dict[str, Any], sampling: dict[st
     return record
 
 
-def build_world(output: str | Path, settings: TrainSettings | None = None, threads: int = 0, progress: bool = True) -> Path:
+def build_world(
+    output: str | Path, settings: TrainSettings | None = None, threads: int = 0, progress: bool = True, quality_count: int = 200
+) -> Path:
     """Train the pipeline and the detectors, measure the world, write it to ``output`` atomically."""
     from .detectors import evaluate_detectors, ShapesDetectors, train_detectors
 
@@ -46,11 +48,11 @@ def build_world(output: str | Path, settings: TrainSettings | None = None, threa
         pipe, record = train_world_pipeline(settings, progress=progress)
         pipe.save_pretrained(tmp / "pipeline")
         t0 = time.perf_counter()
-        train_detectors(tmp / "detectors", seed=settings.seed, progress=progress, num_threads=1)
+        train_detectors(tmp / "detectors", seed=settings.seed, steps=settings.detector_steps, progress=progress, num_threads=1)
         record["seconds"]["detectors"] = time.perf_counter() - t0
         record["detector_accuracy"] = evaluate_detectors(ShapesDetectors.from_pretrained(tmp / "detectors"))
         record["seconds"]["total"] = time.perf_counter() - started
-        write_world_record(tmp, record)
+        write_world_record(tmp, record, count=quality_count)
         commit_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

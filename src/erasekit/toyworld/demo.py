@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -63,8 +64,10 @@ def _fidelity(before: np.ndarray, after: np.ndarray, latents_before: torch.Tenso
 
     a = torch.from_numpy(before).permute(0, 3, 1, 2).float() / 255
     b = torch.from_numpy(after).permute(0, 3, 1, 2).float() / 255
+    psnr = float(peak_signal_noise_ratio(b, a, data_range=1.0))
     return {
-        "psnr": float(peak_signal_noise_ratio(b, a, data_range=1.0)),
+        # identical images have no finite PSNR, and JSON has no infinity: null then
+        "psnr": psnr if math.isfinite(psnr) else None,
         "ssim": float(structural_similarity_index_measure(b, a, data_range=1.0)),
         "latent_mse": float(torch.mean((latents_after - latents_before) ** 2)),
     }
@@ -84,6 +87,10 @@ def _grid(rows: list[tuple[str, np.ndarray]], scale: int = 3) -> Image.Image:
             tile = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
             canvas.paste(tile, (label_width + c * (cell + pad), y))
     return canvas
+
+
+def _db(psnr: float | None) -> str:
+    return "identical images" if psnr is None else f"{psnr:.2f} dB"
 
 
 def _report(metrics: dict[str, Any], grid: Image.Image) -> str:
@@ -107,7 +114,7 @@ td,th{{border:1px solid #bbb;padding:.3em .8em;text-align:right}} td:first-child
 <p>UA: share of images of the concept in which the detector no longer finds it (synonym UA: prompts naming it
 by a synonym). IRA: other values of the same attribute still drawn correctly. CRA: the other attributes of those
 images still correct. Fidelity of the non-target images to the original model, same noise:
-PSNR {fidelity['psnr']:.2f} dB, SSIM {fidelity['ssim']:.4f}, latent MSE {fidelity['latent_mse']:.5f}.</p>
+PSNR {_db(fidelity['psnr'])}, SSIM {fidelity['ssim']:.4f}, latent MSE {fidelity['latent_mse']:.5f}.</p>
 <h2>Before and after, same prompts and noise</h2>
 <img src="data:image/png;base64,{picture}" alt="before/after grid">
 <h2>All numbers</h2><pre>{html.escape(json.dumps(metrics, indent=2))}</pre>
@@ -120,7 +127,7 @@ def run_demo(
     output: str | Path = "outputs/demo",
     *,
     world_path: str | Path | None = None,
-    per_group: int = 48,
+    per_group: int = protocol.PER_GROUP,
     overrides: list[str] | None = None,
     progress: bool = True,
     overwrite: bool = False,
@@ -201,6 +208,6 @@ def format_table(metrics: dict[str, Any]) -> str:
     for key, label in (("ua", "UA"), ("synonym_ua", "synonym UA"), ("ira", "IRA"), ("cra", "CRA")):
         lines.append(f"{label:<12}{metrics['before'][key]:>10.1%}{metrics['after'][key]:>10.1%}")
     f = metrics["fidelity"]
-    lines.append(f"fidelity of other prompts: PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f}")
+    lines.append(f"fidelity of other prompts: PSNR {_db(f['psnr'])}, SSIM {f['ssim']:.4f}")
     lines.append(f"masked fraction {metrics['masked_fraction']:.2%}, {metrics['seconds']:.0f} s")
     return "\n".join(lines)

@@ -29,6 +29,8 @@ EVALUATION_SEED = 1_000_003
 #: Image seeds of evaluation samples start here; erasure training uses seeds below it.
 EVALUATION_SEED_BASE = 1_000_000
 GROUPS = ("target", "synonym", "in_domain")
+#: Evaluation images per group (``erasekit demo`` and ``erasekit evaluate --prompts shapes:VALUE``).
+PER_GROUP = 48
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def resolve_concept(concept: str) -> tuple[str, str]:
     raise ErasekitError(f"{concept!r} is not a ShapesCanvas concept; use one of: {known}")
 
 
-def evaluation_samples(concept: str, per_group: int = 48, seed: int = EVALUATION_SEED) -> list[Sample]:
+def evaluation_samples(concept: str, per_group: int = PER_GROUP, seed: int = EVALUATION_SEED) -> list[Sample]:
     """Target, synonym and in-domain samples for ``concept`` (``per_group`` each, deterministic)."""
     attribute, value = resolve_concept(concept)
     rng = np.random.default_rng(seed)

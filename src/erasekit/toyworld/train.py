@@ -52,9 +52,10 @@ class TrainSettings:
     vae_batch: int = 64
     transformer_steps: int = 3_000
     transformer_batch: int = 64
-    transformer_lr: float = 4e-4
+    transformer_lr: float = 8e-4
     prompt_dropout: float = 0.1
     ema_decay: float = 0.999
+    detector_steps: int = 1_000
     threads: int = 0
     spec: WorldSpec = field(default_factory=WorldSpec)
 
