@@ -75,7 +75,7 @@ def test_concept_templates() -> None:
 def test_shapes_set_follows_the_protocol() -> None:
     protocol = pytest.importorskip("erasekit.toyworld.protocol")
     shapes = load_prompt_set("shapes:disc")  # a synonym resolves to its canonical value
-    samples = protocol.evaluation_samples("circle", per_group=16)
+    samples = protocol.evaluation_samples("circle")  # the demo's samples (protocol.PER_GROUP per group)
     assert shapes.name == "shapes:circle" and shapes.concept == "circle"
     assert [(i.prompt, i.seed, i.group) for i in shapes.items] == [(s.prompt, s.seed, s.group) for s in samples]
     assert shapes.items[0].labels == samples[0].scene.attributes()
