@@ -18,7 +18,7 @@ from .train import TrainSettings, train_world_pipeline
 from .world import WORLD_FILE, World, measure_quality
 
 #: The sampling settings the world's images are generated and judged at (true CFG, empty negative prompt).
-SAMPLING: dict[str, Any] = {"steps": 12, "guidance_scale": 4.0, "resolution": 32, "max_sequence_length": 16}
+SAMPLING: dict[str, Any] = {"steps": 12, "guidance_scale": 6.0, "resolution": 32, "max_sequence_length": 16}
 
 
 def write_world_record(folder: Path, training: dict[str, Any], sampling: dict[str, Any] | None = None, count: int = 200) -> dict[str, Any]:

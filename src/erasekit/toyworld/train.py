@@ -50,7 +50,7 @@ class TrainSettings:
     text_batch: int = 128
     vae_steps: int = 1_000
     vae_batch: int = 64
-    transformer_steps: int = 3_000
+    transformer_steps: int = 5_000
     transformer_batch: int = 64
     transformer_lr: float = 8e-4
     prompt_dropout: float = 0.1
