@@ -166,7 +166,18 @@ def test_protocol_samples_and_scores():
     assert min(s.seed for s in samples) >= protocol.EVALUATION_SEED_BASE
     concept_prompts, anchors, preserve = protocol.erasure_prompts("circle", count=8)
     assert not set(concept_prompts) & {s.prompt for s in samples}
-    assert all("empty" in a for a in anchors) and all("circle" not in p for p in preserve)
+    assert all("circle" not in p for p in preserve)
+    # by default an anchor names one of the other objects in turn; a given anchor replaces the object word
+    others = [o for o in ATTRIBUTES["object"] if o != "circle"]
+    assert [anchors[k] for k in (0, 3, 6)] == [concept_prompts[k].replace("circle", others[k]) for k in (0, 3, 6)]
+    _, square_anchors, _ = protocol.erasure_prompts("circle", count=8, anchor="square")
+    assert [a.replace("square", "") for a in square_anchors[::3]] == [c.replace("circle", "") for c in concept_prompts[::3]]
+    _, empty_anchors, _ = protocol.erasure_prompts("circle", count=4, anchor="empty")
+    assert all(a.startswith("an empty ") for a in empty_anchors)
+    with pytest.raises(Exception, match="use another object"):
+        protocol.erasure_prompts("circle", anchor="circle")
+    with pytest.raises(Exception, match="use another colour"):
+        protocol.erasure_prompts("red", anchor="empty")
 
     truth = {a: [getattr(s.scene, a) for s in samples] for a in ATTRIBUTES}
     assert protocol.score("circle", samples, truth) == {"ua": 0.0, "synonym_ua": 0.0, "ira": 1.0, "cra": 1.0}
@@ -222,6 +233,7 @@ def small_demo(tmp_path_factory):
 def test_demo_with_a_small_budget_lowers_the_concept_detection(small_demo):
     out = small_demo
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["anchor"] == "heart"  # circle's nearest neighbour in the shipped model (demo.closest_value)
     assert metrics["after"]["ua"] > metrics["before"]["ua"]
     assert set(metrics) >= {"concept", "before", "after", "fidelity", "masked_fraction", "seconds"}
     assert set(metrics["before"]) == {"ua", "synonym_ua", "ira", "cra"}
@@ -253,4 +265,7 @@ def test_demo_refuses_an_unknown_concept(tmp_path):
     run = _erasekit("demo", "--concept", "banana", "--output", str(out), timeout=120)
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and "not a ShapesCanvas concept" in run.stderr
+    run = _erasekit("demo", "--anchor", "purple", "--output", str(out), timeout=120)
+    assert run.returncode == 2 and not out.exists()
+    assert run.stderr.count("\n") == 1 and "use another object" in run.stderr
     assert not out.exists()

@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="erase a concept from the embedded ShapesCanvas model and report before/after (CPU, minutes)")
     p.add_argument("--concept", default="circle", help="an object, colour, style or background of ShapesCanvas (default: circle)")
     p.add_argument("--output", default="outputs/demo", help="folder to create with metrics.json, grid.png, report.html, mask/ (default: outputs/demo)")
+    p.add_argument("--anchor", help="what the concept becomes: another value of its attribute, or 'empty' for an object "
+                   "(default: the next object, square for circle; the other values in turn for a colour, style or background)")
     p.add_argument("--world", help="a ShapesCanvas world folder (default: the shipped one)")
     p.add_argument("--images", type=int, default=48, help="evaluation images per group: concept, synonym, other values (default 48)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the erasure recipe (repeatable)")
@@ -318,7 +320,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.images < 1:
         raise ErasekitError(f"--images must be at least 1, got {args.images}")
     metrics = run_demo(args.concept, args.output, world_path=args.world, per_group=args.images,
-                       overrides=args.overrides, overwrite=args.overwrite)
+                       anchor=args.anchor, overrides=args.overrides, overwrite=args.overwrite)
     print(f"erasing {metrics['concept']!r} from the ShapesCanvas model")
     print(format_table(metrics))
     print(f"report: {Path(args.output) / 'report.html'}")

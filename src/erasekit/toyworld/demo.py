@@ -38,16 +38,46 @@ from .world import World
 #: The recipe the demo erases with: mask, loss and training settings (prompts and sampling come from
 #: the protocol and the world). A normal ``erasekit erase --config`` file.
 RECIPE = Path(__file__).parent / "erase-recipe.yaml"
+#: Noise seeds of the images :func:`closest_value` judges (disjoint from the evaluation's).
+ANCHOR_SEED_BASE = 900_000
 
 
-def erasure_config(world: World, concept: str, overrides: list[str] | None = None, prompts: int = 24) -> EraseConfig:
-    """The recipe filled in for ``concept`` on ``world``: its prompts, anchors and sampling."""
-    config = load_config(RECIPE, overrides or [])
-    concept_prompts, anchors, preserve = protocol.erasure_prompts(concept, count=prompts, seed=config.train.seed)
+def closest_value(world: World, concept: str, prompts: list[str]) -> str:
+    """The other value of the concept's attribute that the model's own images of ``prompts`` most resemble.
+
+    The detector's class probabilities, averaged over one image per prompt (training seeds, below
+    :data:`~erasekit.toyworld.protocol.EVALUATION_SEED_BASE`), with the concept itself and ``none``
+    left out: the concept's nearest neighbour in this model.
+    """
     attribute, value = protocol.resolve_concept(concept)
+    images = world.generate(prompts, [ANCHOR_SEED_BASE + i for i in range(len(prompts))])
+    probabilities = world.detectors.predict_proba(images)[attribute].mean(0)
+    classes = world.detectors.classes[attribute]
+    candidates = [i for i, name in enumerate(classes) if name not in (value, "none")]
+    return classes[max(candidates, key=lambda i: float(probabilities[i]))]
+
+
+def erasure_config(
+    world: World, concept: str, overrides: list[str] | None = None, prompts: int = 24, anchor: str | None = None
+) -> EraseConfig:
+    """The recipe filled in for ``concept`` on ``world``: its prompts, anchors and sampling.
+
+    ``anchor``: what the concept becomes (:func:`erasekit.toyworld.protocol.erasure_prompts`); by
+    default, for an object, the object its images most resemble in this model (:func:`closest_value`):
+    masks turn a drawn shape into its nearest neighbour with few changes, whereas mapping it to the
+    empty background has to switch off shape drawing itself, which every other object shares (circle
+    on the shipped world: in-domain retain accuracy 81 % with the empty background, 92 % with heart).
+    A colour, style or background becomes each of the other values in turn.
+    """
+    config = load_config(RECIPE, overrides or [])
+    attribute, value = protocol.resolve_concept(concept)
+    if anchor is None and attribute == "object":
+        concept_prompts, _, _ = protocol.erasure_prompts(concept, count=prompts, seed=config.train.seed)
+        anchor = closest_value(world, concept, concept_prompts)
+    concept_prompts, anchors, preserve = protocol.erasure_prompts(concept, count=prompts, seed=config.train.seed, anchor=anchor)
     config.model.id = str(world.pipeline_path)
     config.concept.concept = value
-    config.concept.anchor = "an empty background" if attribute == "object" else f"another {attribute}"
+    config.concept.anchor = {None: f"another {attribute}", "empty": "an empty background"}.get(anchor, anchor)
     config.concept.templates = []
     config.concept.prompts = concept_prompts
     config.concept.target_prompts = anchors
@@ -108,7 +138,8 @@ def _report(metrics: dict[str, Any], grid: Image.Image) -> str:
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #bbb;padding:.3em .8em;text-align:right}} td:first-child{{text-align:left}}</style></head>
 <body><h1>Erasing &ldquo;{html.escape(metrics['concept'])}&rdquo; from the ShapesCanvas model</h1>
-<p>Method: minimalist mask erasure (erasekit {html.escape(metrics['erasekit_version'])}); masked
+<p>Method: minimalist mask erasure (erasekit {html.escape(metrics['erasekit_version'])}), the concept
+mapped to {html.escape(metrics['anchor'])}; masked
 {metrics['masked_fraction']:.2%} of the transformer's units; {metrics['seconds']:.0f} s in all on this machine.</p>
 <table><tr><th>metric</th><th>original</th><th>erased</th></tr>{rows}</table>
 <p>UA: share of images of the concept in which the detector no longer finds it (synonym UA: prompts naming it
@@ -128,6 +159,7 @@ def run_demo(
     *,
     world_path: str | Path | None = None,
     per_group: int = protocol.PER_GROUP,
+    anchor: str | None = None,
     overrides: list[str] | None = None,
     progress: bool = True,
     overwrite: bool = False,
@@ -139,6 +171,8 @@ def run_demo(
         output: folder for ``metrics.json``, ``grid.png``, ``report.html`` and the mask (``mask/``).
         world_path: a world folder; default the shipped one.
         per_group: evaluation images per group (target, synonym, in-domain).
+        anchor: what the concept becomes: another value of its attribute, or ``"empty"`` for an object
+            (default :func:`erasekit.toyworld.protocol.default_anchor`).
         overrides: ``key=value`` changes to the recipe (as ``erasekit erase --set``).
         progress: show progress bars.
         overwrite: replace an existing output folder.
@@ -147,12 +181,12 @@ def run_demo(
         The metrics written to ``metrics.json``.
     """
     started = time.perf_counter()
-    protocol.resolve_concept(concept)  # a bad concept fails before anything is loaded
+    protocol.erasure_prompts(concept, count=1, anchor=anchor)  # a bad concept or anchor fails before anything is loaded
     target = Path(output)
     if target.exists() and not overwrite:
         raise ErasekitError(f"output {str(target)!r} already exists; choose another --output or remove it")
     world = World.load(world_path)
-    config = erasure_config(world, concept, overrides)
+    config = erasure_config(world, concept, overrides, anchor=anchor)
     samples = protocol.evaluation_samples(concept, per_group=per_group)
     prompts, seeds = [s.prompt for s in samples], [s.seed for s in samples]
 
@@ -175,6 +209,7 @@ def run_demo(
         metrics: dict[str, Any] = {
             "concept": protocol.resolve_concept(concept)[1],
             "attribute": protocol.resolve_concept(concept)[0],
+            "anchor": config.concept.anchor,
             "before": protocol.score(concept, samples, predicted_before),
             "after": protocol.score(concept, samples, predicted_after),
             "fidelity": _fidelity(before[keep], after[keep], latents_before[torch.from_numpy(keep)], latents_after[torch.from_numpy(keep)]),

@@ -107,19 +107,28 @@ def score(concept: str, samples: Sequence[Sample], predictions: Mapping[str, Seq
     return {"ua": mean(ua), "synonym_ua": mean(synonym_ua), "ira": mean(ira), "cra": mean(cra)}
 
 
-def erasure_prompts(concept: str, count: int = 16, seed: int = 0) -> tuple[list[str], list[str], list[str]]:
+def erasure_prompts(
+    concept: str, count: int = 16, seed: int = 0, anchor: str | None = None
+) -> tuple[list[str], list[str], list[str]]:
     """Training prompts for erasing ``concept``: ``(concept prompts, anchor prompts, preservation prompts)``.
 
     Concept prompts name the concept (canonical word and synonyms, in turn); the anchor of each is
-    the same description without the concept: the empty background for an object, another value for
-    a colour, style or background. Preservation prompts describe scenes with other values of the
-    same attribute. All use the training templates other than the canonical one, so no erasure
-    prompt is an evaluation prompt (:func:`evaluation_samples`), and scenes come from their own stream.
+    the same description with the concept replaced by ``anchor``, another value of its attribute
+    (default: each of the other values in turn; ``"empty"`` for an object: the empty background).
+    Preservation prompts describe scenes with other values of the same attribute. All use the
+    training templates other than the canonical one, so no erasure prompt is an evaluation prompt
+    (:func:`evaluation_samples`), and scenes come from their own stream.
+
+    Raises:
+        ErasekitError: ``anchor`` is not another value of the concept's attribute.
     """
     attribute, value = resolve_concept(concept)
+    others = [v for v in ATTRIBUTES[attribute] if v != value]
+    if anchor is not None and anchor not in others and not (anchor == "empty" and attribute == "object"):
+        extra = " or 'empty' (the empty background)" if attribute == "object" else ""
+        raise ErasekitError(f"anchor {anchor!r} for {value!r}: use another {attribute} ({', '.join(others)}){extra}")
     rng = np.random.default_rng(seed)
     names = SYNONYMS[attribute][value]
-    others = [v for v in ATTRIBUTES[attribute] if v != value]
     templates = [t for t in TEMPLATES if t != CANONICAL_TEMPLATE and "{" + attribute + "}" in t]
     concept_prompts, anchors, preserve = [], [], []
     for k in range(count):
@@ -128,11 +137,11 @@ def erasure_prompts(concept: str, count: int = 16, seed: int = 0) -> tuple[list[
         words = scene.attributes()
         words[attribute] = names[k % len(names)]
         concept_prompts.append(fill(template, words))
-        if attribute == "object":
+        if anchor == "empty":
             anchors.append(fill(EMPTY_TEMPLATE, {"background": scene.background}))
         else:
             replaced = scene.attributes()
-            replaced[attribute] = others[k % len(others)]
+            replaced[attribute] = anchor or others[k % len(others)]
             anchors.append(fill(template, replaced))
         other_scene = sample_scene(rng, **{attribute: others[k % len(others)]})
         preserve.append(fill(template, other_scene.attributes()))
