@@ -183,6 +183,7 @@ def run_demo(
     """
     started = time.perf_counter()
     protocol.erasure_prompts(concept, count=1, anchor=anchor)  # a bad concept or anchor fails before anything is loaded
+    attribute, value = protocol.resolve_concept(concept)
     target = Path(output)
     if target.exists() and not overwrite:
         raise ErasekitError(f"output {str(target)!r} already exists; choose another --output or remove it")
@@ -208,8 +209,8 @@ def run_demo(
         total_units = sum(c["total"] for c in counts.values())
         keep = np.array([s.group == "in_domain" for s in samples])
         metrics: dict[str, Any] = {
-            "concept": protocol.resolve_concept(concept)[1],
-            "attribute": protocol.resolve_concept(concept)[0],
+            "concept": value,
+            "attribute": attribute,
             "anchor": config.concept.anchor,
             "before": protocol.score(concept, samples, predicted_before),
             "after": protocol.score(concept, samples, predicted_after),
