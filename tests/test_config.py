@@ -28,6 +28,16 @@ def test_yaml_and_overrides(tmp_path):
     assert load_config(tmp_path / "out.yaml") == cfg
 
 
+def test_base_config_sits_under_recipe_and_overrides(tmp_path):
+    base = EraseConfig()
+    base.sampling.steps, base.sampling.resolution = 12, 32
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sampling:\n  steps: 8\n")
+    cfg = load_config(recipe, ["sampling.guidance_scale=6"], base=base)
+    assert (cfg.sampling.steps, cfg.sampling.resolution, cfg.sampling.guidance_scale) == (8, 32, 6.0)
+    assert base.sampling.steps == 12 and base.sampling.guidance_scale == 0.0  # the base is not changed
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

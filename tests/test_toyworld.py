@@ -13,8 +13,10 @@ import torch
 from erasekit.toyworld import protocol
 from erasekit.toyworld.model import WorldSpec, build_world_pipeline, build_world_tokenizers
 from erasekit.toyworld.prompts import (
+    CANONICAL_TEMPLATE,
     HELD_OUT_PAIRS,
     SYNONYMS,
+    TEMPLATES,
     canonical_prompt,
     find_value,
     synonym_prompt,
@@ -169,9 +171,16 @@ def test_protocol_samples_and_scores():
     assert all("circle" not in p for p in preserve)
     # by default an anchor names one of the other objects in turn; a given anchor replaces the object word
     others = [o for o in ATTRIBUTES["object"] if o != "circle"]
-    assert [anchors[k] for k in (0, 3, 6)] == [concept_prompts[k].replace("circle", others[k]) for k in (0, 3, 6)]
+    named = [k for k, prompt in enumerate(concept_prompts) if "circle" in prompt]
+    assert named and [anchors[k] for k in named] == [concept_prompts[k].replace("circle", others[k]) for k in named]
+    # every training template meets every name of the concept (not one fixed name per template)
+    templates = [t for t in TEMPLATES if t != CANONICAL_TEMPLATE]
+    many, _, _ = protocol.erasure_prompts("circle", count=4 * len(templates))
+    for j in range(len(templates)):
+        used = {name for name in SYNONYMS["object"]["circle"] for prompt in many[j :: len(templates)] if name in prompt}
+        assert used == set(SYNONYMS["object"]["circle"]), (templates[j], used)
     _, square_anchors, _ = protocol.erasure_prompts("circle", count=8, anchor="square")
-    assert [a.replace("square", "") for a in square_anchors[::3]] == [c.replace("circle", "") for c in concept_prompts[::3]]
+    assert [square_anchors[k].replace("square", "") for k in named] == [concept_prompts[k].replace("circle", "") for k in named]
     _, empty_anchors, _ = protocol.erasure_prompts("circle", count=4, anchor="empty")
     assert all(a.startswith("an empty ") for a in empty_anchors)
     with pytest.raises(Exception, match="use another object"):
@@ -219,11 +228,27 @@ def _erasekit(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
                           env={"HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=timeout)
 
 
+@needs_world
+def test_demo_recipe_trains_on_its_own_steps_and_samples_at_the_worlds():
+    from erasekit.toyworld.demo import erasure_config
+    from erasekit.toyworld.world import World
+
+    world = World.load()
+    config = erasure_config(world, "disc", anchor="heart")  # a given anchor: no images to generate
+    assert config.concept.concept == "circle" and config.model.id == str(world.pipeline_path)
+    assert config.sampling.steps == 8 != world.sampling["steps"]  # erase-recipe.yaml trains on 8 steps
+    assert (config.sampling.resolution, config.sampling.guidance_scale) == (world.sampling["resolution"], world.sampling["guidance_scale"])
+    assert all("heart" in a for a in config.concept.target_prompts)
+    assert erasure_config(world, "circle", ["sampling.steps=12"], anchor="heart").sampling.steps == 12
+
+
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
     """`erasekit demo` with a small erasure budget (12 iterations), on the default evaluation images."""
     out = tmp_path_factory.mktemp("demo") / "demo"
-    run = _erasekit("demo", "--concept", "circle", "--output", str(out), "--set", "train.iterations=12")
+    # at the recipe's learning rate a unit needs init_lambda / lr = 30 steps to close; 0.5 closes some within 12
+    faster = [f"--set=mask.{kind}.lr=0.5" for kind in ("heads", "neurons", "norm")]
+    run = _erasekit("demo", "--concept", "circle", "--output", str(out), "--set", "train.iterations=12", *faster)
     assert run.returncode == 0, run.stderr[-2000:]
     return out
 
@@ -248,7 +273,7 @@ def test_evaluate_on_a_shapes_set_gives_the_demo_numbers(small_demo, tmp_path):
     """`erasekit evaluate --prompts shapes:circle` scores the same images as the demo (same samples, seeds, settings)."""
     out = tmp_path / "eval"
     run = _erasekit("evaluate", "--model", str(SHIPPED_WORLD / "pipeline"), "--masks", str(small_demo / "mask"),
-                    "--prompts", "shapes:circle", "--batch-size", "48", "--output", str(out))
+                    "--prompts", "shapes:circle", "--steps", "12", "--batch-size", "48", "--output", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     demo = json.loads((small_demo / "metrics.json").read_text())

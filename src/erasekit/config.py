@@ -7,6 +7,7 @@ checked against its declared type (no silent coercion of ``"abc"`` into a number
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -231,15 +232,19 @@ def _merge(obj: Any, data: dict[str, Any], prefix: str) -> None:
             setattr(obj, key, _check_value(path, value, tp))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> EraseConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: EraseConfig | None = None
+) -> EraseConfig:
     """Build an :class:`EraseConfig` from defaults, an optional YAML recipe, and ``key=value`` overrides.
 
     Override values are parsed as YAML scalars (``3``, ``0.5``, ``true``, ``[a, b]``, ``null``).
+    ``base`` (left unchanged) replaces the defaults: what the recipe and the overrides leave out
+    keeps its value there (the demo's world fills in its sampling settings this way).
 
     Raises:
         ConfigError: unknown key, wrong type, unreadable file.
     """
-    config = EraseConfig()
+    config = copy.deepcopy(base) if base is not None else EraseConfig()
     if path is not None:
         path = Path(path)
         if not path.is_file():

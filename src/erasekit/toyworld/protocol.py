@@ -135,7 +135,9 @@ def erasure_prompts(
         template = templates[k % len(templates)]
         scene = sample_scene(rng, **{attribute: value})
         words = scene.attributes()
-        words[attribute] = names[k % len(names)]
+        # the name moves on one extra place each round of templates, so that every template meets
+        # every name (a plain k % len(names) pairs 6 templates with 3 names the same way every round)
+        words[attribute] = names[(k + k // len(templates)) % len(names)]
         concept_prompts.append(fill(template, words))
         if anchor == "empty":
             anchors.append(fill(EMPTY_TEMPLATE, {"background": scene.background}))
