@@ -184,8 +184,7 @@ def run_demo(
         The metrics written to ``metrics.json``.
     """
     started = time.perf_counter()
-    protocol.erasure_prompts(concept, count=1, anchor=anchor)  # a bad concept or anchor fails before anything is loaded
-    attribute, value = protocol.resolve_concept(concept)
+    attribute, value = protocol.check_anchor(concept, anchor)  # a bad concept or anchor fails before anything is loaded
     target = Path(output)
     if target.exists() and not overwrite:
         raise ErasekitError(f"output {str(target)!r} already exists; choose another --output or remove it")

@@ -107,6 +107,21 @@ def score(concept: str, samples: Sequence[Sample], predictions: Mapping[str, Seq
     return {"ua": mean(ua), "synonym_ua": mean(synonym_ua), "ira": mean(ira), "cra": mean(cra)}
 
 
+def check_anchor(concept: str, anchor: str | None) -> tuple[str, str]:
+    """``(attribute, value)`` of ``concept`` once ``anchor`` is known to suit it (None always does).
+
+    Raises:
+        ErasekitError: the concept is unknown, or ``anchor`` is neither another value of its attribute
+            nor ``"empty"`` for an object.
+    """
+    attribute, value = resolve_concept(concept)
+    others = [v for v in ATTRIBUTES[attribute] if v != value]
+    if anchor is not None and anchor not in others and not (anchor == "empty" and attribute == "object"):
+        extra = " or 'empty' (the empty background)" if attribute == "object" else ""
+        raise ErasekitError(f"anchor {anchor!r} for {value!r}: use another {attribute} ({', '.join(others)}){extra}")
+    return attribute, value
+
+
 def erasure_prompts(
     concept: str, count: int = 16, seed: int = 0, anchor: str | None = None
 ) -> tuple[list[str], list[str], list[str]]:
@@ -122,11 +137,8 @@ def erasure_prompts(
     Raises:
         ErasekitError: ``anchor`` is not another value of the concept's attribute.
     """
-    attribute, value = resolve_concept(concept)
+    attribute, value = check_anchor(concept, anchor)
     others = [v for v in ATTRIBUTES[attribute] if v != value]
-    if anchor is not None and anchor not in others and not (anchor == "empty" and attribute == "object"):
-        extra = " or 'empty' (the empty background)" if attribute == "object" else ""
-        raise ErasekitError(f"anchor {anchor!r} for {value!r}: use another {attribute} ({', '.join(others)}){extra}")
     rng = np.random.default_rng(seed)
     names = SYNONYMS[attribute][value]
     templates = [t for t in TEMPLATES if t != CANONICAL_TEMPLATE and "{" + attribute + "}" in t]
