@@ -338,3 +338,31 @@ def test_zero_learning_rate_freezes_a_unit_kind(pipe: Any, tiny_train_config: An
     rows = read_log(tmp_path / "mask" / "training_log.csv")
     assert {float(r["lr_norm"]) for r in rows} == {0.0}
     assert {float(r["lr_neurons"]) for r in rows} == {2.0}
+
+
+def test_without_gradient_checkpointing_the_gradients_are_the_same(
+    pipe: Any, tiny_train_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.gradient_checkpointing=false`` (one graph over the trajectory) changes speed and memory only."""
+    seen: dict[bool, list[torch.Tensor]] = {}
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, *args: Any, **kwargs: Any) -> Any:
+            seen[self.checkpointing].append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]))
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    used: list[str] = []
+    for name in ("checkpointed_gradient", "naive_gradient"):
+        original = getattr(trainer_module, name)
+        monkeypatch.setattr(trainer_module, name, lambda *a, _f=original, _n=name, **k: used.append(_n) or _f(*a, **k))
+    for checkpointing in (True, False):
+        seen[checkpointing] = []
+        RecordingAdamW.checkpointing = checkpointing
+        config = tiny_train_config(train__iterations=3, train__gradient_checkpointing=checkpointing)
+        run(pipe, config, tmp_path / str(checkpointing))
+    assert used == ["checkpointed_gradient"] * 3 + ["naive_gradient"] * 3
+    assert len(seen[True]) == len(seen[False]) == 3
+    for step, (a, b) in enumerate(zip(seen[True], seen[False])):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=lambda m, s=step: f"gradient at step {s + 1}: {m}")

@@ -160,7 +160,7 @@ def _mask_sampling_defaults(mask_dirs: list[str]) -> dict[str, Any]:
 
     if not mask_dirs:
         return {}
-    return load_mask_artifact(mask_dirs[0]).config.get("settings", {}).get("sampling", {})
+    return load_mask_artifact(mask_dirs[0]).sampling_defaults
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

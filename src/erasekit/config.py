@@ -134,6 +134,11 @@ class TrainConfig:
     batch_size: int = 1
     """Concept prompts (and as many preservation prompts) per process per micro-step."""
     gradient_accumulation: int = 1
+    gradient_checkpointing: bool = True
+    """Recompute each denoising step in the backward pass, so memory stays that of one step whatever
+    the number of steps. ``false`` keeps the whole trajectory's graph instead: it skips the recomputed
+    forward passes (about a fifth of an iteration) for memory that grows with the steps; for small
+    models (the ShapesCanvas world)."""
     lr_schedule: str = "constant"
     """Any diffusers ``get_scheduler`` name: constant, constant_with_warmup, linear, cosine, ..."""
     warmup_steps: int = 0

@@ -6,6 +6,7 @@ from .artifact import (
     check_artifact,
     combine_logits,
     load_mask_artifact,
+    record_generation_defaults,
     save_mask_artifact,
 )
 from .model import MaskedModel
@@ -22,5 +23,6 @@ __all__ = [
     "combine_logits",
     "load_mask_artifact",
     "mask_values",
+    "record_generation_defaults",
     "save_mask_artifact",
 ]

@@ -44,6 +44,12 @@ class MaskArtifact:
     def keep(self) -> dict[str, torch.Tensor]:
         return {k: v > 0 for k, v in self.logits.items()}
 
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """Sampling settings to generate with: the training trajectory's, with the recorded
+        ``generation`` settings (:func:`record_generation_defaults`) on top."""
+        return {**self.config.get("settings", {}).get("sampling", {}), **self.config.get("generation", {})}
+
 
 def denoiser_config_hash(denoiser: nn.Module) -> str:
     """sha256 of the denoiser's public config (class name included), independent of key order."""
@@ -101,6 +107,18 @@ def write_mask_files(folder: Path, logits: dict[str, torch.Tensor], config: dict
     record.setdefault("stats", {"masked_units": masked, "total_units": total, "masked_fraction": masked / total if total else 0.0})
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
     (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
+
+
+def record_generation_defaults(path: str | Path, sampling: dict[str, Any]) -> None:
+    """Record in a mask folder the sampling settings to generate with, when they are not the ones it
+    was trained on (a mask learned on a shorter trajectory than the model samples with): ``erasekit
+    generate`` and ``erasekit evaluate`` then default to them."""
+    config_file = Path(path) / CONFIG_NAME
+    record = load_mask_artifact(path).config
+    record["generation"] = dict(sampling)
+    tmp = config_file.with_name(config_file.name + ".partial")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, config_file)
 
 
 def load_mask_artifact(path: str | Path) -> MaskArtifact:

@@ -29,7 +29,8 @@ from PIL import Image, ImageDraw
 from .. import __version__
 from ..config import EraseConfig, load_config
 from ..errors import ErasekitError
-from ..masks.artifact import atomic_directory, commit_directory, load_mask_artifact
+from ..masks import load_mask_artifact, record_generation_defaults
+from ..masks.artifact import atomic_directory, commit_directory
 from ..pipeline import apply_masks
 from ..training import erase
 from . import protocol
@@ -198,6 +199,8 @@ def run_demo(
         before, latents_before = world.generate(prompts, seeds, progress=progress, desc="original model", return_latents=True)
         predicted_before = world.detectors.predict(before)
         erase(config, tmp / "mask")
+        # the recipe may train on a shorter trajectory; generate and evaluate the mask as the world samples
+        record_generation_defaults(tmp / "mask", world.sampling)
         masked = apply_masks(world.pipe, [tmp / "mask"])
         try:
             after, latents_after = world.generate(prompts, seeds, progress=progress, desc="erased model", return_latents=True)

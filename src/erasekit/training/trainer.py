@@ -27,7 +27,7 @@ from ..errors import ConfigError, ErasekitError, TrainingDivergedError
 from ..masks import MaskedModel, MaskSettings, base_model_record
 from ..masks.artifact import commit_directory, write_mask_files
 from ..pipeline import denoiser_of, load_pipeline
-from .gradient import checkpointed_gradient, run_trajectory
+from .gradient import checkpointed_gradient, naive_gradient, run_trajectory
 from .tracking import CSVTracker
 
 logger = logging.getLogger(__name__)
@@ -303,7 +303,8 @@ class MaskTrainer:
                         parts["erase"], parts["preserve"] = per_sample[:b].mean(), per_sample[b:].mean()
                         return cfg.loss.erase_weight * parts["erase"] + cfg.loss.preserve_weight * parts["preserve"]
 
-                    _, micro_grads = checkpointed_gradient(trajectory.step, trajectory.noise, steps, loss_fn, params)
+                    gradient = checkpointed_gradient if cfg.train.gradient_checkpointing else naive_gradient
+                    _, micro_grads = gradient(trajectory.step, trajectory.noise, steps, loss_fn, params)
                     for acc_grad, g in zip(grads, micro_grads):
                         acc_grad.add_(g, alpha=1.0 / accum)
                     terms += torch.tensor([float(parts["erase"].detach()), float(parts["preserve"].detach())], dtype=torch.float64) / accum
