@@ -106,28 +106,23 @@ def write_mask_files(folder: Path, logits: dict[str, torch.Tensor], config: dict
     total = sum(v.numel() for v in tensors.values())
     record.setdefault("stats", {"masked_units": masked, "total_units": total, "masked_fraction": masked / total if total else 0.0})
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
-    (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
+    _write_record(folder, record)
 
 
-def record_generation_defaults(path: str | Path, sampling: dict[str, Any]) -> None:
-    """Record in a mask folder the sampling settings to generate with, when they are not the ones it
-    was trained on (a mask learned on a shorter trajectory than the model samples with): ``erasekit
-    generate`` and ``erasekit evaluate`` then default to them."""
-    config_file = Path(path) / CONFIG_NAME
-    record = load_mask_artifact(path).config
-    record["generation"] = dict(sampling)
+def _write_record(folder: Path, record: dict[str, Any]) -> None:
+    """Write ``mask_config.json`` (through a temporary file, so that a reader never sees half of it)."""
+    config_file = folder / CONFIG_NAME
     tmp = config_file.with_name(config_file.name + ".partial")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
     os.replace(tmp, config_file)
 
 
-def load_mask_artifact(path: str | Path) -> MaskArtifact:
-    """Read a mask artefact; a missing or corrupt file raises :class:`MaskFileError`."""
-    folder = Path(path)
+def _read_record(folder: Path) -> dict[str, Any]:
+    """``mask_config.json`` of a mask folder, checked; the weights file must exist but is not read."""
     if not folder.is_dir():
         raise MaskFileError(f"mask folder {str(folder)!r} does not exist; pass the --output folder of `erasekit erase`")
-    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for file in (config_file, weights_file):
+    config_file = folder / CONFIG_NAME
+    for file in (config_file, folder / WEIGHTS_NAME):
         if not file.is_file():
             raise MaskFileError(f"mask folder {str(folder)!r} has no {file.name}; it is not an erasekit mask artefact")
     try:
@@ -136,6 +131,25 @@ def load_mask_artifact(path: str | Path) -> MaskArtifact:
         raise MaskFileError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if config.get("format") != FORMAT:
         raise MaskFileError(f"{config_file} is not an erasekit mask config (format {config.get('format')!r})")
+    return config
+
+
+def record_generation_defaults(path: str | Path, sampling: dict[str, Any]) -> dict[str, Any]:
+    """Record in a mask folder the sampling settings to generate with, when they are not the ones it
+    was trained on (a mask learned on a shorter trajectory than the model samples with): ``erasekit
+    generate`` and ``erasekit evaluate`` then default to them. Returns the updated record."""
+    folder = Path(path)
+    record = _read_record(folder)
+    record["generation"] = dict(sampling)
+    _write_record(folder, record)
+    return record
+
+
+def load_mask_artifact(path: str | Path) -> MaskArtifact:
+    """Read a mask artefact; a missing or corrupt file raises :class:`MaskFileError`."""
+    folder = Path(path)
+    config = _read_record(folder)
+    weights_file = folder / WEIGHTS_NAME
     try:
         logits = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

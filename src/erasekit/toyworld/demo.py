@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 from .. import __version__
 from ..config import EraseConfig, load_config
 from ..errors import ErasekitError
-from ..masks import load_mask_artifact, record_generation_defaults
+from ..masks import record_generation_defaults
 from ..masks.artifact import atomic_directory, commit_directory
 from ..pipeline import apply_masks
 from ..training import erase
@@ -200,15 +200,14 @@ def run_demo(
         predicted_before = world.detectors.predict(before)
         erase(config, tmp / "mask")
         # the recipe may train on a shorter trajectory; generate and evaluate the mask as the world samples
-        record_generation_defaults(tmp / "mask", world.sampling)
+        record = record_generation_defaults(tmp / "mask", world.sampling)
         masked = apply_masks(world.pipe, [tmp / "mask"])
         try:
             after, latents_after = world.generate(prompts, seeds, progress=progress, desc="erased model", return_latents=True)
         finally:
             masked.remove()
         predicted_after = world.detectors.predict(after)
-        artifact = load_mask_artifact(tmp / "mask")
-        counts = artifact.config["masked"]
+        counts = record["masked"]
         masked_units = sum(c["masked"] for c in counts.values())
         total_units = sum(c["total"] for c in counts.values())
         keep = np.array([s.group == "in_domain" for s in samples])
@@ -223,7 +222,7 @@ def run_demo(
             "masked_units": counts,
             "images_per_group": per_group,
             "sampling": world.sampling,
-            "erasure": {"iterations": config.train.iterations, "seconds": artifact.config["training"]["seconds"]},
+            "erasure": {"iterations": config.train.iterations, "seconds": record["training"]["seconds"]},
             "erasekit_version": __version__,
         }
         metrics["seconds"] = time.perf_counter() - started

@@ -278,6 +278,7 @@ class MaskTrainer:
         encode = PromptEncoder(self.arch, self.pipe, cfg.sampling.max_sequence_length)
         sample = dict(steps=steps, resolution=cfg.sampling.resolution, guidance_scale=cfg.sampling.guidance_scale)
         end = cfg.train.iterations if stop_after is None else min(stop_after, cfg.train.iterations)
+        gradient = checkpointed_gradient if cfg.train.gradient_checkpointing else naive_gradient
         with tqdm(total=cfg.train.iterations, initial=start, desc="erase", disable=not acc.is_local_main_process, dynamic_ncols=True) as bar:
             for step in range(start, end):
                 grads = [torch.zeros_like(p) for p in params]
@@ -303,7 +304,6 @@ class MaskTrainer:
                         parts["erase"], parts["preserve"] = per_sample[:b].mean(), per_sample[b:].mean()
                         return cfg.loss.erase_weight * parts["erase"] + cfg.loss.preserve_weight * parts["preserve"]
 
-                    gradient = checkpointed_gradient if cfg.train.gradient_checkpointing else naive_gradient
                     _, micro_grads = gradient(trajectory.step, trajectory.noise, steps, loss_fn, params)
                     for acc_grad, g in zip(grads, micro_grads):
                         acc_grad.add_(g, alpha=1.0 / accum)
