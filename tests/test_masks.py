@@ -18,7 +18,6 @@ from erasekit.masks import (
     combine_logits,
     load_mask_artifact,
     mask_values,
-    record_generation_defaults,
     save_mask_artifact,
 )
 
@@ -168,18 +167,18 @@ def test_artifact_roundtrip_and_combination(tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
-def test_recorded_generation_settings_override_the_training_trajectory(tmp_path):
+def test_generation_steps_override_the_training_trajectory(tmp_path):
     model = tiny_transformer()
     sites = FLUX.sites(model)
-    record = {"method": "mask", "base_model": base_model_record(model, "tiny"),
-              "settings": {"sampling": {"steps": 8, "resolution": 32, "guidance_scale": 6.0}}}
-    path = save_mask_artifact(tmp_path / "m", {s.key: torch.ones(s.num_units) for s in sites}, record)
-    assert load_mask_artifact(path).sampling_defaults == {"steps": 8, "resolution": 32, "guidance_scale": 6.0}
-    record_generation_defaults(path, {"steps": 12, "resolution": 32})
-    artifact = load_mask_artifact(path)
+    logits = {s.key: torch.ones(s.num_units) for s in sites}
+    sampling = {"steps": 8, "resolution": 32, "guidance_scale": 6.0, "generation_steps": None}
+    record = {"method": "mask", "base_model": base_model_record(model, "tiny"), "settings": {"sampling": sampling}}
+    trained = load_mask_artifact(save_mask_artifact(tmp_path / "a", logits, record))
+    assert trained.sampling_defaults == {"steps": 8, "resolution": 32, "guidance_scale": 6.0}
+    record["settings"]["sampling"] = {**sampling, "generation_steps": 12}
+    artifact = load_mask_artifact(save_mask_artifact(tmp_path / "b", logits, record))
     assert artifact.sampling_defaults == {"steps": 12, "resolution": 32, "guidance_scale": 6.0}
     assert artifact.config["settings"]["sampling"]["steps"] == 8  # what it was trained on stays on record
-    assert sorted(p.name for p in path.iterdir()) == ["mask_config.json", "masks.safetensors"]
 
 
 def test_artifact_for_another_model_is_refused_by_name(tmp_path):

@@ -272,8 +272,8 @@ def test_demo_with_a_small_budget_lowers_the_concept_detection(small_demo):
 def test_evaluate_on_a_shapes_set_gives_the_demo_numbers(small_demo, tmp_path):
     """`erasekit evaluate --prompts shapes:circle` scores the same images as the demo (same samples, seeds, settings).
 
-    The demo's mask trains on 8 steps and records the world's 12 as its generation settings, which
-    evaluate defaults to."""
+    The demo's mask trains on 8 steps and records the world's 12 as its ``sampling.generation_steps``,
+    which evaluate defaults to."""
     out = tmp_path / "eval"
     run = _erasekit("evaluate", "--model", str(SHIPPED_WORLD / "pipeline"), "--masks", str(small_demo / "mask"),
                     "--prompts", "shapes:circle", "--batch-size", "48", "--output", str(out))

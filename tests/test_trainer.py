@@ -7,7 +7,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -277,8 +277,29 @@ def test_nan_loss_raises_and_cleans_up(pipe: Any, tiny_train_config: Any, tmp_pa
 
 
 # --------------------------------------------------------------------------- optimisation settings
+@pytest.fixture
+def record_gradients(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[list[torch.Tensor]]]:
+    """Make the trainer's AdamW record the gradients it steps with. ``record_gradients(label)`` before
+    a run returns the list that run fills: per optimiser step, one gradient per mask parameter."""
+    seen: dict[str, list[list[torch.Tensor]]] = {}
+    current: list[str] = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, *args: Any, **kwargs: Any) -> Any:
+            seen[current[-1]].append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+
+    def start(label: str) -> list[list[torch.Tensor]]:
+        current.append(label)
+        return seen.setdefault(label, [])
+
+    return start
+
+
 def test_gradient_accumulation_equals_a_larger_batch(
-    pipe: Any, tiny_train_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pipe: Any, tiny_train_config: Any, tmp_path: Path, record_gradients: Callable[[str], list[list[torch.Tensor]]]
 ) -> None:
     """batch_size=2 x 1 micro-step == batch_size=1 x 2 accumulated micro-steps (same prompts, same seeds).
 
@@ -291,16 +312,8 @@ def test_gradient_accumulation_equals_a_larger_batch(
     """
     seen: dict[str, list[list[torch.Tensor]]] = {}
 
-    class RecordingAdamW(torch.optim.AdamW):
-        def step(self, *args: Any, **kwargs: Any) -> Any:
-            seen[self.run_name].append([p.grad.clone() for g in self.param_groups for p in g["params"]])
-            return super().step(*args, **kwargs)
-
-    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
-
     def go(name: str, **extra: Any) -> TrainResult:
-        seen[name] = []
-        RecordingAdamW.run_name = name
+        seen[name] = record_gradients(name)
         config = tiny_train_config(
             mask__parameterization="sigmoid", mask__neurons__lr=0.01, mask__norm__lr=0.01, train__iterations=3, **extra
         )
@@ -341,28 +354,25 @@ def test_zero_learning_rate_freezes_a_unit_kind(pipe: Any, tiny_train_config: An
 
 
 def test_without_gradient_checkpointing_the_gradients_are_the_same(
-    pipe: Any, tiny_train_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pipe: Any,
+    tiny_train_config: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    record_gradients: Callable[[str], list[list[torch.Tensor]]],
 ) -> None:
     """``train.gradient_checkpointing=false`` (one graph over the trajectory) changes speed and memory only."""
-    seen: dict[bool, list[torch.Tensor]] = {}
-
-    class RecordingAdamW(torch.optim.AdamW):
-        def step(self, *args: Any, **kwargs: Any) -> Any:
-            seen[self.checkpointing].append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]))
-            return super().step(*args, **kwargs)
-
-    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     used: list[str] = []
     for name in ("checkpointed_gradient", "naive_gradient"):
         original = getattr(trainer_module, name)
         monkeypatch.setattr(trainer_module, name, lambda *a, _f=original, _n=name, **k: used.append(_n) or _f(*a, **k))
+    seen: dict[bool, list[list[torch.Tensor]]] = {}
     for checkpointing in (True, False):
-        seen[checkpointing] = []
-        RecordingAdamW.checkpointing = checkpointing
+        seen[checkpointing] = record_gradients(str(checkpointing))
         config = tiny_train_config(train__iterations=3, train__gradient_checkpointing=checkpointing)
         run(pipe, config, tmp_path / str(checkpointing))
     assert used == ["checkpointed_gradient"] * 3 + ["naive_gradient"] * 3
     assert len(seen[True]) == len(seen[False]) == 3
-    for step, (a, b) in enumerate(zip(seen[True], seen[False])):
+    for step, (grads_a, grads_b) in enumerate(zip(seen[True], seen[False])):
+        a, b = torch.cat([g.flatten() for g in grads_a]), torch.cat([g.flatten() for g in grads_b])
         assert a.abs().sum() > 0
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=lambda m, s=step: f"gradient at step {s + 1}: {m}")

@@ -112,6 +112,10 @@ class SamplingConfig:
     max_sequence_length: int = 256
     scheduler: str = "pipeline"
     """The sampler: ``pipeline`` (the pipeline's own), or ddim, euler, dpm, pndm, flow-euler (built from its config)."""
+    generation_steps: int | None = None
+    """Steps to generate with when they are not ``steps``: a mask trained on a shorter trajectory than
+    the model samples with. Recorded in the artefact; ``erasekit generate`` and ``erasekit evaluate``
+    default to it (else to ``steps``)."""
 
 
 @dataclass

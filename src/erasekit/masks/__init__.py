@@ -6,7 +6,6 @@ from .artifact import (
     check_artifact,
     combine_logits,
     load_mask_artifact,
-    record_generation_defaults,
     save_mask_artifact,
 )
 from .model import MaskedModel
@@ -23,6 +22,5 @@ __all__ = [
     "combine_logits",
     "load_mask_artifact",
     "mask_values",
-    "record_generation_defaults",
     "save_mask_artifact",
 ]

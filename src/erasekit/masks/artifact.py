@@ -46,9 +46,13 @@ class MaskArtifact:
 
     @property
     def sampling_defaults(self) -> dict[str, Any]:
-        """Sampling settings to generate with: the training trajectory's, with the recorded
-        ``generation`` settings (:func:`record_generation_defaults`) on top."""
-        return {**self.config.get("settings", {}).get("sampling", {}), **self.config.get("generation", {})}
+        """Sampling settings to generate with: the training trajectory's, with ``sampling.generation_steps``
+        as the steps where it was set."""
+        sampling = dict(self.config.get("settings", {}).get("sampling", {}))
+        generation_steps = sampling.pop("generation_steps", None)
+        if generation_steps is not None:
+            sampling["steps"] = generation_steps
+        return sampling
 
 
 def denoiser_config_hash(denoiser: nn.Module) -> str:
@@ -106,15 +110,7 @@ def write_mask_files(folder: Path, logits: dict[str, torch.Tensor], config: dict
     total = sum(v.numel() for v in tensors.values())
     record.setdefault("stats", {"masked_units": masked, "total_units": total, "masked_fraction": masked / total if total else 0.0})
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
-    _write_record(folder, record)
-
-
-def _write_record(folder: Path, record: dict[str, Any]) -> None:
-    """Write ``mask_config.json`` (through a temporary file, so that a reader never sees half of it)."""
-    config_file = folder / CONFIG_NAME
-    tmp = config_file.with_name(config_file.name + ".partial")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, config_file)
+    (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
 
 
 def _read_record(folder: Path) -> dict[str, Any]:
@@ -132,17 +128,6 @@ def _read_record(folder: Path) -> dict[str, Any]:
     if config.get("format") != FORMAT:
         raise MaskFileError(f"{config_file} is not an erasekit mask config (format {config.get('format')!r})")
     return config
-
-
-def record_generation_defaults(path: str | Path, sampling: dict[str, Any]) -> dict[str, Any]:
-    """Record in a mask folder the sampling settings to generate with, when they are not the ones it
-    was trained on (a mask learned on a shorter trajectory than the model samples with): ``erasekit
-    generate`` and ``erasekit evaluate`` then default to them. Returns the updated record."""
-    folder = Path(path)
-    record = _read_record(folder)
-    record["generation"] = dict(sampling)
-    _write_record(folder, record)
-    return record
 
 
 def load_mask_artifact(path: str | Path) -> MaskArtifact:

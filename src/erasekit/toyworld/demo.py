@@ -29,7 +29,6 @@ from PIL import Image, ImageDraw
 from .. import __version__
 from ..config import EraseConfig, load_config
 from ..errors import ErasekitError
-from ..masks import record_generation_defaults
 from ..masks.artifact import atomic_directory, commit_directory
 from ..pipeline import apply_masks
 from ..training import erase
@@ -72,11 +71,12 @@ def erasure_config(
     neighbour, purple, alone: UA 10 %).
     """
     # The world's sampling settings sit under the recipe, so that the recipe (and --set) can train on
-    # another trajectory than the one the world samples with.
+    # another trajectory than the one the world samples with; the mask is used with the world's steps.
     base = EraseConfig()
     base.model.id = str(world.pipeline_path)
     for key in ("steps", "resolution", "guidance_scale", "max_sequence_length"):
         setattr(base.sampling, key, world.sampling[key])
+    base.sampling.generation_steps = world.sampling["steps"]
     config = load_config(RECIPE, overrides or [], base=base)
     attribute, value = protocol.resolve_concept(concept)
     if anchor is None and attribute == "object":
@@ -198,18 +198,14 @@ def run_demo(
     try:
         before, latents_before = world.generate(prompts, seeds, progress=progress, desc="original model", return_latents=True)
         predicted_before = world.detectors.predict(before)
-        erase(config, tmp / "mask")
-        # the recipe may train on a shorter trajectory; generate and evaluate the mask as the world samples
-        record = record_generation_defaults(tmp / "mask", world.sampling)
+        result = erase(config, tmp / "mask")
         masked = apply_masks(world.pipe, [tmp / "mask"])
         try:
             after, latents_after = world.generate(prompts, seeds, progress=progress, desc="erased model", return_latents=True)
         finally:
             masked.remove()
         predicted_after = world.detectors.predict(after)
-        counts = record["masked"]
-        masked_units = sum(c["masked"] for c in counts.values())
-        total_units = sum(c["total"] for c in counts.values())
+        counts = result.masked_units
         keep = np.array([s.group == "in_domain" for s in samples])
         metrics: dict[str, Any] = {
             "concept": value,
@@ -218,11 +214,11 @@ def run_demo(
             "before": protocol.score(concept, samples, predicted_before),
             "after": protocol.score(concept, samples, predicted_after),
             "fidelity": _fidelity(before[keep], after[keep], latents_before[torch.from_numpy(keep)], latents_after[torch.from_numpy(keep)]),
-            "masked_fraction": masked_units / total_units,
+            "masked_fraction": result.masked_fraction,
             "masked_units": counts,
             "images_per_group": per_group,
             "sampling": world.sampling,
-            "erasure": {"iterations": config.train.iterations, "seconds": record["training"]["seconds"]},
+            "erasure": {"iterations": config.train.iterations, "seconds": round(result.seconds, 3)},
             "erasekit_version": __version__,
         }
         metrics["seconds"] = time.perf_counter() - started

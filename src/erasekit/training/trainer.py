@@ -44,6 +44,8 @@ class TrainResult:
     masked_fraction: float
     iterations: int
     seconds: float
+    masked_units: dict[str, dict[str, int]]
+    """Per unit kind: ``{"masked": n, "total": N}``."""
 
 
 class PromptEncoder:
@@ -247,15 +249,15 @@ class MaskTrainer:
             for tracker in acc.trackers:  # not acc.end_training(): it destroys the process group still needed below
                 tracker.finish()
         logits = masked.logits_dict()
-        fraction = masked.masked_fraction()
+        fraction, counts = masked.masked_fraction(), masked.masked_counts()
         seconds = time.perf_counter() - started
         if stop_after is not None and stop_after < cfg.train.iterations:
-            return TrainResult(self.staging, logits, fraction, stop_after, seconds)
+            return TrainResult(self.staging, logits, fraction, stop_after, seconds, counts)
         acc.wait_for_everyone()
         if acc.is_main_process:
             self._write_artifact(masked, seconds)
         acc.wait_for_everyone()
-        return TrainResult(self.output, logits, fraction, cfg.train.iterations, seconds)
+        return TrainResult(self.output, logits, fraction, cfg.train.iterations, seconds, counts)
 
     def _loop(
         self,
@@ -382,6 +384,8 @@ def validate_training_config(config: EraseConfig) -> None:
         ("sampling.resolution", config.sampling.resolution >= 1),
         ("train.log_every", config.train.log_every >= 1),
     ]
+    if config.sampling.generation_steps is not None:
+        checks.append(("sampling.generation_steps", config.sampling.generation_steps >= 1))
     for key, ok in checks:
         if not ok:
             raise ConfigError(f"{key} must be at least 1")
