@@ -277,29 +277,31 @@ def test_nan_loss_raises_and_cleans_up(pipe: Any, tiny_train_config: Any, tmp_pa
 
 
 # --------------------------------------------------------------------------- optimisation settings
+Gradients = list[list[torch.Tensor]]  # per optimiser step, one gradient per mask parameter
+
+
 @pytest.fixture
-def record_gradients(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[list[torch.Tensor]]]:
-    """Make the trainer's AdamW record the gradients it steps with. ``record_gradients(label)`` before
-    a run returns the list that run fills: per optimiser step, one gradient per mask parameter."""
-    seen: dict[str, list[list[torch.Tensor]]] = {}
-    current: list[str] = []
+def record_gradients(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Gradients]:
+    """Make the trainer's AdamW record the gradients it steps with: ``record_gradients()`` before a
+    run returns the list that run fills."""
+    runs: list[Gradients] = []
 
     class RecordingAdamW(torch.optim.AdamW):
         def step(self, *args: Any, **kwargs: Any) -> Any:
-            seen[current[-1]].append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+            runs[-1].append([p.grad.clone() for g in self.param_groups for p in g["params"]])
             return super().step(*args, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
 
-    def start(label: str) -> list[list[torch.Tensor]]:
-        current.append(label)
-        return seen.setdefault(label, [])
+    def start() -> Gradients:
+        runs.append([])
+        return runs[-1]
 
     return start
 
 
 def test_gradient_accumulation_equals_a_larger_batch(
-    pipe: Any, tiny_train_config: Any, tmp_path: Path, record_gradients: Callable[[str], list[list[torch.Tensor]]]
+    pipe: Any, tiny_train_config: Any, tmp_path: Path, record_gradients: Callable[[], Gradients]
 ) -> None:
     """batch_size=2 x 1 micro-step == batch_size=1 x 2 accumulated micro-steps (same prompts, same seeds).
 
@@ -310,10 +312,10 @@ def test_gradient_accumulation_equals_a_larger_batch(
     float noise of near-zero gradients into update differences of about ``lr * 1e-4``, so the logits
     are compared at a moderate learning rate while the gradients themselves are compared directly.
     """
-    seen: dict[str, list[list[torch.Tensor]]] = {}
+    seen: dict[str, Gradients] = {}
 
     def go(name: str, **extra: Any) -> TrainResult:
-        seen[name] = record_gradients(name)
+        seen[name] = record_gradients()
         config = tiny_train_config(
             mask__parameterization="sigmoid", mask__neurons__lr=0.01, mask__norm__lr=0.01, train__iterations=3, **extra
         )
@@ -358,16 +360,16 @@ def test_without_gradient_checkpointing_the_gradients_are_the_same(
     tiny_train_config: Any,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    record_gradients: Callable[[str], list[list[torch.Tensor]]],
+    record_gradients: Callable[[], Gradients],
 ) -> None:
     """``train.gradient_checkpointing=false`` (one graph over the trajectory) changes speed and memory only."""
     used: list[str] = []
     for name in ("checkpointed_gradient", "naive_gradient"):
         original = getattr(trainer_module, name)
         monkeypatch.setattr(trainer_module, name, lambda *a, _f=original, _n=name, **k: used.append(_n) or _f(*a, **k))
-    seen: dict[bool, list[list[torch.Tensor]]] = {}
+    seen: dict[bool, Gradients] = {}
     for checkpointing in (True, False):
-        seen[checkpointing] = record_gradients(str(checkpointing))
+        seen[checkpointing] = record_gradients()
         config = tiny_train_config(train__iterations=3, train__gradient_checkpointing=checkpointing)
         run(pipe, config, tmp_path / str(checkpointing))
     assert used == ["checkpointed_gradient"] * 3 + ["naive_gradient"] * 3

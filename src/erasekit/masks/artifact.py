@@ -113,12 +113,13 @@ def write_mask_files(folder: Path, logits: dict[str, torch.Tensor], config: dict
     (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
 
 
-def _read_record(folder: Path) -> dict[str, Any]:
-    """``mask_config.json`` of a mask folder, checked; the weights file must exist but is not read."""
+def load_mask_artifact(path: str | Path) -> MaskArtifact:
+    """Read a mask artefact; a missing or corrupt file raises :class:`MaskFileError`."""
+    folder = Path(path)
     if not folder.is_dir():
         raise MaskFileError(f"mask folder {str(folder)!r} does not exist; pass the --output folder of `erasekit erase`")
-    config_file = folder / CONFIG_NAME
-    for file in (config_file, folder / WEIGHTS_NAME):
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for file in (config_file, weights_file):
         if not file.is_file():
             raise MaskFileError(f"mask folder {str(folder)!r} has no {file.name}; it is not an erasekit mask artefact")
     try:
@@ -127,14 +128,6 @@ def _read_record(folder: Path) -> dict[str, Any]:
         raise MaskFileError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if config.get("format") != FORMAT:
         raise MaskFileError(f"{config_file} is not an erasekit mask config (format {config.get('format')!r})")
-    return config
-
-
-def load_mask_artifact(path: str | Path) -> MaskArtifact:
-    """Read a mask artefact; a missing or corrupt file raises :class:`MaskFileError`."""
-    folder = Path(path)
-    config = _read_record(folder)
-    weights_file = folder / WEIGHTS_NAME
     try:
         logits = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

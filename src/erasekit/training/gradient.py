@@ -4,9 +4,10 @@
 back through the steps, recomputing each one with gradients on and obtaining, in ONE autograd call,
 both its contribution to dL/dlambda and dL/dz for the step before (the last step is not recomputed:
 it runs with its graph at once and the loss joins its autograd call). Peak memory is one step's graph
-whatever T is. :func:`naive_gradient` (one graph over all steps) and :func:`two_call_gradient` (two
-autograd calls per recomputed step, as the reference implementation does) exist to test and
-benchmark it.
+whatever T is. :func:`naive_gradient` (one graph over all steps) gives the same gradients without the
+recomputed forward passes, for models small enough to keep the whole graph
+(``train.gradient_checkpointing=false``) and to test the method against; :func:`two_call_gradient` (two
+autograd calls per recomputed step, as the reference implementation does) exists to benchmark it.
 """
 
 from __future__ import annotations
