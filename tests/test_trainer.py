@@ -341,6 +341,22 @@ def test_gradient_accumulation_equals_a_larger_batch(
             assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-4, abs=1e-7), column
 
 
+def test_negative_guidance_aims_past_the_target(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    """At the first step every binary gate is open, so the concept latents are the original model's and
+    the goal target + eta (target - concept) lies 1 + eta times as far from them: with eta = 1 the
+    first erase term (MSE) is four times that of plain target matching; preservation is untouched."""
+    first: dict[float, dict[str, str]] = {}
+    for eta in (0.0, 1.0):
+        config = tiny_train_config(
+            mask__parameterization="binary", mask__init_lambda=3.0, train__iterations=1, loss__negative_guidance=eta
+        )
+        run(pipe, config, tmp_path / str(eta))
+        first[eta] = read_log(tmp_path / str(eta) / "training_log.csv")[0]
+    assert float(first[0.0]["erase"]) > 0
+    assert float(first[1.0]["erase"]) == pytest.approx(4 * float(first[0.0]["erase"]), rel=1e-4)
+    assert float(first[1.0]["preserve"]) == pytest.approx(float(first[0.0]["preserve"]), abs=1e-9)
+
+
 def test_zero_learning_rate_freezes_a_unit_kind(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
     config = tiny_train_config(mask__norm__lr=0.0, train__iterations=3)
     result = run(pipe, config, tmp_path / "mask")

@@ -30,6 +30,8 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .toyworld.protocol import PER_GROUP
+
     parser = argparse.ArgumentParser(prog="erasekit", description="Erase concepts from text-to-image models.")
     parser.add_argument("--version", action="version", version=f"erasekit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor", help="what the concept becomes: another value of its attribute, or 'empty' for an object "
                    "(default: an object's nearest neighbour in the model, heart for circle; each other value in turn for a colour, style or background)")
     p.add_argument("--world", help="a ShapesCanvas world folder (default: the shipped one)")
-    p.add_argument("--images", type=int, default=48, help="evaluation images per group: concept, synonym, other values (default 48)")
+    p.add_argument("--images", type=int, default=PER_GROUP, help=f"evaluation images per group: concept, synonym, other values (default {PER_GROUP})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the erasure recipe (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     p.set_defaults(func=cmd_demo)

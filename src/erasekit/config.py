@@ -127,6 +127,11 @@ class LossConfig:
     erase_weight: float = 1.0
     preserve_weight: float = 1.0
     sparsity_weight: float = 0.05
+    negative_guidance: float = 0.0
+    """Aim each concept prompt past its target, away from what the original model makes of it: goal =
+    target + eta * (target - z0 of the concept prompt under the original model), ESD's negative
+    guidance on the final latent (one more trajectory per concept prompt without gradients). 0: the
+    target itself."""
 
 
 @dataclass

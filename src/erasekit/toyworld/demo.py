@@ -66,7 +66,7 @@ def erasure_config(
     default, for an object, the object its images most resemble in this model (:func:`closest_value`):
     masks turn a drawn shape into its nearest neighbour with few changes, whereas mapping it to the
     empty background has to switch off shape drawing itself, which every other object shares (circle
-    on the shipped world: in-domain retain accuracy 81 % with the empty background, 88-94 % with heart).
+    on the shipped world: in-domain retain accuracy near 80 % with the empty background, 84-90 % with heart).
     A colour, style or background becomes each of the other values in turn (red mapped to its nearest
     neighbour, purple, alone: UA 10 %).
     """

@@ -30,7 +30,7 @@ EVALUATION_SEED = 1_000_003
 EVALUATION_SEED_BASE = 1_000_000
 GROUPS = ("target", "synonym", "in_domain")
 #: Evaluation images per group (``erasekit demo`` and ``erasekit evaluate --prompts shapes:VALUE``).
-PER_GROUP = 48
+PER_GROUP = 192
 
 
 @dataclass(frozen=True)

@@ -298,6 +298,10 @@ class MaskTrainer:
                     with masked.disabled():
                         reference = self.arch.trajectory(self.pipe, encode(targets), seeds, **sample)
                         goal = run_trajectory(reference.step, reference.noise, steps)[-1]
+                        if cfg.loss.negative_guidance:
+                            source = self.arch.trajectory(self.pipe, encode(prompts[:b]), seeds[:b], **sample)
+                            original = run_trajectory(source.step, source.noise, steps)[-1]
+                            goal = torch.cat([goal[:b] + cfg.loss.negative_guidance * (goal[:b] - original), goal[b:]])
                     trajectory = self.arch.trajectory(self.pipe, encode(prompts), seeds, **sample)
                     parts: dict[str, torch.Tensor] = {}
 
@@ -389,6 +393,8 @@ def validate_training_config(config: EraseConfig) -> None:
     for key, ok in checks:
         if not ok:
             raise ConfigError(f"{key} must be at least 1")
+    if config.loss.negative_guidance < 0:
+        raise ConfigError("loss.negative_guidance must not be negative (0 aims at the target itself)")
     for kind in UNIT_KINDS:
         if getattr(config.mask, kind).lr < 0:
             raise ConfigError(f"mask.{kind}.lr must not be negative")
