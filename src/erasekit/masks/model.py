@@ -19,6 +19,12 @@ from .parameterization import MaskSettings, binary_mask, closed_probability, dra
 MODES = ("train", "binary")
 
 
+def fraction_of(counts: dict[str, dict[str, int]]) -> float:
+    """The masked fraction of all units from per-kind counts (:meth:`MaskedModel.masked_counts`)."""
+    total = sum(c["total"] for c in counts.values())
+    return sum(c["masked"] for c in counts.values()) / total if total else 0.0
+
+
 class MaskedModel(nn.Module):
     """Float32 mask logits for a set of :class:`MaskSite` s of one denoiser, and the hooks applying them.
 
@@ -186,9 +192,7 @@ class MaskedModel(nn.Module):
 
     def masked_fraction(self) -> float:
         """Fraction of all masked units switched off by the binary mask."""
-        counts = self.masked_counts()
-        total = sum(c["total"] for c in counts.values())
-        return sum(c["masked"] for c in counts.values()) / total if total else 0.0
+        return fraction_of(self.masked_counts())
 
     def sparsity_penalty(self) -> torch.Tensor:
         """Expected fraction of closed gates, averaged within each unit kind and summed over kinds."""

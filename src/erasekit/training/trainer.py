@@ -26,6 +26,7 @@ from ..data import build_concept_prompts
 from ..errors import ConfigError, ErasekitError, TrainingDivergedError
 from ..masks import MaskedModel, MaskSettings, base_model_record
 from ..masks.artifact import commit_directory, write_mask_files
+from ..masks.model import fraction_of
 from ..pipeline import denoiser_of, load_pipeline
 from .gradient import checkpointed_gradient, naive_gradient, run_trajectory
 from .tracking import CSVTracker
@@ -249,13 +250,14 @@ class MaskTrainer:
             for tracker in acc.trackers:  # not acc.end_training(): it destroys the process group still needed below
                 tracker.finish()
         logits = masked.logits_dict()
-        fraction, counts = masked.masked_fraction(), masked.masked_counts()
+        counts = masked.masked_counts()
+        fraction = fraction_of(counts)
         seconds = time.perf_counter() - started
         if stop_after is not None and stop_after < cfg.train.iterations:
             return TrainResult(self.staging, logits, fraction, stop_after, seconds, counts)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self._write_artifact(masked, seconds)
+            self._write_artifact(masked, seconds, counts)
         acc.wait_for_everyone()
         return TrainResult(self.output, logits, fraction, cfg.train.iterations, seconds, counts)
 
@@ -335,7 +337,8 @@ class MaskTrainer:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 done = step + 1
-                fraction = masked.masked_fraction()
+                counts = masked.masked_counts()
+                fraction = fraction_of(counts)
                 if done % cfg.train.log_every == 0 or done == cfg.train.iterations:
                     values: dict[str, float] = {
                         "loss": loss,
@@ -344,7 +347,7 @@ class MaskTrainer:
                         "sparsity": float(penalty.detach()),
                         "masked_fraction": fraction,
                     }
-                    for kind, c in masked.masked_counts().items():
+                    for kind, c in counts.items():
                         values[f"masked_{kind}"] = c["masked"] / c["total"]
                     for group in optimizer.param_groups:
                         values[f"lr_{group['name']}"] = group["lr"]
@@ -358,7 +361,7 @@ class MaskTrainer:
                 if on_step is not None:
                     on_step(done)
 
-    def _write_artifact(self, masked: MaskedModel, seconds: float) -> None:
+    def _write_artifact(self, masked: MaskedModel, seconds: float, counts: dict[str, dict[str, int]]) -> None:
         cfg = self.config
         record = {
             "method": "mask",
@@ -371,7 +374,7 @@ class MaskTrainer:
             "anchor": cfg.concept.anchor,
             "settings": config_to_dict(cfg),
             "training": {"iterations": cfg.train.iterations, "seconds": round(seconds, 3), "processes": self.accelerator.num_processes},
-            "masked": masked.masked_counts(),
+            "masked": counts,
         }
         write_mask_files(self.staging, masked.logits_dict(), record)
         shutil.rmtree(self.staging / CHECKPOINTS, ignore_errors=True)
