@@ -188,6 +188,18 @@ def test_protocol_samples_and_scores():
     with pytest.raises(Exception, match="use another colour"):
         protocol.erasure_prompts("red", anchor="empty")
 
+    # the anchor's reference images: target and synonym scenes and seeds, the anchor named instead
+    references = protocol.anchor_samples("circle", samples, "heart")
+    assert [(r.seed, r.group, r.scene) for r in references] == [(s.seed, s.group, s.scene) for s in samples[:12]]
+    assert [r.prompt for r in references[:6]] == [s.prompt.replace("circle", "heart") for s in samples[:6]]
+    assert all("heart" in r.prompt and not set(SYNONYMS["object"]["circle"]) & set(r.prompt.split()) for r in references)
+    assert all(r.prompt.startswith("an empty ") for r in protocol.anchor_samples("circle", samples, "empty"))
+    red = protocol.evaluation_samples("red", per_group=6)
+    rotating = [r.prompt for r in protocol.anchor_samples("red", red)]
+    assert rotating[:5] == [s.prompt.replace("red", other, 1).replace("a orange", "an orange") for s, other in zip(red, ("orange", "yellow", "green", "blue", "purple"))]
+    with pytest.raises(Exception, match="use another object"):
+        protocol.anchor_samples("circle", samples, "red")
+
     truth = {a: [getattr(s.scene, a) for s in samples] for a in ATTRIBUTES}
     assert protocol.score("circle", samples, truth) == {"ua": 0.0, "synonym_ua": 0.0, "ira": 1.0, "cra": 1.0}
     erased = {a: list(v) for a, v in truth.items()}
@@ -260,6 +272,8 @@ def test_demo_with_a_small_budget_lowers_the_concept_detection(small_demo):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["anchor"] == "heart"  # circle's nearest neighbour in the shipped model (demo.closest_value)
     assert metrics["after"]["ua"] > metrics["before"]["ua"]
+    # most of the model's own hearts, drawn from the circles' scenes and noise, are not taken for circles
+    assert metrics["anchor_images"]["ua"] > 0.7 and metrics["anchor_images"]["synonym_ua"] > 0.7
     assert set(metrics) >= {"concept", "before", "after", "fidelity", "masked_fraction", "seconds"}
     assert set(metrics["before"]) == {"ua", "synonym_ua", "ira", "cra"}
     assert {"psnr", "ssim"} <= set(metrics["fidelity"])

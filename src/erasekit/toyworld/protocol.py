@@ -78,6 +78,33 @@ def evaluation_samples(concept: str, per_group: int = PER_GROUP, seed: int = EVA
     return samples
 
 
+def anchor_samples(concept: str, samples: Sequence[Sample], anchor: str | None = None) -> list[Sample]:
+    """The target and synonym samples as the erasure's anchor prompts would draw them.
+
+    Same scenes and noise seeds; the prompt is the canonical one with the concept replaced by
+    ``anchor`` (``None``: each other value of its attribute in turn, as :func:`erasure_prompts`
+    pairs them; ``"empty"``: the empty background), and the group is kept. The original model's
+    images of these prompts are what an erasure that maps the concept exactly onto its anchor would
+    draw, so their :func:`score` (UA and synonym UA) is the most such an erasure can reach: where the
+    model's own anchor images are taken for the concept, so are the erased ones.
+
+    Raises:
+        ErasekitError: ``anchor`` is not another value of the concept's attribute.
+    """
+    attribute, value = check_anchor(concept, anchor)
+    others = [v for v in ATTRIBUTES[attribute] if v != value]
+    references = []
+    for k, sample in enumerate(s for s in samples if s.group != "in_domain"):
+        if anchor == "empty":
+            prompt = fill(EMPTY_TEMPLATE, {"background": sample.scene.background})
+        else:
+            words = sample.scene.attributes()
+            words[attribute] = anchor or others[k % len(others)]
+            prompt = fill(CANONICAL_TEMPLATE, words)
+        references.append(Sample(prompt=prompt, seed=sample.seed, scene=sample.scene, group=sample.group))
+    return references
+
+
 def score(concept: str, samples: Sequence[Sample], predictions: Mapping[str, Sequence[str]]) -> dict[str, float]:
     """UA, synonym UA, IRA and CRA (fractions in [0, 1]) from detector predictions per sample.
 
