@@ -93,16 +93,11 @@ def anchor_samples(concept: str, samples: Sequence[Sample], anchor: str | None =
     """
     attribute, value = check_anchor(concept, anchor)
     others = [v for v in ATTRIBUTES[attribute] if v != value]
-    references = []
-    for k, sample in enumerate(s for s in samples if s.group != "in_domain"):
-        if anchor == "empty":
-            prompt = fill(EMPTY_TEMPLATE, {"background": sample.scene.background})
-        else:
-            words = sample.scene.attributes()
-            words[attribute] = anchor or others[k % len(others)]
-            prompt = fill(CANONICAL_TEMPLATE, words)
-        references.append(Sample(prompt=prompt, seed=sample.seed, scene=sample.scene, group=sample.group))
-    return references
+    drawn = [s for s in samples if s.group != "in_domain"]
+    return [
+        Sample(_anchor_prompt(CANONICAL_TEMPLATE, s.scene, attribute, anchor, others, k), s.seed, s.scene, s.group)
+        for k, s in enumerate(drawn)
+    ]
 
 
 def score(concept: str, samples: Sequence[Sample], predictions: Mapping[str, Sequence[str]]) -> dict[str, float]:
@@ -149,6 +144,16 @@ def check_anchor(concept: str, anchor: str | None) -> tuple[str, str]:
     return attribute, value
 
 
+def _anchor_prompt(template: str, scene: Scene, attribute: str, anchor: str | None, others: list[str], k: int) -> str:
+    """``scene`` described by ``template`` with its ``attribute`` replaced by ``anchor`` (``None``: the
+    ``k``-th of ``others`` in turn; ``"empty"``: the empty background)."""
+    if anchor == "empty":
+        return fill(EMPTY_TEMPLATE, {"background": scene.background})
+    words = scene.attributes()
+    words[attribute] = anchor or others[k % len(others)]
+    return fill(template, words)
+
+
 def erasure_prompts(
     concept: str, count: int = 16, seed: int = 0, anchor: str | None = None
 ) -> tuple[list[str], list[str], list[str]]:
@@ -178,12 +183,7 @@ def erasure_prompts(
         # every name (a plain k % len(names) pairs 6 templates with 3 names the same way every round)
         words[attribute] = names[(k + k // len(templates)) % len(names)]
         concept_prompts.append(fill(template, words))
-        if anchor == "empty":
-            anchors.append(fill(EMPTY_TEMPLATE, {"background": scene.background}))
-        else:
-            replaced = scene.attributes()
-            replaced[attribute] = anchor or others[k % len(others)]
-            anchors.append(fill(template, replaced))
+        anchors.append(_anchor_prompt(template, scene, attribute, anchor, others, k))
         other_scene = sample_scene(rng, **{attribute: others[k % len(others)]})
         preserve.append(fill(template, other_scene.attributes()))
     return concept_prompts, anchors, preserve

@@ -297,13 +297,15 @@ class MaskTrainer:
                     seeds = [self._noise_seed(i, 0) for i in index] + [self._noise_seed(i, 1) for i in index]
                     # one hard-concrete sample per trajectory, identical on every process
                     masked.resample_noise(torch.Generator().manual_seed(cfg.train.seed * 7919 + k))
+                    eta = cfg.loss.negative_guidance
+                    # negative guidance needs the concept prompts' original latents: they ride in the targets' batch
+                    originals = prompts[:b] if eta else []
                     with masked.disabled():
-                        reference = self.arch.trajectory(self.pipe, encode(targets), seeds, **sample)
-                        goal = run_trajectory(reference.step, reference.noise, steps)[-1]
-                        if cfg.loss.negative_guidance:
-                            source = self.arch.trajectory(self.pipe, encode(prompts[:b]), seeds[:b], **sample)
-                            original = run_trajectory(source.step, source.noise, steps)[-1]
-                            goal = torch.cat([goal[:b] + cfg.loss.negative_guidance * (goal[:b] - original), goal[b:]])
+                        reference = self.arch.trajectory(self.pipe, encode(targets + originals), seeds + seeds[: len(originals)], **sample)
+                        ends = run_trajectory(reference.step, reference.noise, steps)[-1]
+                    goal = ends[: len(targets)]
+                    if eta:
+                        goal = torch.cat([goal[:b] + eta * (goal[:b] - ends[len(targets) :]), goal[b:]])
                     trajectory = self.arch.trajectory(self.pipe, encode(prompts), seeds, **sample)
                     parts: dict[str, torch.Tensor] = {}
 
