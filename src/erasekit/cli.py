@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", default="circle", help="an object, colour, style or background of ShapesCanvas (default: circle)")
     p.add_argument("--output", default="outputs/demo", help="folder to create with metrics.json, grid.png, report.html, mask/ (default: outputs/demo)")
     p.add_argument("--anchor", help="what the concept becomes: another value of its attribute, or 'empty' for an object "
-                   "(default: an object's nearest neighbour in the model, heart for circle; each other value in turn for a colour, style or background)")
+                   "(default: an object's nearest neighbour in the model, square for circle; each other value in turn for a colour, style or background)")
     p.add_argument("--world", help="a ShapesCanvas world folder (default: the shipped one)")
     p.add_argument("--images", type=int, default=PER_GROUP, help=f"evaluation images per group: concept, synonym, other values (default {PER_GROUP})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the erasure recipe (repeatable)")

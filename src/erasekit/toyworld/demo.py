@@ -68,9 +68,9 @@ def erasure_config(
     default, for an object, the object its images most resemble in this model (:func:`closest_value`):
     masks turn a drawn shape into its nearest neighbour with few changes, whereas mapping it to the
     empty background has to switch off shape drawing itself, which every other object shares (circle
-    on the shipped world: in-domain retain accuracy near 80 % with the empty background, 84-90 % with heart).
-    A colour, style or background becomes each of the other values in turn (red mapped to its nearest
-    neighbour, purple, alone: UA 10 %).
+    on the first shipped world: in-domain retain accuracy near 80 % with the empty background, 84-90 %
+    with its nearest neighbour). A colour, style or background becomes each of the other values in turn
+    (red mapped to its nearest neighbour alone erased less there).
     """
     # The world's sampling settings sit under the recipe, so that the recipe (and --set) can train on
     # another trajectory than the one the world samples with; the mask is used with the world's steps.

@@ -111,6 +111,7 @@ def _star_vertices(points: int = 5, outer: float = 1.0, inner: float = 0.45) -> 
 
 _TRIANGLE = np.array([(0.0, 1.0), (-0.95, -0.75), (0.95, -0.75)])
 _STAR = _star_vertices()
+_HEART_POINT = np.array([(-0.93, 0.18), (0.93, 0.18), (0.0, -0.98)])
 
 
 def shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -124,8 +125,10 @@ def shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if name == "star":
         return _polygon(_STAR, u, v)
     if name == "heart":
-        x, y = u * 1.15, v * 1.15 + 0.15
-        return (x**2 + y**2 - 1) ** 3 - x**2 * y**3 <= 0
+        # two lobes and a point: a deeper notch and a sharper tip than the smooth heart curve, so
+        # that the model's hearts at 32 px are not drawn as round blobs (taken for circles)
+        lobes = ((u - 0.47) ** 2 + (v - 0.33) ** 2 <= 0.25) | ((u + 0.47) ** 2 + (v - 0.33) ** 2 <= 0.25)
+        return lobes | _polygon(_HEART_POINT, u, v)
     if name == "cross":
         return ((np.abs(u) <= 0.3) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 0.95))
     if name == "crescent":

@@ -13,7 +13,7 @@ Three stages, each a pure function of its seed (:func:`train_world` runs them al
    prompts dropped to ``""`` so that true classifier-free guidance works, an exponential moving
    average of the weights is what gets saved.
 
-Held-out object-colour pairs (:data:`~erasekit.toyworld.prompts.HELD_OUT_PAIRS`) never appear.
+Held-out object-colour-style combinations (:data:`~erasekit.toyworld.prompts.HELD_OUT`) never appear.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class Pool:
 
 
 def render_pool(settings: TrainSettings, progress: bool = True) -> Pool:
-    """Render the training pool (held-out object-colour pairs excluded)."""
+    """Render the training pool (held-out combinations excluded)."""
     rng = np.random.default_rng(settings.seed)
     size = settings.spec.resolution
     images, scenes, backgrounds = [], [], []

@@ -89,12 +89,12 @@ class World:
 def measure_quality(world: World, count: int = 200, seed: int = 2_000_003, progress: bool = False) -> dict[str, Any]:
     """How well the world's model draws what it is asked, judged by its detectors.
 
-    ``count`` canonical prompts of random scenes seen in training (object-colour pairs not held out),
-    ``count`` prompts naming the object by a synonym, and ``count // 4`` scenes of held-out pairs,
+    ``count`` canonical prompts of random scenes seen in training (combinations not held out),
+    ``count`` prompts naming the object by a synonym, and ``count // 4`` scenes of held-out combinations,
     all with noise seeds never used in training. Returns accuracies per attribute, per object, for
-    synonyms and for the held-out pairs.
+    synonyms and for the held-out combinations.
     """
-    from .prompts import HELD_OUT_PAIRS, canonical_prompt, is_held_out, synonym_prompt
+    from .prompts import HELD_OUT, canonical_prompt, is_held_out, synonym_prompt
     from .render import ATTRIBUTES, OBJECTS, sample_scene
 
     rng = np.random.default_rng(seed)
@@ -103,10 +103,10 @@ def measure_quality(world: World, count: int = 200, seed: int = 2_000_003, progr
         scene = sample_scene(rng, object=OBJECTS[len(seen) % len(OBJECTS)])
         if not is_held_out(scene):
             seen.append(scene)
-    pairs = sorted(HELD_OUT_PAIRS)
+    combinations = sorted(HELD_OUT)
     for k in range(max(1, count // 4)):
-        obj, colour = pairs[k % len(pairs)]
-        held.append(sample_scene(rng, object=obj, colour=colour))
+        obj, colour, style = combinations[k % len(combinations)]
+        held.append(sample_scene(rng, object=obj, colour=colour, style=style))
     groups = {
         "canonical": (seen, [canonical_prompt(s) for s in seen]),
         "synonym": (seen, [synonym_prompt(s, "object", 1 + k % 2) for k, s in enumerate(seen)]),
