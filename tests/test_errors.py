@@ -276,6 +276,8 @@ def test_invalid_training_value(tiny_flux_path, runs, capsys):
     assert "train.iterations must be at least 1" in line
     line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "sampling.generation_steps=0", "--output", output)
     assert "sampling.generation_steps must be at least 1" in line
+    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "train.preservation_batch_size=0", "--output", output)
+    assert "train.preservation_batch_size must be at least 1" in line
     line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "loss.negative_guidance=-1", "--output", output)
     assert "loss.negative_guidance must not be negative" in line
     assert_nothing_left(output)

@@ -357,6 +357,26 @@ def test_negative_guidance_aims_past_the_target(pipe: Any, tiny_train_config: An
     assert float(first[1.0]["preserve"]) == pytest.approx(float(first[0.0]["preserve"]), abs=1e-9)
 
 
+def test_preservation_batch_size_sets_the_preservation_rows(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    """One concept prompt with two preservation prompts: the first step's erase term is that of a run
+    with one of each, and its preservation term that of a run with two of each (the same rows and
+    noise seeds, and at the first step the same mask: sigmoid gates, partly closed, so that the
+    preservation term is not zero)."""
+    first: dict[str, dict[str, str]] = {}
+    for name, extra in {
+        "one": {"train__batch_size": 1},
+        "two": {"train__batch_size": 2},
+        "one_and_two": {"train__batch_size": 1, "train__preservation_batch_size": 2},
+    }.items():
+        config = tiny_train_config(mask__parameterization="sigmoid", train__iterations=1, **extra)
+        run(pipe, config, tmp_path / name)
+        first[name] = read_log(tmp_path / name / "training_log.csv")[0]
+    assert float(first["one_and_two"]["erase"]) == pytest.approx(float(first["one"]["erase"]), rel=1e-5)
+    assert float(first["one_and_two"]["preserve"]) == pytest.approx(float(first["two"]["preserve"]), rel=1e-5)
+    # the second preservation row counts: two rows are not the first row alone
+    assert float(first["one_and_two"]["preserve"]) != pytest.approx(float(first["one"]["preserve"]), rel=1e-3)
+
+
 def test_zero_learning_rate_freezes_a_unit_kind(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
     config = tiny_train_config(mask__norm__lr=0.0, train__iterations=3)
     result = run(pipe, config, tmp_path / "mask")

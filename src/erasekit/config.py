@@ -141,7 +141,12 @@ class TrainConfig:
     iterations: int = 200
     """Optimiser steps."""
     batch_size: int = 1
-    """Concept prompts (and as many preservation prompts) per process per micro-step."""
+    """Concept prompts per process per micro-step."""
+    preservation_batch_size: int | None = None
+    """Preservation prompts per process per micro-step (default: ``batch_size``). Every concept prompt
+    pushes the mask the same way, while the preservation prompts stand for everything else the model
+    draws, so their gradient is the noisier one: more of them and fewer concept prompts per step
+    trade noise between the two at the same cost per step."""
     gradient_accumulation: int = 1
     gradient_checkpointing: bool = True
     """Recompute each denoising step in the backward pass, so memory stays that of one step whatever

@@ -274,6 +274,7 @@ class MaskTrainer:
         cfg, acc = self.config, self.accelerator
         rank, world = acc.process_index, acc.num_processes
         b, accum, steps = cfg.train.batch_size, cfg.train.gradient_accumulation, cfg.sampling.steps
+        pb = cfg.train.preservation_batch_size or b
         order_c = list(range(len(self.prompts.concept)))
         order_p = list(range(len(self.prompts.preservation)))
         shuffle = random.Random(cfg.train.seed)
@@ -290,11 +291,12 @@ class MaskTrainer:
                 for micro in range(accum):
                     k = step * accum + micro
                     index = [k * b * world + rank * b + j for j in range(b)]
+                    keep_index = [k * pb * world + rank * pb + j for j in range(pb)]
                     concept_rows = [order_c[i % len(order_c)] for i in index]
-                    keep_rows = [order_p[i % len(order_p)] for i in index]
+                    keep_rows = [order_p[i % len(order_p)] for i in keep_index]
                     prompts = [self.prompts.concept[r] for r in concept_rows] + [self.prompts.preservation[r] for r in keep_rows]
                     targets = [self.prompts.target[r] for r in concept_rows] + [self.prompts.preservation[r] for r in keep_rows]
-                    seeds = [self._noise_seed(i, 0) for i in index] + [self._noise_seed(i, 1) for i in index]
+                    seeds = [self._noise_seed(i, 0) for i in index] + [self._noise_seed(i, 1) for i in keep_index]
                     # one hard-concrete sample per trajectory, identical on every process
                     masked.resample_noise(torch.Generator().manual_seed(cfg.train.seed * 7919 + k))
                     eta = cfg.loss.negative_guidance
@@ -388,6 +390,7 @@ def validate_training_config(config: EraseConfig) -> None:
     checks = [
         ("train.iterations", config.train.iterations >= 1),
         ("train.batch_size", config.train.batch_size >= 1),
+        ("train.preservation_batch_size", config.train.preservation_batch_size is None or config.train.preservation_batch_size >= 1),
         ("train.gradient_accumulation", config.train.gradient_accumulation >= 1),
         ("sampling.steps", config.sampling.steps >= 1),
         ("sampling.resolution", config.sampling.resolution >= 1),
