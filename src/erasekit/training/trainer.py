@@ -284,14 +284,18 @@ class MaskTrainer:
         sample = dict(steps=steps, resolution=cfg.sampling.resolution, guidance_scale=cfg.sampling.guidance_scale)
         end = cfg.train.iterations if stop_after is None else min(stop_after, cfg.train.iterations)
         gradient = checkpointed_gradient if cfg.train.gradient_checkpointing else naive_gradient
+
+        def numbered(k: int, size: int) -> list[int]:
+            """Global numbers of this process's ``size`` samples of micro-step ``k`` (prompt rows and noise seeds)."""
+            return [k * size * world + rank * size + j for j in range(size)]
+
         with tqdm(total=cfg.train.iterations, initial=start, desc="erase", disable=not acc.is_local_main_process, dynamic_ncols=True) as bar:
             for step in range(start, end):
                 grads = [torch.zeros_like(p) for p in params]
                 terms = torch.zeros(2, dtype=torch.float64)
                 for micro in range(accum):
                     k = step * accum + micro
-                    index = [k * b * world + rank * b + j for j in range(b)]
-                    keep_index = [k * pb * world + rank * pb + j for j in range(pb)]
+                    index, keep_index = numbered(k, b), numbered(k, pb)
                     concept_rows = [order_c[i % len(order_c)] for i in index]
                     keep_rows = [order_p[i % len(order_p)] for i in keep_index]
                     prompts = [self.prompts.concept[r] for r in concept_rows] + [self.prompts.preservation[r] for r in keep_rows]
