@@ -377,6 +377,25 @@ def test_preservation_batch_size_sets_the_preservation_rows(pipe: Any, tiny_trai
     assert float(first["one_and_two"]["preserve"]) != pytest.approx(float(first["one"]["preserve"]), rel=1e-3)
 
 
+def test_final_threshold_closes_the_units_below_it(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    """The same training with a final threshold t: the artefact holds the logits minus t, and the
+    masked count is that of the logits at most t (t between the plain run's logits, so that units
+    change sides)."""
+    plain = run(pipe, tiny_train_config(train__iterations=3), tmp_path / "plain")
+    values = torch.cat(list(plain.logits.values()))
+    t = float(values.median())
+    assert values.min() < t < values.max()
+    shifted = run(pipe, tiny_train_config(train__iterations=3, mask__final_threshold=t), tmp_path / "shifted")
+    assert_same_logits(shifted.logits, {k: v - t for k, v in plain.logits.items()})
+    assert_same_logits(load_file(str(tmp_path / "shifted" / "masks.safetensors")), shifted.logits)
+    closed = int((values <= t).sum())
+    assert closed != int((values <= 0).sum())
+    assert sum(c["masked"] for c in shifted.masked_units.values()) == closed
+    record = json.loads((tmp_path / "shifted" / "mask_config.json").read_text())
+    assert record["stats"]["masked_units"] == closed
+    assert shifted.masked_fraction == pytest.approx(closed / values.numel())
+
+
 def test_zero_learning_rate_freezes_a_unit_kind(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
     config = tiny_train_config(mask__norm__lr=0.0, train__iterations=3)
     result = run(pipe, config, tmp_path / "mask")

@@ -95,6 +95,11 @@ class MaskConfig:
     zeta: float = 1.1
     straight_through: bool = True
     """For ``binary``: pass the sigmoid gradient through the step function."""
+    final_threshold: float = 0.0
+    """The finished mask closes the units whose logits ended below this value (training gates at 0).
+    A negative value keeps open the units that training left undecided near 0; the artefact stores the
+    logits minus this value, so that its rule stays logit > 0. On the ShapesCanvas demo it moves along
+    the erasure/retention trade, not out of it (README, "Undecided units")."""
     heads: UnitKindConfig = field(default_factory=lambda: UnitKindConfig(enabled=False))
     neurons: UnitKindConfig = field(default_factory=UnitKindConfig)
     norm: UnitKindConfig = field(default_factory=UnitKindConfig)

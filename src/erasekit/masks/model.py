@@ -164,6 +164,12 @@ class MaskedModel(nn.Module):
         """Detached float32 CPU copies of the logits keyed by site key."""
         return {s.key: p.detach().float().cpu().clone() for s, p in zip(self.sites, self.logits)}
 
+    def shift_logits(self, delta: float) -> None:
+        """Add ``delta`` to every logit: with ``delta = -t`` the binary mask closes the units whose logits were at most ``t``."""
+        with torch.no_grad():
+            for p in self.logits:
+                p.add_(delta)
+
     def load_logits(self, logits: dict[str, torch.Tensor]) -> None:
         """Copy logits in by key; every key must name one of this model's sites with the same shape."""
         index = {s.key: i for i, s in enumerate(self.sites)}

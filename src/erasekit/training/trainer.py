@@ -249,11 +249,14 @@ class MaskTrainer:
             masked.remove()
             for tracker in acc.trackers:  # not acc.end_training(): it destroys the process group still needed below
                 tracker.finish()
+        finished = stop_after is None or stop_after >= cfg.train.iterations
+        if finished and cfg.mask.final_threshold:
+            masked.shift_logits(-cfg.mask.final_threshold)
         logits = masked.logits_dict()
         counts = masked.masked_counts()
         fraction = fraction_of(counts)
         seconds = time.perf_counter() - started
-        if stop_after is not None and stop_after < cfg.train.iterations:
+        if not finished:
             return TrainResult(self.staging, logits, fraction, stop_after, seconds, counts)
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -405,6 +408,8 @@ def validate_training_config(config: EraseConfig) -> None:
     for key, ok in checks:
         if not ok:
             raise ConfigError(f"{key} must be at least 1")
+    if not math.isfinite(config.mask.final_threshold):
+        raise ConfigError("mask.final_threshold must be a finite number (0 closes the units whose logits ended below 0)")
     if config.loss.negative_guidance < 0:
         raise ConfigError("loss.negative_guidance must not be negative (0 aims at the target itself)")
     for kind in UNIT_KINDS:
