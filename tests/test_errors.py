@@ -282,6 +282,8 @@ def test_invalid_training_value(tiny_flux_path, runs, capsys):
     assert "loss.negative_guidance must not be negative" in line
     line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "mask.final_threshold=.nan", "--output", output)
     assert "mask.final_threshold must be a finite number" in line
+    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "loss.intermediate_preservation=-1", "--output", output)
+    assert "loss.intermediate_preservation must not be negative" in line
     assert_nothing_left(output)
 
 

@@ -52,6 +52,32 @@ def test_checkpointed_gradient_equals_naive_backprop(pipe64, parameterization):
     assert (torch.cat(two_calls) - flat_naive).norm() / flat_naive.norm() < 1e-5
 
 
+def test_step_losses_give_the_same_gradients_both_ways(pipe64):
+    """A loss on every intermediate latent (the trainer's intermediate preservation): the
+    checkpointed walk, which adds each one to its step's autograd call, equals plain backpropagation,
+    and the step losses change the gradient."""
+    masked, trajectory, loss_fn = _setup(pipe64, "sigmoid")
+    anchors = torch.randn((3, *trajectory.noise.shape), generator=torch.Generator().manual_seed(5), dtype=trajectory.noise.dtype)
+    seen = []
+
+    def step_loss(i, z):
+        seen.append(i)
+        return (i + 1) * (z - anchors[i]).pow(2).mean()
+
+    params = list(masked.logits)
+    with masked:
+        loss_plain, plain = naive_gradient(trajectory.step, trajectory.noise, 4, loss_fn, params)
+        loss_naive, naive = naive_gradient(trajectory.step, trajectory.noise, 4, loss_fn, params, step_loss=step_loss)
+        assert seen == [0, 1, 2]
+        loss_ours, ours = checkpointed_gradient(trajectory.step, trajectory.noise, 4, loss_fn, params, step_loss=step_loss)
+        assert seen == [0, 1, 2, 2, 1, 0]
+    flat_naive, flat_ours, flat_plain = torch.cat(naive), torch.cat(ours), torch.cat(plain)
+    assert loss_naive > loss_plain
+    assert torch.allclose(loss_naive, loss_ours, rtol=1e-12)
+    assert (flat_ours - flat_naive).norm() / flat_naive.norm() < 1e-5
+    assert (flat_plain - flat_naive).norm() / flat_naive.norm() > 1e-3
+
+
 def test_one_autograd_call_per_recomputed_step(pipe64, monkeypatch):
     masked, trajectory, loss_fn = _setup(pipe64, "sigmoid")
     calls = []

@@ -396,6 +396,29 @@ def test_final_threshold_closes_the_units_below_it(pipe: Any, tiny_train_config:
     assert shifted.masked_fraction == pytest.approx(closed / values.numel())
 
 
+def test_intermediate_preservation_adds_the_intermediate_latents(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    """Sigmoid gates are partly closed from the first step, so the preservation prompts' latents differ
+    from the original model's after every step: the intermediate term makes the first step's
+    preservation term larger and leaves the erase term alone; the checkpointed walk and one graph
+    over the trajectory train the same logits with it."""
+    logs, logits = {}, {}
+    for name, extra in {
+        "final": {"train__gradient_checkpointing": True},
+        "steps": {"train__gradient_checkpointing": True, "loss__intermediate_preservation": 2.0},
+        "steps_one_graph": {"train__gradient_checkpointing": False, "loss__intermediate_preservation": 2.0},
+    }.items():
+        config = tiny_train_config(mask__parameterization="sigmoid", sampling__steps=3, train__iterations=2, **extra)
+        logits[name] = run(pipe, config, tmp_path / name).logits
+        logs[name] = read_log(tmp_path / name / "training_log.csv")
+    assert float(logs["steps"][0]["erase"]) == pytest.approx(float(logs["final"][0]["erase"]), rel=1e-6)
+    assert float(logs["steps"][0]["preserve"]) > 1.01 * float(logs["final"][0]["preserve"]) > 0
+    for a, b in zip(logs["steps"], logs["steps_one_graph"]):
+        for column in ("erase", "preserve"):
+            assert float(a[column]) == pytest.approx(float(b[column]), rel=1e-4), column
+    assert_same_logits(logits["steps"], logits["steps_one_graph"], atol=1e-4)
+    assert any(not torch.equal(logits["steps"][k], logits["final"][k]) for k in logits["final"])
+
+
 def test_zero_learning_rate_freezes_a_unit_kind(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
     config = tiny_train_config(mask__norm__lr=0.0, train__iterations=3)
     result = run(pipe, config, tmp_path / "mask")

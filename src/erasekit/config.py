@@ -132,6 +132,11 @@ class LossConfig:
     erase_weight: float = 1.0
     preserve_weight: float = 1.0
     sparsity_weight: float = 0.05
+    intermediate_preservation: float = 0.0
+    """Weight of the preservation prompts' intermediate latents: the preservation term adds this times
+    the mean, over every step but the last, of the distance of the latent after that step to the
+    original model's from the same noise (0: the final latents alone). The original model's latents
+    come from the reference trajectory the loss already runs: no extra model evaluations."""
     negative_guidance: float = 0.0
     """Aim each concept prompt past its target, away from what the original model makes of it: goal =
     target + eta * (target - z0 of the concept prompt under the original model), ESD's negative

@@ -18,6 +18,7 @@ import torch
 
 StepFn = Callable[[torch.Tensor, int], torch.Tensor]
 LossFn = Callable[[torch.Tensor], torch.Tensor]
+StepLossFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def run_trajectory(step: StepFn, z_start: torch.Tensor, num_steps: int, keep: bool = False) -> list[torch.Tensor]:
@@ -51,6 +52,7 @@ def checkpointed_gradient(
     loss_fn: LossFn,
     params: Sequence[torch.Tensor],
     before_step: Callable[[int], None] | None = None,
+    step_loss: StepLossFn | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Loss and d loss / d params, with step-wise recomputation (memory flat in ``num_steps``).
 
@@ -61,6 +63,8 @@ def checkpointed_gradient(
             are added by the caller: this function covers the trajectory.
         params: leaf tensors to differentiate (mask logits).
         before_step: optional callback before each recomputation (e.g. to move the progress bar).
+        step_loss: optional loss of the latent after step ``i`` for every step but the last, added
+            to ``loss_fn``'s; it joins the autograd call of the step that produced that latent.
 
     Returns:
         ``(loss, grads)`` with ``grads[k]`` shaped like ``params[k]`` (zeros where unused).
@@ -82,8 +86,12 @@ def checkpointed_gradient(
             if g is None:
                 loss = loss_fn(out)
                 results = torch.autograd.grad(loss, [z, *params], allow_unused=True)
-            else:
+            elif step_loss is None:
                 results = torch.autograd.grad(out, [z, *params], grad_outputs=g, allow_unused=True)
+            else:
+                extra = step_loss(i, out)
+                loss = loss + extra.detach()
+                results = torch.autograd.grad([out, extra], [z, *params], grad_outputs=[g, torch.ones_like(extra)], allow_unused=True)
         g = results[0]
         for acc, r in zip(grads, results[1:]):
             if r is not None:
@@ -93,14 +101,23 @@ def checkpointed_gradient(
 
 
 def naive_gradient(
-    step: StepFn, z_start: torch.Tensor, num_steps: int, loss_fn: LossFn, params: Sequence[torch.Tensor]
+    step: StepFn,
+    z_start: torch.Tensor,
+    num_steps: int,
+    loss_fn: LossFn,
+    params: Sequence[torch.Tensor],
+    step_loss: StepLossFn | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Plain backpropagation through one graph of all steps (memory grows with ``num_steps``)."""
+    """Plain backpropagation through one graph of all steps (memory grows with ``num_steps``);
+    ``step_loss`` as in :func:`checkpointed_gradient`."""
     with torch.enable_grad():
         z = z_start
+        losses = []
         for i in range(num_steps):
             z = step(z, i)
-        loss = loss_fn(z)
+            if step_loss is not None and i < num_steps - 1:
+                losses.append(step_loss(i, z))
+        loss = sum(losses, loss_fn(z))
         grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 

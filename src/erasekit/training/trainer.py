@@ -287,6 +287,7 @@ class MaskTrainer:
         sample = dict(steps=steps, resolution=cfg.sampling.resolution, guidance_scale=cfg.sampling.guidance_scale)
         end = cfg.train.iterations if stop_after is None else min(stop_after, cfg.train.iterations)
         gradient = checkpointed_gradient if cfg.train.gradient_checkpointing else naive_gradient
+        intermediate = cfg.loss.intermediate_preservation if steps > 1 else 0.0
 
         def numbered(k: int, size: int) -> list[int]:
             """Global numbers of this process's ``size`` samples of micro-step ``k`` (prompt rows and noise seeds)."""
@@ -311,22 +312,32 @@ class MaskTrainer:
                     originals = prompts[:b] if eta else []
                     with masked.disabled():
                         reference = self.arch.trajectory(self.pipe, encode(targets + originals), seeds + seeds[: len(originals)], **sample)
-                        ends = run_trajectory(reference.step, reference.noise, steps)[-1]
+                        path = run_trajectory(reference.step, reference.noise, steps, keep=intermediate > 0)
+                        ends = path[-1]
                     goal = ends[: len(targets)]
                     if eta:
                         goal = torch.cat([goal[:b] + eta * (goal[:b] - ends[len(targets) :]), goal[b:]])
                     trajectory = self.arch.trajectory(self.pipe, encode(prompts), seeds, **sample)
-                    parts: dict[str, torch.Tensor] = {}
+                    parts: dict[str, torch.Tensor] = {"steps": torch.zeros(())}
 
                     def loss_fn(z: torch.Tensor) -> torch.Tensor:
                         per_sample = distance(z, goal, cfg.loss.distance)
                         parts["erase"], parts["preserve"] = per_sample[:b].mean(), per_sample[b:].mean()
                         return cfg.loss.erase_weight * parts["erase"] + cfg.loss.preserve_weight * parts["preserve"]
 
-                    _, micro_grads = gradient(trajectory.step, trajectory.noise, steps, loss_fn, params)
+                    def step_loss(i: int, z: torch.Tensor) -> torch.Tensor:
+                        # the preservation rows after step i against the original model's from the same noise
+                        term = intermediate / (steps - 1) * distance(z[b:], path[i + 1][b : b + pb], cfg.loss.distance).mean()
+                        parts["steps"] = parts["steps"] + term.detach()
+                        return cfg.loss.preserve_weight * term
+
+                    _, micro_grads = gradient(
+                        trajectory.step, trajectory.noise, steps, loss_fn, params, step_loss=step_loss if intermediate > 0 else None
+                    )
                     for acc_grad, g in zip(grads, micro_grads):
                         acc_grad.add_(g, alpha=1.0 / accum)
-                    terms += torch.tensor([float(parts["erase"].detach()), float(parts["preserve"].detach())], dtype=torch.float64) / accum
+                    preserve_term = parts["preserve"].detach() + parts["steps"]
+                    terms += torch.tensor([float(parts["erase"].detach()), float(preserve_term)], dtype=torch.float64) / accum
                 if world > 1:
                     for g in grads:
                         g.copy_(acc.reduce(g, reduction="mean"))
@@ -410,6 +421,8 @@ def validate_training_config(config: EraseConfig) -> None:
             raise ConfigError(f"{key} must be at least 1")
     if not math.isfinite(config.mask.final_threshold):
         raise ConfigError("mask.final_threshold must be a finite number (0 closes the units whose logits ended below 0)")
+    if config.loss.intermediate_preservation < 0:
+        raise ConfigError("loss.intermediate_preservation must not be negative (0 preserves the final latents alone)")
     if config.loss.negative_guidance < 0:
         raise ConfigError("loss.negative_guidance must not be negative (0 aims at the target itself)")
     for kind in UNIT_KINDS:
