@@ -1,4 +1,5 @@
-"""Gradients of a loss on the final latent with respect to mask logits, through the whole trajectory.
+"""Gradients of a loss on the final latent (and optional ones on the intermediate latents) with respect
+to mask logits, through the whole trajectory.
 
 :func:`checkpointed_gradient` is erasekit's method: keep the T latents of a no-grad pass, then walk
 back through the steps, recomputing each one with gradients on and obtaining, in ONE autograd call,
@@ -91,7 +92,9 @@ def checkpointed_gradient(
             else:
                 extra = step_loss(i, out)
                 loss = loss + extra.detach()
-                results = torch.autograd.grad([out, extra], [z, *params], grad_outputs=[g, torch.ones_like(extra)], allow_unused=True)
+                results = torch.autograd.grad(
+                    [out, extra], [z, *params], grad_outputs=[g, torch.ones_like(extra)], allow_unused=True
+                )
         g = results[0]
         for acc, r in zip(grads, results[1:]):
             if r is not None:
