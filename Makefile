@@ -10,10 +10,12 @@ setup: $(VENV)/.installed
 # torch is pinned by constraints.txt (the CPU build on this machine's disk; any other torch would pull a
 # multi-GB CUDA build). open_clip_torch is installed without its dependencies: erasekit only reads the CLIP
 # BPE vocabulary file it ships (for the offline tiny pipelines); its torchvision dependency is not needed.
+# --no-compile: Python compiles the modules it imports on first use; byte-compiling every file of torch
+# at install time only lengthens `make demo`.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --no-compile -c constraints.txt -e '.[test]'
 	$(PY) -m pip install -q --no-deps 'open_clip_torch==3.3.0'
 	touch $@
 
