@@ -151,18 +151,26 @@ def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
     return out
 
 
-def render(scene: Scene, size: int = 32) -> np.ndarray:
-    """Render ``scene`` as a ``(size, size, 3)`` uint8 RGB image (deterministic)."""
+def _unit_frame(scene: Scene, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Supersampled pixel coordinates ``(px, py)`` and the object's unit-frame coordinates ``(u, v)``."""
     n = size * SUPERSAMPLE
     coords = (np.arange(n) + 0.5) / SUPERSAMPLE  # pixel units
     px, py = np.meshgrid(coords, coords)
     angle = math.radians(scene.rotation)
     dx, dy = px - scene.x, scene.y - py  # dy up
     cos, sin = math.cos(angle), math.sin(angle)
-    u = (cos * dx + sin * dy) / scene.radius
-    v = (-sin * dx + cos * dy) / scene.radius
-    inside = shape_mask(scene.object, u, v)
+    return px, py, (cos * dx + sin * dy) / scene.radius, (-sin * dx + cos * dy) / scene.radius
 
+
+def render(scene: Scene, size: int = 32) -> np.ndarray:
+    """Render ``scene`` as a ``(size, size, 3)`` uint8 RGB image (deterministic)."""
+    px, py, u, v = _unit_frame(scene, size)
+    return _paint(scene, shape_mask(scene.object, u, v), px, py, size)
+
+
+def _paint(scene: Scene, inside: np.ndarray, px: np.ndarray, py: np.ndarray, size: int) -> np.ndarray:
+    """Colour, style and background of ``scene`` on the supersampled object mask ``inside``, downsampled."""
+    n = size * SUPERSAMPLE
     colour = np.array(RGB[scene.colour], dtype=np.float64)
     fill = np.broadcast_to(colour, (n, n, 3)).copy()
     if scene.style == "outline":
@@ -182,6 +190,31 @@ def render(scene: Scene, size: int = 32) -> np.ndarray:
     image = np.where(inside[..., None], fill, background)
     image = image.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def render_morph(scene: Scene, other: str, t: float, size: int = 32) -> np.ndarray:
+    """``scene`` with its object replaced by a shape ``t`` of the way from it to object ``other``.
+
+    Both silhouettes are softened (a box blur of a tenth of the radius, at the supersampled
+    resolution) and mixed with weights ``1 - t`` and ``t``; the morph is where the mix exceeds one
+    half, so ``t`` = 0.5 between a circle and a square is a rounded square. Colour, style and
+    background are drawn as :func:`render` draws them. For judging in-between shapes: a judge
+    should name the scene's object near 0, ``other`` near 1, and hesitate in between.
+    """
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must lie in [0, 1], got {t}")
+    px, py, u, v = _unit_frame(scene, size)
+    width = max(1, round(0.1 * scene.radius * SUPERSAMPLE))
+
+    def soft(name: str) -> np.ndarray:
+        field = shape_mask(name, u, v).astype(np.float64)
+        kernel = np.ones(2 * width + 1) / (2 * width + 1)
+        for axis in (0, 1):
+            field = np.apply_along_axis(lambda row: np.convolve(row, kernel, mode="same"), axis, field)
+        return field
+
+    inside = (1 - t) * soft(scene.object) + t * soft(other) > 0.5
+    return _paint(scene, inside, px, py, size)
 
 
 # ----------------------------------------------------------------------------- "no object" images
