@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 import torch
 
 from erasekit.toyworld import protocol
@@ -275,7 +276,15 @@ def test_demo_with_a_small_budget_lowers_the_concept_detection(small_demo):
     # the model's own squares, drawn from the circles' scenes and noise, are not taken for circles
     assert metrics["anchor_images"]["ua"] > 0.95 and metrics["anchor_images"]["synonym_ua"] > 0.95
     assert set(metrics) >= {"concept", "before", "after", "fidelity", "masked_fraction", "seconds"}
-    assert set(metrics["before"]) == {"ua", "synonym_ua", "ira", "cra"}
+    assert set(metrics["before"]) == {"ua", "synonym_ua", "ira", "cra", "strict_ua", "strict_synonym_ua",
+                                      "ambiguous", "synonym_ambiguous", "judges"}
+    assert metrics["after"]["judges"] == ["detector", "geometric"]
+    # strict: erased only where every judge finds no circle, so never more than the detector's UA
+    assert metrics["after"]["strict_ua"] <= metrics["after"]["ua"]
+    assert metrics["numerics"]["environment"]["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert metrics["numerics"]["threads"] == 2 and len(metrics["mask_sha256"]) == 64
+    images = load_file(str(out / "images.safetensors"))
+    assert images["erased"].shape == images["original"].shape == (3 * metrics["images_per_group"], 32, 32, 3)
     assert {"psnr", "ssim"} <= set(metrics["fidelity"])
     assert (out / "grid.png").is_file() and "data:image/png;base64," in (out / "report.html").read_text()
     assert (out / "mask" / "masks.safetensors").is_file()

@@ -16,6 +16,10 @@ from typing import Any, Callable
 
 from . import __version__
 from .errors import ErasekitError
+from .reproducibility import pin_cpu_numerics
+
+#: Torch threads of ``erasekit demo`` unless ``--threads`` says otherwise.
+DEMO_THREADS = 2
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
@@ -119,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=PER_GROUP, help=f"evaluation images per group: concept, synonym, other values (default {PER_GROUP})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the erasure recipe (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    p.add_argument("--seed", dest="seeds", type=int, action="append", metavar="N",
+                   help="training seed (default: the recipe's, 0); several, or several --threads, measure the spread: "
+                   "one run each under OUTPUT/runs/, and OUTPUT/spread.json and spread.md with mean, std and worst case")
+    p.add_argument("--threads", dest="thread_counts", type=int, action="append", metavar="N",
+                   help=f"torch threads (default {DEMO_THREADS}; the CPU numerics are pinned so that a busy and an idle machine give the same mask)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("toyworld", help="the ShapesCanvas world: retrain it, or measure its quality")
@@ -317,12 +326,24 @@ def _quiet_libraries() -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .toyworld.demo import format_table, run_demo
-
     if args.images < 1:
         raise ErasekitError(f"--images must be at least 1, got {args.images}")
+    threads = args.thread_counts or [DEMO_THREADS]
+    if any(t < 1 for t in threads):
+        raise ErasekitError(f"--threads must be at least 1, got {threads}")
+    pin_cpu_numerics(threads[0])  # before torch is imported: the instruction set is read when it starts
+    from .toyworld.demo import format_table, run_demo
+
+    if len(args.seeds or []) > 1 or len(threads) > 1:
+        from .toyworld.spread import run_spread
+
+        run_spread(args.concept, args.output, seeds=args.seeds or [0], threads=threads, per_group=args.images,
+                   anchor=args.anchor, overrides=args.overrides, world_path=args.world)
+        print(Path(args.output, "spread.md").read_text(encoding="utf-8"))
+        return 0
+    overrides = [*args.overrides, *(f"train.seed={s}" for s in args.seeds or [])]
     metrics = run_demo(args.concept, args.output, world_path=args.world, per_group=args.images,
-                       anchor=args.anchor, overrides=args.overrides, overwrite=args.overwrite)
+                       anchor=args.anchor, overrides=overrides, overwrite=args.overwrite)
     print(f"erasing {metrics['concept']!r} from the ShapesCanvas model")
     print(format_table(metrics))
     print(f"report: {Path(args.output) / 'report.html'}")

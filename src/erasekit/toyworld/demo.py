@@ -15,26 +15,31 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 
 from .. import __version__
 from ..config import EraseConfig, load_config
 from ..errors import ErasekitError
 from ..masks.artifact import atomic_directory, commit_directory
 from ..pipeline import apply_masks
+from ..reproducibility import numerics_record
 from ..training import erase
 from . import protocol
+from .geometry import GeometricJudge
 from .world import World
 
 #: The recipe the demo erases with: mask, loss and training settings (prompts and sampling come from
@@ -160,6 +165,55 @@ PSNR {_db(fidelity['psnr'])}, SSIM {fidelity['ssim']:.4f}, latent MSE {fidelity[
 """
 
 
+@dataclass
+class OriginalImages:
+    """What the demo measures the erasure against: the original model's evaluation images and their scores."""
+
+    samples: list[protocol.Sample]
+    images: np.ndarray
+    latents: torch.Tensor
+    scores: dict[str, Any]
+    anchor: str | None
+    anchor_images: np.ndarray
+    anchor_scores: dict[str, float]
+
+
+def original_images(world: World, concept: str, samples: list[protocol.Sample], anchor: str | None, progress: bool = True) -> OriginalImages:
+    """The original model's images of ``samples`` and of their scenes prompted with ``anchor``, judged."""
+    prompts, seeds = [s.prompt for s in samples], [s.seed for s in samples]
+    images, latents = world.generate(prompts, seeds, progress=progress, desc="original model", return_latents=True)
+    references = protocol.anchor_samples(concept, samples, anchor)
+    anchor_images = world.generate([s.prompt for s in references], [s.seed for s in references], progress=progress, desc="anchor prompts")
+    anchor_scores = protocol.score(concept, references, world.detectors.predict(anchor_images))
+    return OriginalImages(samples, images, latents, judge(world, concept, samples, images), anchor, anchor_images, anchor_scores)
+
+
+def judge(world: World, concept: str, samples: list[protocol.Sample], images: np.ndarray) -> dict[str, Any]:
+    """The protocol's scores of ``images`` (:func:`~erasekit.toyworld.protocol.score`, by the world's detectors)
+    and the strict ones (:func:`~erasekit.toyworld.protocol.strict_score`): for an object, the geometric judge
+    (:class:`~erasekit.toyworld.geometry.GeometricJudge`) must find it absent too."""
+    attribute, value = protocol.resolve_concept(concept)
+    predicted = world.detectors.predict(images)
+    scores: dict[str, Any] = protocol.score(concept, samples, predicted)
+    found = {"detector": [p == value for p in predicted[attribute]]}
+    if attribute == "object":
+        drawn = [i for i, s in enumerate(samples) if s.group != "in_domain"]  # only the concept's scenes need it
+        flags = dict(zip(drawn, _geometric_judge().finds(images[drawn], value)))
+        found["geometric"] = [flags.get(i, False) for i in range(len(samples))]
+    scores.update(protocol.strict_score(concept, samples, found))
+    return scores
+
+
+_GEOMETRIC: GeometricJudge | None = None
+
+
+def _geometric_judge() -> GeometricJudge:
+    global _GEOMETRIC
+    if _GEOMETRIC is None:  # its templates take a second to draw
+        _GEOMETRIC = GeometricJudge()
+    return _GEOMETRIC
+
+
 def run_demo(
     concept: str = "circle",
     output: str | Path = "outputs/demo",
@@ -170,12 +224,15 @@ def run_demo(
     overrides: list[str] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    world: World | None = None,
+    originals: dict[str | None, OriginalImages] | None = None,
 ) -> dict[str, Any]:
     """Erase ``concept`` from the ShapesCanvas model and write the before/after report to ``output``.
 
     Args:
         concept: an object, colour, style or background of the world (synonyms accepted).
-        output: folder for ``metrics.json``, ``grid.png``, ``report.html`` and the mask (``mask/``).
+        output: folder for ``metrics.json``, ``grid.png``, ``report.html``, ``images.safetensors`` (the
+            original, erased and anchor-prompt images as uint8) and the mask (``mask/``).
         world_path: a world folder; default the shipped one.
         per_group: evaluation images per group (target, synonym, in-domain).
         anchor: what the concept becomes: another value of its attribute, or ``"empty"`` for an object
@@ -184,6 +241,9 @@ def run_demo(
         overrides: ``key=value`` changes to the recipe (as ``erasekit erase --set``).
         progress: show progress bars.
         overwrite: replace an existing output folder.
+        world: an already loaded world (then ``world_path`` is ignored).
+        originals: the original model's images by anchor, reused when present and filled in otherwise
+            (several erasures of one concept, :func:`erasekit.toyworld.spread.run_spread`).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -193,43 +253,43 @@ def run_demo(
     target = Path(output)
     if target.exists() and not overwrite:
         raise ErasekitError(f"output {str(target)!r} already exists; choose another --output or remove it")
-    world = World.load(world_path)
+    world = world or World.load(world_path)
     config = erasure_config(world, concept, overrides, anchor=anchor)
     samples = protocol.evaluation_samples(concept, per_group=per_group)
     prompts, seeds = [s.prompt for s in samples], [s.seed for s in samples]
+    # an object's default anchor is the one erasure_config chose (its nearest neighbour); it names it
+    chosen = config.concept.anchor if anchor is None and attribute == "object" else anchor
+    originals = {} if originals is None else originals
+    if chosen not in originals or originals[chosen].samples != samples:
+        originals[chosen] = original_images(world, concept, samples, chosen, progress=progress)
+    original = originals[chosen]
 
     tmp = atomic_directory(target)
     try:
-        before, latents_before = world.generate(prompts, seeds, progress=progress, desc="original model", return_latents=True)
-        predicted_before = world.detectors.predict(before)
-        # an object's default anchor is the one erasure_config chose (its nearest neighbour); it names it
-        chosen = config.concept.anchor if anchor is None and attribute == "object" else anchor
-        references = protocol.anchor_samples(concept, samples, chosen)
-        anchor_images = world.generate([s.prompt for s in references], [s.seed for s in references], progress=progress, desc="anchor prompts")
-        reference_scores = protocol.score(concept, references, world.detectors.predict(anchor_images))
         result = erase(config, tmp / "mask")
         masked = apply_masks(world.pipe, [tmp / "mask"])
         try:
             after, latents_after = world.generate(prompts, seeds, progress=progress, desc="erased model", return_latents=True)
         finally:
             masked.remove()
-        predicted_after = world.detectors.predict(after)
         counts = result.masked_units
         keep = np.array([s.group == "in_domain" for s in samples])
         metrics: dict[str, Any] = {
             "concept": value,
             "attribute": attribute,
             "anchor": config.concept.anchor,
-            "before": protocol.score(concept, samples, predicted_before),
-            "after": protocol.score(concept, samples, predicted_after),
+            "before": original.scores,
+            "after": judge(world, concept, samples, after),
             # the original model's images of the anchor prompts, same noise: the most an exact mapping reaches
-            "anchor_images": {key: reference_scores[key] for key in ("ua", "synonym_ua")},
-            "fidelity": _fidelity(before[keep], after[keep], latents_before[torch.from_numpy(keep)], latents_after[torch.from_numpy(keep)]),
+            "anchor_images": {key: original.anchor_scores[key] for key in ("ua", "synonym_ua")},
+            "fidelity": _fidelity(original.images[keep], after[keep], original.latents[torch.from_numpy(keep)], latents_after[torch.from_numpy(keep)]),
             "masked_fraction": result.masked_fraction,
             "masked_units": counts,
+            "mask_sha256": _logits_digest(result.logits),
             "images_per_group": per_group,
             "sampling": world.sampling,
-            "erasure": {"iterations": config.train.iterations, "seconds": round(result.seconds, 3)},
+            "erasure": {"iterations": config.train.iterations, "seed": config.train.seed, "seconds": round(result.seconds, 3)},
+            "numerics": numerics_record(),
             "erasekit_version": __version__,
         }
         metrics["seconds"] = time.perf_counter() - started
@@ -237,12 +297,14 @@ def run_demo(
         rows = []
         for group, label in (("target", "concept"), ("synonym", "synonym"), ("in_domain", "other values")):
             index = [i for i, s in enumerate(samples) if s.group == group][:columns]
-            rows.append((f"{label}: original", before[index]))
+            rows.append((f"{label}: original", original.images[index]))
             if group == "target":  # references hold the target samples first, in order
-                rows.append(("concept: anchor prompt", anchor_images[: len(index)]))
+                rows.append(("concept: anchor prompt", original.anchor_images[: len(index)]))
             rows.append((f"{label}: erased", after[index]))
         grid = _grid(rows)
         grid.save(tmp / "grid.png")
+        images = {"original": original.images, "erased": after, "anchor": original.anchor_images}
+        save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in images.items()}, str(tmp / "images.safetensors"))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "report.html").write_text(_report(metrics, grid), encoding="utf-8")
         commit_directory(tmp, target, overwrite=overwrite)
@@ -250,6 +312,15 @@ def run_demo(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return metrics
+
+
+def _logits_digest(logits: dict[str, torch.Tensor]) -> str:
+    """sha256 of the mask's logits (names and float32 bytes, in name order): equal digests, equal masks."""
+    digest = hashlib.sha256()
+    for name in sorted(logits):
+        digest.update(name.encode())
+        digest.update(logits[name].detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def format_table(metrics: dict[str, Any]) -> str:

@@ -187,3 +187,31 @@ def erasure_prompts(
         other_scene = sample_scene(rng, **{attribute: others[k % len(others)]})
         preserve.append(fill(template, other_scene.attributes()))
     return concept_prompts, anchors, preserve
+
+
+def strict_score(
+    concept: str, samples: Sequence[Sample], found: Mapping[str, Sequence[bool]]
+) -> dict[str, float | list[str]]:
+    """UA counted strictly: an image is erased only when *every* judge finds the concept absent.
+
+    Args:
+        concept: the erased concept.
+        samples: from :func:`evaluation_samples`.
+        found: judge name -> per sample, whether that judge finds the concept in the image.
+
+    Returns:
+        ``strict_ua`` and ``strict_synonym_ua`` (no judge finds the concept), ``ambiguous`` and
+        ``synonym_ambiguous`` (the judges disagree: some find it, some do not), each a fraction of the
+        target or synonym images, and ``judges``, the names of the judges.
+    """
+    resolve_concept(concept)
+    if not found or any(len(flags) != len(samples) for flags in found.values()):
+        raise ValueError("one verdict per sample and judge is needed")
+    votes = np.array([list(flags) for flags in found.values()], dtype=bool)  # (judges, samples)
+    anyone, everyone = votes.any(axis=0), votes.all(axis=0)
+    result: dict[str, float | list[str]] = {"judges": list(found)}
+    for group, prefix in (("target", ""), ("synonym", "synonym_")):
+        index = [i for i, s in enumerate(samples) if s.group == group]
+        result[f"strict_{prefix}ua"] = float(np.mean(~anyone[index])) if index else float("nan")
+        result[f"{prefix}ambiguous"] = float(np.mean(anyone[index] & ~everyone[index])) if index else float("nan")
+    return result

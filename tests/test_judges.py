@@ -1,0 +1,135 @@
+"""Judging ShapesCanvas images strictly: the geometric judge, in-between shapes, strict UA, the spread summary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from erasekit.toyworld import protocol
+from erasekit.toyworld.detectors import ShapesDetectors, _to_float, augment_images
+from erasekit.toyworld.geometry import GeometricJudge
+from erasekit.toyworld.render import OBJECTS, render, render_morph, sample_scene
+from erasekit.toyworld.spread import meets_bar, summarise
+from erasekit.toyworld.world import SHIPPED_WORLD
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def judge() -> GeometricJudge:
+    return GeometricJudge()
+
+
+def _renders(seed: int, per_object: int) -> tuple[list, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng, object=name) for name in OBJECTS for _ in range(per_object)]
+    return scenes, np.stack([render(s) for s in scenes])
+
+
+def test_geometric_judge_names_every_rendered_object(judge):
+    scenes, images = _renders(7, 6)
+    verdict = judge.judge(images)
+    assert verdict.objects == [s.object for s in scenes]
+    assert np.mean(verdict.ambiguous) <= 0.05  # a thin shape at its smallest size may fit two templates alike
+    assert verdict.iou.shape == (len(scenes), len(OBJECTS)) and verdict.iou.max() <= 1 + 1e-6
+    # degraded the way generated images are (blur, noise, resampling, jitter, flips): still almost all
+    degraded = augment_images(_to_float(images), torch.Generator().manual_seed(0))
+    degraded = (degraded.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    assert np.mean([o == s.object for o, s in zip(judge.judge(degraded).objects, scenes)]) >= 0.95
+
+
+def test_an_empty_canvas_shows_no_object(judge):
+    blank = np.full((2, 32, 32, 3), 128, dtype=np.uint8)
+    assert judge.judge(blank).objects == ["none", "none"]
+    assert judge.finds(blank, "circle") == [False, False]
+
+
+def test_judges_on_shapes_between_a_circle_and_a_square(judge):
+    """The agreement of the two judges on in-between shapes, as the docs report it.
+
+    Near either end both judges name the end; half way the network splits, the geometric judge
+    finds the two fits within its margin, and the strict reading counts the shape as a circle."""
+    detectors = ShapesDetectors.from_pretrained(SHIPPED_WORLD / "detectors")
+    rng = np.random.default_rng(3)
+    scenes = [sample_scene(rng, object="circle") for _ in range(32)]
+
+    def rates(t: float) -> tuple[float, float, float, float]:
+        images = np.stack([render_morph(s, "square", t) for s in scenes])
+        network = detectors.predict(images)["object"]
+        verdict = judge.judge(images)
+        return (
+            float(np.mean([p == "circle" for p in network])),
+            float(np.mean([o == "circle" for o in verdict.objects])),
+            float(np.mean(verdict.ambiguous)),
+            float(np.mean(judge.finds(images, "circle"))),
+        )
+
+    network, geometric, ambiguous, found = rates(0.2)
+    assert network >= 0.95 and geometric >= 0.95 and found >= 0.95
+    network, geometric, ambiguous, found = rates(0.5)
+    assert 0.1 <= network <= 0.9  # the network's boundary runs through the middle of the morph
+    assert ambiguous >= 0.75 and found >= 0.9
+    network, geometric, ambiguous, found = rates(1.0)
+    assert network <= 0.1 and geometric <= 0.05 and found <= 0.1
+
+
+def test_render_morph_ends_and_bounds():
+    scene = sample_scene(np.random.default_rng(0), object="circle")
+    # t = 0 is the object itself, its silhouette only softened at the corners
+    assert np.mean(np.all(render_morph(scene, "square", 0.0) == render(scene), axis=-1)) > 0.9
+    assert not np.array_equal(render_morph(scene, "square", 0.5), render(scene))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        render_morph(scene, "square", 1.5)
+
+
+def test_strict_score_counts_an_image_erased_only_when_every_judge_agrees():
+    samples = protocol.evaluation_samples("circle", per_group=4)
+    groups = [s.group for s in samples]
+    assert groups == ["target"] * 4 + ["synonym"] * 4 + ["in_domain"] * 4
+    detector = [True, False, False, False] + [False] * 4 + [False] * 4
+    geometric = [True, True, False, False] + [True, False, False, False] + [False] * 4
+    scores = protocol.strict_score("circle", samples, {"detector": detector, "geometric": geometric})
+    assert scores["strict_ua"] == 0.5 and scores["ambiguous"] == 0.25
+    assert scores["strict_synonym_ua"] == 0.75 and scores["synonym_ambiguous"] == 0.25
+    assert scores["judges"] == ["detector", "geometric"]
+    with pytest.raises(ValueError):
+        protocol.strict_score("circle", samples, {"detector": detector[:3]})
+
+
+def _metrics(ua: float, strict_ua: float, ira: float, masked: float, digest: str) -> dict:
+    after = {"ua": ua, "synonym_ua": 0.95, "strict_ua": strict_ua, "strict_synonym_ua": 0.92, "ambiguous": 0.1,
+             "ira": ira, "cra": 0.95}
+    before = {"ua": 0.2, "synonym_ua": 0.1, "ira": 0.9, "cra": 0.96}
+    return {"after": after, "before": before, "masked_fraction": masked, "mask_sha256": digest}
+
+
+def test_the_bar_applies_to_the_strict_ua_and_to_the_originals_retention():
+    passing = _metrics(0.99, 0.96, 0.86, 0.03, "a")
+    assert all(meets_bar(passing).values())
+    lenient_only = _metrics(0.99, 0.90, 0.86, 0.03, "b")
+    assert not meets_bar(lenient_only)["ua"] and meets_bar(lenient_only, strict=False)["ua"]
+    assert not meets_bar(_metrics(0.99, 0.96, 0.85, 0.03, "c"))["ira"]  # 95 % of 0.9 is 0.855
+    assert not meets_bar(_metrics(0.99, 0.96, 0.86, 0.06, "d"))["masked_fraction"]
+
+
+def test_spread_summary_mean_std_worst():
+    runs = {
+        "seed0-threads1": _metrics(0.99, 0.96, 0.86, 0.03, "a"),
+        "seed0-threads2": _metrics(0.99, 0.96, 0.86, 0.03, "a"),
+        "seed1-threads1": _metrics(0.93, 0.90, 0.88, 0.04, "b"),
+    }
+    report = summarise(runs)
+    summary = report["summary"]
+    assert summary["runs"] == 3 and summary["distinct_masks"] == 2 and summary["runs_meeting_bar"] == 2
+    assert summary["strict_ua"]["mean"] == pytest.approx(0.94)
+    assert summary["strict_ua"]["std"] == pytest.approx(np.std([0.96, 0.96, 0.90], ddof=1))
+    assert summary["strict_ua"]["worst"] == pytest.approx(0.90)
+    assert summary["masked_fraction"]["worst"] == pytest.approx(0.04)
+    assert report["bar"]["seed1-threads1"]["ua"] is False
