@@ -4,7 +4,7 @@ The world's CNN detector learned its class boundaries from clean renders, and a 
 lies between two objects (a circle with corners, a square with rounded ones) falls on whichever side
 that boundary happens to put it. This judge shares nothing with the network: it separates the object
 from the background by colour, fills enclosed holes (outlines, dark checker cells), and fits every
-object's silhouette (:func:`~erasekit.toyworld.render.shape_mask`, anti-aliased) over rotations,
+object's silhouette (:func:`~erasekit.toyworld.render.coverage`, anti-aliased) over rotations,
 sizes and positions, scoring each fit by intersection over union. The object is the best fit; a shape
 whose two best objects fit almost equally well is *ambiguous*, and an image whose best fit is poor
 shows no recognisable object (``"none"``).
@@ -18,7 +18,6 @@ Typical use::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .detectors import NONE
-from .render import OBJECTS, ROTATION_DEGREES, SUPERSAMPLE, shape_mask
+from .render import OBJECTS, ROTATION_DEGREES, coverage
 
 #: Rotations (degrees) and radii (pixels, the renderer's 0.30-0.44 of 32 and a margin) of the templates.
 ROTATIONS = tuple(float(r) for r in np.linspace(-ROTATION_DEGREES, ROTATION_DEGREES, 9))
@@ -51,19 +50,6 @@ class GeometricVerdict:
     ambiguous: list[bool]
     iou: np.ndarray
     """``(N, objects)`` best intersection over union of each object's template, in :data:`OBJECTS` order."""
-
-
-def _template(name: str, radius: float, rotation: float, size: int) -> np.ndarray:
-    """Anti-aliased coverage of ``name`` centred on a ``size`` canvas (what the renderer draws, as a mask)."""
-    n = size * SUPERSAMPLE
-    coords = (np.arange(n) + 0.5) / SUPERSAMPLE - size / 2
-    px, py = np.meshgrid(coords, coords)
-    angle = math.radians(rotation)
-    dx, dy = px, -py
-    u = (math.cos(angle) * dx + math.sin(angle) * dy) / radius
-    v = (-math.sin(angle) * dx + math.cos(angle) * dy) / radius
-    inside = shape_mask(name, u, v).astype(np.float32)
-    return inside.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
 
 
 def silhouettes(images: np.ndarray) -> torch.Tensor:
@@ -108,14 +94,10 @@ class GeometricJudge:
         self.size, self.margin = size, margin
         self.names = list(OBJECTS)
         # mirrored templates too: a generated crescent may open to either side (the detectors train with flips)
-        templates = [
-            t
-            for name in self.names
-            for r in RADII
-            for rot in ROTATIONS
-            for t in (_template(name, r, rot, size), _template(name, r, rot, size)[:, ::-1])
-        ]
-        self.templates = torch.from_numpy(np.stack(templates))[:, None]  # (K, 1, S, S)
+        centre = size / 2
+        drawn = [coverage(name, centre, centre, r, rot, size) for name in self.names for r in RADII for rot in ROTATIONS]
+        templates = [t for template in drawn for t in (template, template[:, ::-1])]
+        self.templates = torch.from_numpy(np.stack(templates).astype(np.float32))[:, None]  # (K, 1, S, S)
         self.per_object = 2 * len(RADII) * len(ROTATIONS)
 
     def fits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

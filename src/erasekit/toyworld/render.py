@@ -151,20 +151,28 @@ def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
     return out
 
 
-def _unit_frame(scene: Scene, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Supersampled pixel coordinates ``(px, py)`` and the object's unit-frame coordinates ``(u, v)``."""
+def _unit_frame(
+    x: float, y: float, radius: float, rotation: float, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Supersampled pixel coordinates ``(px, py)`` and an object's unit-frame coordinates ``(u, v)``."""
     n = size * SUPERSAMPLE
     coords = (np.arange(n) + 0.5) / SUPERSAMPLE  # pixel units
     px, py = np.meshgrid(coords, coords)
-    angle = math.radians(scene.rotation)
-    dx, dy = px - scene.x, scene.y - py  # dy up
+    angle = math.radians(rotation)
+    dx, dy = px - x, y - py  # dy up
     cos, sin = math.cos(angle), math.sin(angle)
-    return px, py, (cos * dx + sin * dy) / scene.radius, (-sin * dx + cos * dy) / scene.radius
+    return px, py, (cos * dx + sin * dy) / radius, (-sin * dx + cos * dy) / radius
+
+
+def coverage(name: str, x: float, y: float, radius: float, rotation: float, size: int = 32) -> np.ndarray:
+    """The share of each pixel that object ``name`` covers when drawn at this placement: ``(size, size)`` floats."""
+    _, _, u, v = _unit_frame(x, y, radius, rotation, size)
+    return shape_mask(name, u, v).reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
 
 
 def render(scene: Scene, size: int = 32) -> np.ndarray:
     """Render ``scene`` as a ``(size, size, 3)`` uint8 RGB image (deterministic)."""
-    px, py, u, v = _unit_frame(scene, size)
+    px, py, u, v = _unit_frame(scene.x, scene.y, scene.radius, scene.rotation, size)
     return _paint(scene, shape_mask(scene.object, u, v), px, py, size)
 
 
@@ -203,7 +211,7 @@ def render_morph(scene: Scene, other: str, t: float, size: int = 32) -> np.ndarr
     """
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t must lie in [0, 1], got {t}")
-    px, py, u, v = _unit_frame(scene, size)
+    px, py, u, v = _unit_frame(scene.x, scene.y, scene.radius, scene.rotation, size)
     width = max(1, round(0.1 * scene.radius * SUPERSAMPLE))
 
     def soft(name: str) -> np.ndarray:

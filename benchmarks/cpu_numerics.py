@@ -1,0 +1,89 @@
+"""Which CPU settings change the demo's mask, and what a busy machine costs: side by side in one run.
+
+Each configuration trains the ShapesCanvas demo recipe for a few iterations in a fresh process (the
+instruction set and the OpenMP settings are read when torch starts) and prints seconds per iteration
+and the sha256 of the logits: equal digests mean bit-identical training. Configurations:
+
+* ``pinned``: erasekit's pinned numerics (:mod:`erasekit.reproducibility`) with 1 and 2 threads, on
+  an idle machine and beside ``--busy`` processes that spin on the CPU;
+* ``library defaults``: what torch picks by itself (AVX-512 kernels where the processor has them,
+  spinning OpenMP waits), the same ways.
+
+Usage::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cpu_numerics.py [--iterations 6] [--busy 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+
+CHILD = r"""
+import hashlib, json, os, sys, tempfile, time
+threads, iterations, pinned = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+if pinned:
+    from erasekit.reproducibility import pin_cpu_numerics
+    pin_cpu_numerics(threads)
+import torch
+torch.set_num_threads(threads)
+from erasekit.toyworld.demo import erasure_config
+from erasekit.toyworld.world import World
+from erasekit.training import erase
+config = erasure_config(World.load(), "circle", [f"train.iterations={iterations}"], anchor="square")
+with tempfile.TemporaryDirectory() as folder:
+    result = erase(config, os.path.join(folder, "mask"))
+digest = hashlib.sha256()
+for name in sorted(result.logits):
+    digest.update(name.encode()); digest.update(result.logits[name].numpy().tobytes())
+print(json.dumps({"seconds_per_iteration": result.seconds / iterations, "digest": digest.hexdigest()[:16],
+                  "capability": torch.backends.cpu.get_cpu_capability()}))
+"""
+
+
+def _spin(stop_at: float) -> None:
+    while time.time() < stop_at:
+        pass
+
+
+def _child(threads: int, iterations: int, pinned: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR",
+                                                             "MKL_DYNAMIC", "OMP_DYNAMIC", "OMP_WAIT_POLICY")}
+    env["HF_HUB_OFFLINE"] = "1"
+    run = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(iterations), "1" if pinned else "0"],
+                         capture_output=True, text=True, env=env, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--busy", type=int, default=3, help="spinning processes beside the busy runs")
+    args = parser.parse_args()
+    rows = []
+    for pinned in (True, False):
+        for busy in (0, args.busy):
+            for threads in (1, 2):
+                spinners = [multiprocessing.Process(target=_spin, args=(time.time() + 3600,)) for _ in range(busy)]
+                for p in spinners:
+                    p.start()
+                try:
+                    result = _child(threads, args.iterations, pinned)
+                finally:
+                    for p in spinners:
+                        p.terminate()
+                rows.append({"numerics": "pinned" if pinned else "library defaults", "busy": busy, "threads": threads, **result})
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\n| numerics | busy processes | threads | s / iteration | kernels | logits digest |\n| --- | ---: | ---: | ---: | --- | --- |")
+    for row in rows:
+        print(f"| {row['numerics']} | {row['busy']} | {row['threads']} | {row['seconds_per_iteration']:.2f} | "
+              f"{row['capability']} | `{row['digest']}` |")
+
+
+if __name__ == "__main__":
+    main()
