@@ -133,3 +133,26 @@ def test_spread_summary_mean_std_worst():
     assert summary["strict_ua"]["worst"] == pytest.approx(0.90)
     assert summary["masked_fraction"]["worst"] == pytest.approx(0.04)
     assert report["bar"]["seed1-threads1"]["ua"] is False
+
+
+def test_a_finished_run_is_judged_again_from_its_saved_images(tmp_path):
+    """The spread reuses a finished run's folder and scores its saved images with the current judges."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from erasekit.toyworld.spread import rejudge
+    from erasekit.toyworld.world import World
+
+    samples = protocol.evaluation_samples("circle", per_group=2)
+    renders = torch.from_numpy(np.stack([render(s.scene) for s in samples]))
+    squares = torch.from_numpy(np.stack([render(type(s.scene)(**{**s.scene.to_dict(), "object": "square"})) for s in samples]))
+    run = tmp_path / "seed0-threads1"
+    run.mkdir()
+    save_file({"original": renders, "erased": squares, "anchor": squares[:4].clone()}, str(run / "images.safetensors"))
+    stale = {"concept": "circle", "images_per_group": 2, "before": {"ua": 0.5}, "after": {"ua": 0.5}}
+    (run / "metrics.json").write_text(json.dumps(stale))
+    metrics = rejudge(World.load(), run, stale)
+    assert metrics["before"]["strict_ua"] == 0.0 and metrics["after"]["strict_ua"] == 1.0
+    assert metrics["after"]["judges"][0] == "detector" and "geometric" in metrics["after"]["judges"]
+    assert json.loads((run / "metrics.json").read_text()) == metrics

@@ -163,3 +163,25 @@ def test_evaluate_keys(trained: Path) -> None:
 def test_shipped_detectors_accuracy() -> None:
     scores = evaluate_detectors(ShapesDetectors.from_pretrained(SHIPPED), n=500)
     assert all(value >= 0.98 for value in scores.values()), scores
+
+
+def test_morph_examples_carry_soft_object_targets() -> None:
+    from erasekit.toyworld.detectors import _render_examples
+
+    plain_images, plain_labels, plain_targets = _render_examples(np.random.default_rng(4), 40, 0.1)
+    # without morphs the targets are the labels, one-hot
+    assert np.array_equal(plain_targets.argmax(1), plain_labels[:, 0]) and set(np.unique(plain_targets)) <= {0.0, 1.0}
+    images, labels, targets = _render_examples(np.random.default_rng(4), 40, 0.0, morph_fraction=1.0)
+    assert np.allclose(targets.sum(1), 1.0)
+    assert ((targets > 0).sum(1) == 2).mean() > 0.9  # two objects share each target (t = 0 or 1 almost never)
+    assert np.array_equal(targets.argmax(1), labels[:, 0])  # the label is the nearer end
+    assert not np.array_equal(images, plain_images)
+
+
+def test_training_with_morphs_records_it(tmp_path: Path) -> None:
+    out = train_detectors(tmp_path / "morph", seed=3, morph_fraction=0.5, **TINY)
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["morph_fraction"] == 0.5
+    ShapesDetectors.from_pretrained(out).predict(np.zeros((1, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="morph_fraction"):
+        train_detectors(tmp_path / "bad", morph_fraction=1.5, **TINY)

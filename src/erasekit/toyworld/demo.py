@@ -190,12 +190,15 @@ def original_images(world: World, concept: str, samples: list[protocol.Sample], 
 
 def judge(world: World, concept: str, samples: list[protocol.Sample], images: np.ndarray) -> dict[str, Any]:
     """The protocol's scores of ``images`` (:func:`~erasekit.toyworld.protocol.score`, by the world's detectors)
-    and the strict ones (:func:`~erasekit.toyworld.protocol.strict_score`): for an object, the geometric judge
-    (:class:`~erasekit.toyworld.geometry.GeometricJudge`) must find it absent too."""
+    and the strict ones (:func:`~erasekit.toyworld.protocol.strict_score`): the second network judge (trained
+    with in-between shapes, where the world has one) and, for an object, the geometric judge
+    (:class:`~erasekit.toyworld.geometry.GeometricJudge`) must find the concept absent too."""
     attribute, value = protocol.resolve_concept(concept)
     predicted = world.detectors.predict(images)
     scores: dict[str, Any] = protocol.score(concept, samples, predicted)
     found = {"detector": [p == value for p in predicted[attribute]]}
+    if world.morph_detectors is not None:
+        found["morph_detector"] = [p == value for p in world.morph_detectors.predict(images)[attribute]]
     if attribute == "object":
         drawn = [i for i, s in enumerate(samples) if s.group != "in_domain"]  # only the concept's scenes need it
         flags = dict(zip(drawn, _geometric_judge().finds(images[drawn], value)))

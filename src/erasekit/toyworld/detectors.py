@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ModelLoadError
-from .render import ATTRIBUTES, render, render_none, sample_scene
+from .render import ATTRIBUTES, OBJECTS, render, render_morph, render_none, sample_scene
 
 __all__ = [
     "HEADS",
@@ -170,23 +170,42 @@ def augment_images(images: torch.Tensor, generator: torch.Generator | None = Non
 
 
 # ----------------------------------------------------------------------------- data
-def _render_examples(rng: np.random.Generator, count: int, none_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` images (uint8, N x 32 x 32 x 3) and labels (int64, N x heads; -1: no label).
+def _render_examples(
+    rng: np.random.Generator, count: int, none_fraction: float, morph_fraction: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``count`` images (uint8, N x 32 x 32 x 3), labels (int64, N x heads; -1: no label) and object
+    targets (float32, N x object classes: a probability per class).
 
-    A "none" image only labels the object head: its colour, style and background are meaningless.
+    A "none" image only labels the object head: its colour, style and background are meaningless. A
+    share ``morph_fraction`` of the object images are shapes between two objects
+    (:func:`~.render.render_morph`, ``t`` uniform in [0, 1]) whose object target splits ``1 - t`` and
+    ``t`` between them (soft labels: the network learns to hesitate where the shape does); their
+    object label is the nearer end.
     """
     images = np.empty((count, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     labels = np.full((count, len(HEADS)), -1, dtype=np.int64)
+    targets = np.zeros((count, len(HEADS["object"])), dtype=np.float32)
     object_none = HEADS["object"].index(NONE)
     for i in range(count):
         if rng.random() < none_fraction:
             images[i] = render_none(rng, IMAGE_SIZE)
             labels[i, 0] = object_none
+            targets[i, object_none] = 1.0
+            continue
+        scene = sample_scene(rng, IMAGE_SIZE)
+        labels[i] = [HEADS[name].index(value) for name, value in scene.attributes().items()]
+        if morph_fraction and rng.random() < morph_fraction:  # no draw at 0: the plain stream stays as it was
+            other = str(rng.choice([o for o in OBJECTS if o != scene.object]))
+            t = float(rng.uniform(0.0, 1.0))
+            images[i] = render_morph(scene, other, t, IMAGE_SIZE)
+            targets[i, labels[i, 0]] = 1.0 - t
+            targets[i, HEADS["object"].index(other)] = t
+            if t > 0.5:
+                labels[i, 0] = HEADS["object"].index(other)
         else:
-            scene = sample_scene(rng, IMAGE_SIZE)
             images[i] = render(scene, IMAGE_SIZE)
-            labels[i] = [HEADS[name].index(value) for name, value in scene.attributes().items()]
-    return images, labels
+            targets[i, labels[i, 0]] = 1.0
+    return images, labels, targets
 
 
 def _to_float(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -361,6 +380,7 @@ def train_detectors(
     lr: float = 3e-3,
     eval_n: int = 1000,
     num_threads: int | None = None,
+    morph_fraction: float = 0.0,
 ) -> Path:
     """Train detectors on fresh ShapesCanvas renders and save them into ``output_dir``.
 
@@ -374,6 +394,8 @@ def train_detectors(
 
     The folder is written atomically: into a temporary sibling that is renamed onto ``output_dir``.
     ``num_threads``, if given, sets torch's intra-op threads for the run (restored afterwards).
+    ``morph_fraction``: the share of object images that are shapes between two objects with soft
+    object targets (:func:`_render_examples`): a judge of in-between shapes rather than of renders.
 
     Returns:
         ``output_dir`` as a :class:`Path`.
@@ -385,13 +407,15 @@ def train_detectors(
     _check_free(output)
     if steps < 1 or batch_size < 1 or pool_size < 1 or refresh_per_step < 0 or eval_n < 1 or width < 1:
         raise ValueError("steps, batch_size, pool_size, eval_n and width must be >= 1 (refresh_per_step >= 0)")
+    if not 0.0 <= morph_fraction <= 1.0:
+        raise ValueError(f"morph_fraction must lie in [0, 1], got {morph_fraction}")
 
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
         started = time.monotonic()
-        model, _ = _train(seed, steps, batch_size, progress, width, pool_size, refresh_per_step, lr)
+        model, _ = _train(seed, steps, batch_size, progress, width, pool_size, refresh_per_step, lr, morph_fraction)
         seconds = time.monotonic() - started
         detectors = ShapesDetectors(model, {name: list(values) for name, values in HEADS.items()})
         accuracy = evaluate_detectors(detectors, n=eval_n)
@@ -411,6 +435,7 @@ def train_detectors(
             "pool_size": pool_size,
             "refresh_per_step": refresh_per_step,
             "none_fraction": NONE_FRACTION,
+            "morph_fraction": morph_fraction,
             "lr": lr,
             "seconds": round(seconds, 1),
         },
@@ -436,6 +461,7 @@ def _train(
     pool_size: int,
     refresh_per_step: int,
     lr: float,
+    morph_fraction: float = 0.0,
 ) -> tuple[ShapesDetectorNet, float]:
     """The training loop; returns the model (eval mode, CPU) and its last smoothed loss."""
     rng = np.random.default_rng((seed, _TRAIN_STREAM))
@@ -444,8 +470,9 @@ def _train(
     model = ShapesDetectorNet({name: len(values) for name, values in HEADS.items()}, width=width)
     model.train()
 
-    pool_images, pool_labels = _render_examples(rng, pool_size, NONE_FRACTION)
+    pool_images, pool_labels, pool_targets = _render_examples(rng, pool_size, NONE_FRACTION, morph_fraction)
     pool_images_t, pool_labels_t = torch.from_numpy(pool_images), torch.from_numpy(pool_labels)
+    pool_targets_t = torch.from_numpy(pool_targets)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     warmup = max(1, steps // 20)
@@ -460,10 +487,11 @@ def _train(
     bar = tqdm(range(steps), desc="training detectors", disable=not progress, leave=False)
     for _step in bar:
         if refresh_per_step:
-            fresh_images, fresh_labels = _render_examples(rng, refresh_per_step, NONE_FRACTION)
+            fresh_images, fresh_labels, fresh_targets = _render_examples(rng, refresh_per_step, NONE_FRACTION, morph_fraction)
             slots = torch.from_numpy(rng.choice(pool_size, size=min(refresh_per_step, pool_size), replace=False))
             pool_images_t[slots] = torch.from_numpy(fresh_images[: len(slots)])
             pool_labels_t[slots] = torch.from_numpy(fresh_labels[: len(slots)])
+            pool_targets_t[slots] = torch.from_numpy(fresh_targets[: len(slots)])
         index = torch.randint(pool_size, (batch_size,), generator=generator)
         images = augment_images(_to_float(pool_images_t[index]), generator)
         labels = pool_labels_t[index]
@@ -472,7 +500,10 @@ def _train(
         # ignore_index=-1 drops the colour/style/background terms of "none" images; a batch made
         # only of "none" images would give NaN for those heads, so they are skipped then.
         loss = sum(
-            F.cross_entropy(logits[name], labels[:, k], ignore_index=-1)
+            # with morphs the object head learns the soft targets (every image has one)
+            F.cross_entropy(logits[name], pool_targets_t[index])
+            if name == "object" and morph_fraction
+            else F.cross_entropy(logits[name], labels[:, k], ignore_index=-1)
             for k, name in enumerate(HEADS)
             if bool((labels[:, k] >= 0).any())
         )

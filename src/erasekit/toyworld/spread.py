@@ -18,10 +18,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from ..errors import ErasekitError
 from . import protocol
-from .demo import OriginalImages, run_demo
+from .demo import OriginalImages, judge, run_demo
 from .world import World
 
 #: The demo's bar: metric -> (the least or most it may be, whether that is relative to the original).
@@ -97,7 +98,8 @@ def run_spread(
 
     Writes ``output/runs/seed{S}-threads{T}/`` (demo folders), ``output/spread.json`` and
     ``output/spread.md``; returns what ``spread.json`` holds. A run folder that already holds a
-    ``metrics.json`` of the same concept, seed and images per group is reused.
+    ``metrics.json`` of the same concept, seed and images per group is reused, its images judged
+    again (:func:`rejudge`).
     """
     if not seeds or not threads:
         raise ErasekitError("give at least one training seed and one thread count")
@@ -115,10 +117,10 @@ def run_spread(
                 name = f"seed{seed}-threads{count}"
                 run = folder / "runs" / name
                 done = _finished(run, concept, seed, per_group)
-                if done is not None:
-                    runs[name] = done
-                    continue
                 world = world or World.load(world_path)
+                if done is not None:
+                    runs[name] = rejudge(world, run, done)
+                    continue
                 torch.set_num_threads(count)
                 runs[name] = run_demo(
                     concept, run, world=world, originals=originals, per_group=per_group, anchor=anchor,
@@ -133,6 +135,22 @@ def run_spread(
     _write(folder / "spread.json", json.dumps(report, indent=2) + "\n")
     _write(folder / "spread.md", format_spread(report))
     return report
+
+
+def rejudge(world: World, run: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's metrics with its saved images judged again by ``world``'s current judges.
+
+    Judging takes seconds where training took minutes, so a spread stays comparable when a judge is
+    added or changed; ``metrics.json`` is rewritten when the verdicts changed.
+    """
+    images = load_file(str(run / "images.safetensors"))
+    samples = protocol.evaluation_samples(metrics["concept"], per_group=metrics["images_per_group"])
+    updated = dict(metrics)
+    for key, name in (("before", "original"), ("after", "erased")):
+        updated[key] = judge(world, metrics["concept"], samples, images[name].numpy())
+    if updated != metrics:
+        _write(run / "metrics.json", json.dumps(updated, indent=2) + "\n")
+    return updated
 
 
 def _finished(run: Path, concept: str, seed: int, per_group: int) -> dict[str, Any] | None:

@@ -22,17 +22,24 @@ from ..generate import generate_latents
 #: The world that ships inside the package.
 SHIPPED_WORLD = Path(__file__).parent / "shapes_canvas"
 WORLD_FILE = "world.json"
+#: The folder of the second network judge (trained with in-between shapes) inside a world folder.
+MORPH_DETECTORS = "detectors-morph"
 
 
 @dataclass
 class World:
-    """A loaded world: ``pipe`` (FluxPipeline), ``detectors``, ``sampling`` keyword arguments."""
+    """A loaded world: ``pipe`` (FluxPipeline), ``detectors``, ``sampling`` keyword arguments.
+
+    ``morph_detectors``: a second network judge, trained with shapes between objects and soft labels
+    (``detectors-morph/``; None where the world has none), used for the strict UA.
+    """
 
     path: Path
     pipe: Any
     detectors: Any
     sampling: dict[str, Any]
     record: dict[str, Any] = field(default_factory=dict)
+    morph_detectors: Any = None
 
     @property
     def pipeline_path(self) -> Path:
@@ -56,7 +63,9 @@ class World:
         pipe = FluxPipeline.from_pretrained(str(folder / "pipeline"), torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         detectors = ShapesDetectors.from_pretrained(folder / "detectors")
-        return cls(path=folder, pipe=pipe, detectors=detectors, sampling=dict(record["sampling"]), record=record)
+        morph = folder / MORPH_DETECTORS
+        return cls(path=folder, pipe=pipe, detectors=detectors, sampling=dict(record["sampling"]), record=record,
+                   morph_detectors=ShapesDetectors.from_pretrained(morph) if morph.is_dir() else None)
 
     @torch.no_grad()
     def generate(
