@@ -278,7 +278,7 @@ def test_demo_with_a_small_budget_lowers_the_concept_detection(small_demo):
     assert set(metrics) >= {"concept", "before", "after", "fidelity", "masked_fraction", "seconds"}
     assert set(metrics["before"]) == {"ua", "synonym_ua", "ira", "cra", "strict_ua", "strict_synonym_ua",
                                       "ambiguous", "synonym_ambiguous", "judges"}
-    assert metrics["after"]["judges"] == ["detector", "geometric"]
+    assert metrics["after"]["judges"] == ["detector", "morph_detector", "geometric"]
     # strict: erased only where every judge finds no circle, so never more than the detector's UA
     assert metrics["after"]["strict_ua"] <= metrics["after"]["ua"]
     assert metrics["numerics"]["environment"]["ATEN_CPU_CAPABILITY"] == "avx2"

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import ErasekitError
 from ..masks.artifact import atomic_directory, commit_directory
 from .train import TrainSettings, train_world_pipeline
-from .world import WORLD_FILE, World, measure_quality
+from .world import MORPH_DETECTORS, WORLD_FILE, World, measure_quality
 
 #: The sampling settings the world's images are generated and judged at (true CFG, empty negative prompt).
 SAMPLING: dict[str, Any] = {"steps": 12, "guidance_scale": 6.0, "resolution": 32, "max_sequence_length": 16}
@@ -30,6 +30,11 @@ def write_world_record(folder: Path, training: dict[str, Any], sampling: dict[st
     record["quality"]["seconds"] = round(time.perf_counter() - started, 1)
     (folder / WORLD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+#: The second network judge's width and share of in-between shapes (``detectors-morph/``).
+MORPH_DETECTOR_WIDTH = 32
+MORPH_FRACTION = 0.3
 
 
 def build_world(
@@ -51,6 +56,11 @@ def build_world(
         train_detectors(tmp / "detectors", seed=settings.seed, steps=settings.detector_steps, progress=progress, num_threads=1)
         record["seconds"]["detectors"] = time.perf_counter() - t0
         record["detector_accuracy"] = evaluate_detectors(ShapesDetectors.from_pretrained(tmp / "detectors"))
+        # the second network judge: another seed and width, and in-between shapes with soft labels
+        t0 = time.perf_counter()
+        train_detectors(tmp / MORPH_DETECTORS, seed=settings.seed + 1, steps=settings.detector_steps, progress=progress,
+                        num_threads=1, width=MORPH_DETECTOR_WIDTH, morph_fraction=MORPH_FRACTION)
+        record["seconds"]["morph_detectors"] = time.perf_counter() - t0
         record["seconds"]["total"] = time.perf_counter() - started
         write_world_record(tmp, record, count=quality_count)
         commit_directory(tmp, target)
