@@ -61,10 +61,10 @@ def test_data_root_from_argument_else_environment_else_none(monkeypatch: pytest.
     assert resolve_data_root() == tmp_path
     (tmp_path / "other").mkdir()
     assert resolve_data_root(tmp_path / "other") == tmp_path / "other"  # the argument wins over the variable
-    with pytest.raises(PromptError, match=r"'.*elsewhere' \(from --data-root\) does not exist; pass --data-root"):
+    with pytest.raises(PromptError, match=r"'.*elsewhere' does not exist \(given by --data-root\); pass --data-root"):
         resolve_data_root(tmp_path / "elsewhere")
     monkeypatch.setenv("ERASEKIT_DATA", str(tmp_path / "nowhere"))
-    with pytest.raises(PromptError, match=r"\(from ERASEKIT_DATA\) does not exist; pass --data-root DIR or set ERASEKIT_DATA"):
+    with pytest.raises(PromptError, match=r"does not exist \(given by ERASEKIT_DATA\); pass --data-root DIR or set ERASEKIT_DATA"):
         load_prompt_set("i2p")
     monkeypatch.delenv("ERASEKIT_DATA")
     assert resolve_data_root() is None  # no default folder: nothing relative to the working directory

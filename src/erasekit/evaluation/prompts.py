@@ -150,7 +150,7 @@ def resolve_data_root(data_root: str | Path | None = None) -> Path | None:
     root = Path(chosen).expanduser()
     if not root.is_dir():
         raise PromptError(
-            f"data root {str(chosen)!r} (from {source}) does not exist; pass --data-root DIR or set {DATA_ROOT_ENV} "
+            f"data root {str(chosen)!r} does not exist (given by {source}); pass --data-root DIR or set {DATA_ROOT_ENV} "
             "to the folder holding prompts/i2p_4703.csv"
         )
     return root
