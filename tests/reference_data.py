@@ -24,6 +24,5 @@ def needs_data(*relative: str) -> pytest.MarkDecorator:
     """Skip unless every one of ``relative`` exists under ``$ERASEKIT_DATA``."""
     missing = [r for r in relative if not data_file(r).is_file()]
     where = f"under ERASEKIT_DATA={DATA}" if DATA else "because ERASEKIT_DATA is unset"
-    return pytest.mark.skipif(
-        bool(missing), reason=f"reference data {', '.join(missing)} not found {where}; set ERASEKIT_DATA to the data folder"
-    )
+    reason = f"reference data {', '.join(missing)} not found {where}; set ERASEKIT_DATA to the data folder"
+    return pytest.mark.skipif(bool(missing), reason=reason)

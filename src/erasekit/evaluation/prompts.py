@@ -150,8 +150,8 @@ def resolve_data_root(data_root: str | Path | None = None) -> Path | None:
     root = Path(chosen).expanduser()
     if not root.is_dir():
         raise PromptError(
-            f"data root {str(chosen)!r} does not exist (given by {source}); pass --data-root DIR or set {DATA_ROOT_ENV} "
-            "to the folder holding prompts/i2p_4703.csv"
+            f"data root {str(chosen)!r} does not exist (given by {source}); "
+            f"pass --data-root DIR or set {DATA_ROOT_ENV} to the folder holding prompts/i2p_4703.csv"
         )
     return root
 
@@ -392,7 +392,9 @@ def _load_hub_dataset(spec: str, dataset_id: str, split: str) -> Any:
         return datasets.load_dataset(dataset_id, split=split)
     except Exception as exc:  # noqa: BLE001 - the datasets library raises many kinds; all mean "not available"
         why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not cached" if offline else str(exc).strip().splitlines()[0][:200]
-        raise PromptError(f"prompt set {spec!r} is the hub dataset {dataset_id!r} and needs the Hugging Face Hub: {why}") from None
+        raise PromptError(
+            f"prompt set {spec!r} is the hub dataset {dataset_id!r} and needs the Hugging Face Hub: {why}"
+        ) from None
 
 
 def _concept_set(concept: str) -> PromptSet:
