@@ -3,20 +3,21 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= outputs/demo
 
-.PHONY: setup demo journey test test-fast bench clean-demo
+.PHONY: setup demo journey test test-fast lint bench clean-demo
 
 setup: $(VENV)/.installed
 
-# torch is pinned by constraints.txt (the CPU build on this machine's disk; any other torch would pull a
-# multi-GB CUDA build). open_clip_torch is installed without its dependencies: erasekit only reads the CLIP
-# BPE vocabulary file it ships (for the offline tiny pipelines); its torchvision dependency is not needed.
+# constraints.txt pins every installed package to the versions the tests pass with; torch is its CPU build
+# (any other torch would pull a multi-GB CUDA build). open_clip_torch is installed without its dependencies:
+# erasekit only reads the CLIP BPE vocabulary file it ships (for the offline tiny pipelines); its torchvision
+# dependency is not needed.
 # --no-compile: Python compiles the modules it imports on first use; byte-compiling every file of torch
 # at install time only lengthens `make demo`.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --no-compile -c constraints.txt -e '.[test]'
-	$(PY) -m pip install -q --no-deps 'open_clip_torch==3.3.0'
+	$(PY) -m pip install -q --no-compile --no-deps -c constraints.txt open_clip_torch
 	touch $@
 
 # The main job: erase "circle" from the embedded ShapesCanvas model on the CPU and write the
@@ -41,6 +42,11 @@ test: setup
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# Lint and format check (ruff, configured in pyproject.toml); `ruff format` and `ruff check --fix` mend.
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/trajectory_gradient.py

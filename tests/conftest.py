@@ -1,9 +1,17 @@
 """Shared pytest configuration."""
 
 import os
+from pathlib import Path
 
 # Never touch the Hugging Face Hub from tests (a hub lookup without network hangs).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The reference data (prompt sets, published masks) is not part of the repository: tests find it through
+# ERASEKIT_DATA, which defaults to the developers' data folder beside the checkout when there is one.
+# Tests that need it skip otherwise (see reference_data.py).
+_DEVELOPERS_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if "ERASEKIT_DATA" not in os.environ and _DEVELOPERS_DATA.is_dir():
+    os.environ["ERASEKIT_DATA"] = str(_DEVELOPERS_DATA)
 
 
 # --------------------------------------------------------------------------- tiny FLUX training

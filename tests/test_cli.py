@@ -24,9 +24,10 @@ import torch
 from PIL import Image
 
 from erasekit.cli import main
+from reference_data import data_file, needs_data
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_MASKS = REPO.parent / "shared" / "data" / "reference_masks" / "flux"
+REFERENCE_MASKS = data_file("reference_masks/flux")
 
 PROMPT = "a photo of a cat"
 # The erase run of the journey: large learning rates and a low init_lambda switch units off in 3 steps.
@@ -341,7 +342,7 @@ def test_inspect_flux_schnell_offline(capsys) -> None:
 
 
 # --------------------------------------------------------------------------- import-masks
-@pytest.mark.skipif(not REFERENCE_MASKS.is_dir(), reason=f"reference masks not found at {REFERENCE_MASKS}")
+@needs_data(*(f"reference_masks/flux/{name}.pt" for name in ("attn", "ff", "norm")))
 def test_import_minimalist_flux_masks(tmp_path: Path, capsys) -> None:
     target = tmp_path / "imported"
     files = {name: REFERENCE_MASKS / f"{name}.pt" for name in ("attn", "ff", "norm")}

@@ -13,9 +13,10 @@ from PIL import Image
 
 from erasekit.cli import main
 from erasekit.errors import ErasekitError
+from reference_data import DATA, data_file, needs_data
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "prompts" / "i2p_4703.csv").is_file(), reason="shared data not present")
+I2P = "prompts/i2p_4703.csv"
+needs_i2p = needs_data(I2P)
 # small and fast: 2 prompts, 1 step, 32 px
 SAMPLE_FLAGS = ["--steps", "1", "--resolution", "32", "--max-sequence-length", "16", "--device", "cpu", "--dtype", "float32"]
 
@@ -52,8 +53,8 @@ def mask_dir(work: Path, tiny_flux_path: str) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluation(work: Path, tiny_flux_path: str, mask_dir: Path) -> Path:
-    if not (DATA / "prompts" / "i2p_4703.csv").is_file():
-        pytest.skip("shared data not present")
+    if not data_file(I2P).is_file():
+        pytest.skip(f"reference data {I2P} not found; set ERASEKIT_DATA to the data folder")
     target = work / "eval-1"
     code, out, err = run_cli("evaluate", "--model", tiny_flux_path, "--masks", mask_dir, "--prompts", "i2p-sexual",
                              "--data-root", DATA, "--limit", "2", *SAMPLE_FLAGS, "--output", target)
@@ -83,7 +84,7 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 # --------------------------------------------------------------------------- the journey
-@needs_data
+@needs_i2p
 def test_evaluate_writes_results_summary_grid_and_report(evaluation: Path, mask_dir: Path, tiny_flux_path: str) -> None:
     assert sorted(p.name for p in evaluation.iterdir()) == ["grid.png", "images", "report.html", "results.jsonl", "summary.json"]
     assert not list(evaluation.parent.glob(f".{evaluation.name}.*")), "the staging folder became the output"
@@ -114,7 +115,7 @@ def test_evaluate_writes_results_summary_grid_and_report(evaluation: Path, mask_
     assert mask["sha256"] == hashlib.sha256((mask_dir / "masks.safetensors").read_bytes()).hexdigest()
     ps = summary["prompt_set"]
     assert (ps["name"], ps["count"], ps["limit"], ps["filter"]) == ("i2p-sexual", 2, 2, "nudity_percentage >= 50")
-    assert ps["file_sha256"] == hashlib.sha256((DATA / "prompts" / "i2p_4703.csv").read_bytes()).hexdigest()
+    assert ps["file_sha256"] == hashlib.sha256(data_file(I2P).read_bytes()).hexdigest()
     detector = summary["detector"]
     assert (detector["name"], detector["model"], detector["threshold"]) == ("nudenet", "320n.onnx", 0.6)
     assert "FEMALE_BREAST_EXPOSED" in detector["classes"] and "FACE_FEMALE" not in detector["classes"]
@@ -137,7 +138,7 @@ def test_evaluate_writes_results_summary_grid_and_report(evaluation: Path, mask_
     assert Image.open(evaluation / "grid.png").size == (2 * 128, 16 + 2 * 128)
 
 
-@needs_data
+@needs_i2p
 def test_a_second_run_gives_the_same_summary(evaluation: Path, work: Path, tiny_flux_path: str, mask_dir: Path) -> None:
     target = work / "eval-2"
     code, _, err = run_cli("evaluate", "--model", tiny_flux_path, "--masks", mask_dir, "--prompts", "i2p-sexual",
@@ -149,7 +150,7 @@ def test_a_second_run_gives_the_same_summary(evaluation: Path, work: Path, tiny_
     assert (evaluation / "results.jsonl").read_bytes() == (target / "results.jsonl").read_bytes()
 
 
-@needs_data
+@needs_i2p
 def test_resume_keeps_finished_images(evaluation: Path, work: Path, tiny_flux_path: str, mask_dir: Path) -> None:
     from erasekit.evaluation import EvaluationConfig, run_evaluation, staging_path
 

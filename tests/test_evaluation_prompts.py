@@ -1,4 +1,4 @@
-"""Evaluation prompt sets: the shared I2P / Ring-a-Bell files, concept templates, ShapesCanvas, user files."""
+"""Evaluation prompt sets: I2P / Ring-a-Bell files or the hub, concept templates, ShapesCanvas, user files."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 
 from erasekit.errors import PromptError
 from erasekit.evaluation.prompts import CONCEPT_TEMPLATES, load_prompt_set, resolve_data_root
+from reference_data import DATA, needs_data
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "prompts" / "i2p_4703.csv").is_file(), reason="shared data not present")
+needs_i2p = needs_data("prompts/i2p_4703.csv")
 
 
-@needs_data
+@needs_i2p
 def test_i2p_has_every_row_with_its_seed_and_guidance() -> None:
     full = load_prompt_set("i2p", data_root=DATA)
     assert len(full.items) == 4703
@@ -30,7 +30,7 @@ def test_i2p_has_every_row_with_its_seed_and_guidance() -> None:
     assert full.file_sha256 == hashlib.sha256((DATA / "prompts" / "i2p_4703.csv").read_bytes()).hexdigest()
 
 
-@needs_data
+@needs_i2p
 def test_i2p_sexual_is_the_nudity_subset() -> None:
     subset = load_prompt_set("i2p-sexual", data_root=DATA)
     with (DATA / "prompts" / "i2p_4703.csv").open(encoding="utf-8", newline="") as f:
@@ -45,7 +45,7 @@ def test_i2p_sexual_is_the_nudity_subset() -> None:
     assert load_prompt_set("i2p-sexual", data_root=DATA, limit=5).sha256 == limited.sha256
 
 
-@needs_data
+@needs_data(*(f"prompts/ring_a_bell_nudity_3_{length}.csv" for length in (16, 38, 75)))
 @pytest.mark.parametrize("length", [16, 38, 75])
 def test_ring_a_bell_headerless_files(length: int) -> None:
     prompts = load_prompt_set(f"ring-a-bell-{length}", data_root=DATA)
@@ -56,13 +56,68 @@ def test_ring_a_bell_headerless_files(length: int) -> None:
     assert all(i.seed is None and i.guidance is None for i in prompts.items)
 
 
-@needs_data
-def test_data_root_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("ERASEKIT_DATA", str(DATA))
-    assert resolve_data_root() == DATA
+def test_data_root_from_argument_else_environment_else_none(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ERASEKIT_DATA", str(tmp_path))
+    assert resolve_data_root() == tmp_path
+    (tmp_path / "other").mkdir()
+    assert resolve_data_root(tmp_path / "other") == tmp_path / "other"  # the argument wins over the variable
+    with pytest.raises(PromptError, match=r"'.*elsewhere' does not exist \(given by --data-root\); pass --data-root"):
+        resolve_data_root(tmp_path / "elsewhere")
     monkeypatch.setenv("ERASEKIT_DATA", str(tmp_path / "nowhere"))
-    with pytest.raises(PromptError, match="data root .* does not exist; pass --data-root"):
+    with pytest.raises(PromptError, match=r"does not exist \(given by ERASEKIT_DATA\); pass --data-root DIR or set"):
         load_prompt_set("i2p")
+    monkeypatch.delenv("ERASEKIT_DATA")
+    assert resolve_data_root() is None  # no default folder: nothing relative to the working directory
+    with pytest.raises(PromptError, match="i2p_4703.csv'?, which does not exist; check --data-root or ERASEKIT_DATA"):
+        load_prompt_set("i2p", data_root=tmp_path)
+
+
+def test_without_a_data_folder_i2p_comes_from_the_hub_else_one_error_names_both(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No --data-root and no ERASEKIT_DATA: I2P is read from its hub dataset (here: offline and not cached)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.delenv("ERASEKIT_DATA", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets, "load_dataset", _offline_load_dataset)
+    with pytest.raises(PromptError) as raised:
+        load_prompt_set("i2p-sexual")
+    message = str(raised.value)
+    assert "\n" not in message and "'AIML-TUDA/i2p'" in message and "offline" in message
+    assert "--data-root DIR or set ERASEKIT_DATA to a folder holding prompts/i2p_4703.csv" in message
+    with pytest.raises(PromptError, match="'ring-a-bell-16' is read from a local data folder and none is given; pass"):
+        load_prompt_set("ring-a-bell-16")
+
+
+def _offline_load_dataset(dataset_id: str, split: str):
+    raise ConnectionError(f"{dataset_id} is not in the cache and the hub is offline")
+
+
+def test_i2p_from_its_hub_copy_uses_its_seed_columns_and_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub copy's rows become the same items as the file's (its seed/guidance columns are sd_*)."""
+    datasets = pytest.importorskip("datasets")
+    rows = {
+        "prompt": ["a quiet lake", "", "a nude study", "a crowded market"],
+        "nudity_percentage": [0.0, 0.0, 80.0, 50.0],
+        "sd_seed": [11, 12, 13, 14],
+        "sd_guidance_scale": [7, 8, 9, 10],
+    }
+    requested = []
+
+    def load_dataset(dataset_id: str, split: str):
+        requested.append((dataset_id, split))
+        return datasets.Dataset.from_dict(rows)
+
+    monkeypatch.delenv("ERASEKIT_DATA", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    full = load_prompt_set("i2p")
+    assert requested == [("AIML-TUDA/i2p", "train")]
+    assert [(i.index, i.prompt, i.seed, i.guidance) for i in full.items] == [
+        (0, "a quiet lake", 11, 7.0), (1, "", 12, 8.0), (2, "a nude study", 13, 9.0), (3, "a crowded market", 14, 10.0)
+    ]  # fmt: skip
+    assert full.kind == "hub" and full.source == "hf:AIML-TUDA/i2p" and full.provenance()["dataset"] == "AIML-TUDA/i2p"
+    sexual = load_prompt_set("i2p-sexual")
+    assert [i.index for i in sexual.items] == [2, 3] and sexual.provenance()["filter"] == "nudity_percentage >= 50"
 
 
 def test_concept_templates() -> None:

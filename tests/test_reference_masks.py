@@ -16,14 +16,11 @@ from erasekit.errors import MaskFileError, MaskMismatchError
 from erasekit.inspect import instantiate_denoiser_on_meta
 from erasekit.masks import check_artifact, load_mask_artifact
 from erasekit.masks.reference import import_minimalist_flux, import_minimalist_flux_artifact, load_reference_list
+from reference_data import data_file, needs_data
 
 SCHNELL = "black-forest-labs/FLUX.1-schnell"
-DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
-REFERENCE = DATA / "reference_masks" / "flux"
-needs_reference = pytest.mark.skipif(
-    not all((REFERENCE / f"{name}.pt").is_file() for name in ("attn", "ff", "norm")),
-    reason=f"reference masks not found at {REFERENCE} (the shared data folder is absent)",
-)
+REFERENCE = data_file("reference_masks/flux")
+needs_reference = needs_data(*(f"reference_masks/flux/{name}.pt" for name in ("attn", "ff", "norm")))
 
 
 class NotATensor:

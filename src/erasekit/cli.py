@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", action="append", default=[], metavar="DIR", help="an erased variant (repeatable: one variant each; DIR1,DIR2 combines masks into one variant)")
     p.add_argument("--prompts", required=True, metavar="NAME_OR_FILE", help="i2p, i2p-sexual, ring-a-bell-16/38/75, mma, p4d, coco-captions, concept:NAME, shapes:VALUE, hf:OWNER/NAME, or a .csv/.tsv/.txt/.jsonl file")
     p.add_argument("--prompt-column", help="column of the prompts in a CSV/JSONL file or hub dataset (default: prompt)")
-    p.add_argument("--data-root", help="folder of the shared data with prompts/ (default: $ERASEKIT_DATA, else ../shared/data)")
+    p.add_argument(
+        "--data-root",
+        help="local folder holding prompts/ for the named file sets (default: $ERASEKIT_DATA, else the hub for I2P)",
+    )
     p.add_argument("--limit", type=int, help="evaluate the first N prompts only")
     p.add_argument("--seed", type=int, action="append", help="noise seed for every prompt (repeatable; default: the set's per-prompt seed, else 0)")
     p.add_argument("--detector", help="nudenet, shapes, clip or none (default: nudenet for nudity sets, shapes for shapes: sets, clip for concept: sets with --clip-model)")

@@ -99,7 +99,7 @@ class MaskConfig:
     """The finished mask closes the units whose logits ended below this value (training gates at 0).
     A negative value keeps open the units that training left undecided near 0; the artefact stores the
     logits minus this value, so that its rule stays logit > 0. On the ShapesCanvas demo it moves along
-    the erasure/retention trade, not out of it (README, "Undecided units")."""
+    the erasure/retention trade, not out of it (docs/shapescanvas.md, "Undecided units")."""
     heads: UnitKindConfig = field(default_factory=lambda: UnitKindConfig(enabled=False))
     neurons: UnitKindConfig = field(default_factory=UnitKindConfig)
     norm: UnitKindConfig = field(default_factory=UnitKindConfig)
@@ -156,7 +156,7 @@ class TrainConfig:
     """Preservation prompts per process per micro-step (default: ``batch_size``). The preservation
     prompts stand for everything else the model draws, so their share of a step is a knob of its own;
     fewer concept prompts and more preservation prompts keep a step's cost about the same (on the
-    ShapesCanvas circle demo, 2 + 6 and 3 + 5 kept no more of the other objects than 4 + 4: README)."""
+    ShapesCanvas circle demo, 2 + 6 and 3 + 5 kept no more of the other objects than 4 + 4: docs/shapescanvas.md)."""
     gradient_accumulation: int = 1
     gradient_checkpointing: bool = True
     """Recompute each denoising step in the backward pass, so memory stays that of one step whatever

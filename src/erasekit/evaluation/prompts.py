@@ -5,8 +5,9 @@ optional expected labels) plus where it came from and a sha256 that pins it. Nam
 
 * ``i2p`` (all rows of ``prompts/i2p_4703.csv``), ``i2p-sexual`` (its rows with
   ``nudity_percentage >= 50``), ``i2p-nudity`` (the 13-row ``prompts/i2p_nudity.csv``),
-  ``ring-a-bell-16`` / ``-38`` / ``-75``: files under the data root (``--data-root``,
-  ``$ERASEKIT_DATA``, default ``../shared/data``).
+  ``ring-a-bell-16`` / ``-38`` / ``-75``: files under a local data folder (``--data-root`` or
+  ``$ERASEKIT_DATA``; there is no default folder). Without one, ``i2p`` and ``i2p-sexual`` are
+  read from their public hub dataset (:data:`FILE_SET_HUB_SOURCES`).
 * ``mma``, ``p4d``, ``coco-captions`` and ``hf:OWNER/NAME``: Hugging Face Hub datasets, read
   with the ``datasets`` library (they need the hub or its local cache).
 * ``concept:NAME``: :data:`CONCEPT_TEMPLATES` filled with the concept.
@@ -28,11 +29,10 @@ from typing import Any, Iterable
 
 from ..errors import PromptError
 
-#: Default data root, relative to the current directory (the shared folder beside the checkout).
-DEFAULT_DATA_ROOT = "../shared/data"
+#: Environment variable naming the local data folder when ``--data-root`` is not given.
 DATA_ROOT_ENV = "ERASEKIT_DATA"
 
-#: Prompt sets bundled with the shared data: name -> (file under the data root, has a header).
+#: Prompt sets read from a local data folder: name -> (file under the folder, has a header).
 FILE_SETS: dict[str, tuple[str, bool]] = {
     "i2p": ("prompts/i2p_4703.csv", True),
     "i2p-sexual": ("prompts/i2p_4703.csv", True),
@@ -43,6 +43,16 @@ FILE_SETS: dict[str, tuple[str, bool]] = {
 }
 #: ``i2p-sexual`` keeps the I2P rows whose ``nudity_percentage`` is at least this (the usual nudity subset).
 I2P_SEXUAL_MIN_NUDITY = 50.0
+
+#: The public hub dataset a file set is read from when no local data folder is given:
+#: name -> (dataset id, split, prompt column). I2P's hub copy names its seed and guidance columns
+#: ``sd_seed`` and ``sd_guidance_scale`` (see :data:`SEED_COLUMNS`). The Ring-a-Bell prompts are
+#: published only behind a gated hub repository whose layout differs from these files, so they
+#: have no hub source here.
+FILE_SET_HUB_SOURCES: dict[str, tuple[str, str, str]] = {
+    "i2p": ("AIML-TUDA/i2p", "train", "prompt"),
+    "i2p-sexual": ("AIML-TUDA/i2p", "train", "prompt"),
+}
 
 #: Hub prompt sets: name -> (dataset id, split, prompt column).
 HUB_SETS: dict[str, tuple[str, str, str]] = {
@@ -66,8 +76,8 @@ CONCEPT_TEMPLATES: tuple[str, ...] = (
 )
 
 #: Per-prompt seed and guidance columns recognised in CSV and JSONL files (I2P's names first).
-SEED_COLUMNS = ("evaluation_seed", "seed")
-GUIDANCE_COLUMNS = ("evaluation_guidance", "guidance", "guidance_scale")
+SEED_COLUMNS = ("evaluation_seed", "seed", "sd_seed")
+GUIDANCE_COLUMNS = ("evaluation_guidance", "guidance", "guidance_scale", "sd_guidance_scale")
 
 @dataclass(frozen=True)
 class PromptItem:
@@ -127,18 +137,21 @@ class PromptSet:
         }
 
 
-def resolve_data_root(data_root: str | Path | None = None) -> Path:
-    """``data_root``, else ``$ERASEKIT_DATA``, else ``../shared/data``; it must exist.
+def resolve_data_root(data_root: str | Path | None = None) -> Path | None:
+    """The local data folder: ``data_root``, else ``$ERASEKIT_DATA``, else ``None`` (none given).
 
     Raises:
-        PromptError: the folder does not exist.
+        PromptError: the folder named does not exist.
     """
-    chosen = data_root or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT
+    source = "--data-root" if data_root else DATA_ROOT_ENV
+    chosen = data_root or os.environ.get(DATA_ROOT_ENV)
+    if not chosen:
+        return None
     root = Path(chosen).expanduser()
     if not root.is_dir():
         raise PromptError(
-            f"data root {str(chosen)!r} does not exist; pass --data-root DIR or set {DATA_ROOT_ENV} "
-            "to the folder holding prompts/i2p_4703.csv"
+            f"data root {str(chosen)!r} does not exist (given by {source}); "
+            f"pass --data-root DIR or set {DATA_ROOT_ENV} to the folder holding prompts/i2p_4703.csv"
         )
     return root
 
@@ -163,7 +176,7 @@ def load_prompt_set(
 
     Args:
         spec: a set name, ``concept:NAME``, ``shapes:VALUE``, ``hf:OWNER/NAME`` or a file path.
-        data_root: folder of the shared data (named file sets only).
+        data_root: local data folder of the named file sets (else ``$ERASEKIT_DATA``, else the hub).
         prompt_column: the column holding the prompts (CSV/JSONL files and hub sets).
         limit: keep the first ``limit`` prompts.
 
@@ -198,23 +211,51 @@ def load_prompt_set(
 
 
 # --------------------------------------------------------------------------- files
-def _named_file_set(name: str, root: Path, prompt_column: str | None) -> PromptSet:
+def _named_file_set(name: str, root: Path | None, prompt_column: str | None) -> PromptSet:
+    """A named set from its file under ``root``; with no ``root``, from its hub source if it has one."""
     relative, header = FILE_SETS[name]
+    if root is None:
+        return _named_set_from_hub(name, prompt_column)
     path = root / relative
     if not path.is_file():
         raise PromptError(f"prompt set {name!r} needs {str(path)!r}, which does not exist; check --data-root or {DATA_ROOT_ENV}")
     if header:
         rows, columns = _read_csv_rows(path)
-        if name == "i2p-sexual":
-            rows = [(i, r) for i, r in rows if (_float(r.get("nudity_percentage")) or 0.0) >= I2P_SEXUAL_MIN_NUDITY]
-        # every row counts, even I2P's one empty prompt (row 2260), so the set has its published size
-        items = _items_from_rows(rows, columns, prompt_column or "prompt", path, keep_empty=True)
+        items = _i2p_items(name, rows, columns, prompt_column, path)
     else:
         if prompt_column is not None:
             raise PromptError(f"prompt set {name!r} has no header, so --prompt-column does not apply; leave it out")
         items = _headerless_items(path)
-    extra = {"filter": f"nudity_percentage >= {I2P_SEXUAL_MIN_NUDITY:g}"} if name == "i2p-sexual" else {}
-    return PromptSet(name=name, source=str(relative), items=items, kind="file", file_sha256=file_sha256(path), extra=extra)
+    return PromptSet(name=name, source=str(relative), items=items, kind="file", file_sha256=file_sha256(path),
+                     extra=_filter_record(name))
+
+
+def _named_set_from_hub(name: str, prompt_column: str | None) -> PromptSet:
+    local = f"pass --data-root DIR or set {DATA_ROOT_ENV} to a folder holding {FILE_SETS[name][0]}"
+    if name not in FILE_SET_HUB_SOURCES:
+        raise PromptError(f"prompt set {name!r} is read from a local data folder and none is given; {local}")
+    dataset_id, split, column = FILE_SET_HUB_SOURCES[name]
+    try:
+        data = _load_hub_dataset(name, dataset_id, split)
+    except PromptError as exc:
+        raise PromptError(f"{exc}; or {local}") from None
+    rows = [(i, dict(row)) for i, row in enumerate(data)]
+    items = _i2p_items(name, rows, list(data.column_names), prompt_column or column, dataset_id)
+    return PromptSet(name=name, source=f"hf:{dataset_id}", items=items, kind="hub",
+                     extra={**_filter_record(name), **_hub_record(data, dataset_id, split, prompt_column or column)})
+
+
+def _i2p_items(
+    name: str, rows: list[tuple[int, dict[str, Any]]], columns: list[str], prompt_column: str | None, where: Path | str
+) -> list[PromptItem]:
+    if name == "i2p-sexual":
+        rows = [(i, r) for i, r in rows if (_float(r.get("nudity_percentage")) or 0.0) >= I2P_SEXUAL_MIN_NUDITY]
+    # every row counts, even I2P's one empty prompt (row 2260), so the set has its published size
+    return _items_from_rows(rows, columns, prompt_column or "prompt", where, keep_empty=True)
+
+
+def _filter_record(name: str) -> dict[str, Any]:
+    return {"filter": f"nudity_percentage >= {I2P_SEXUAL_MIN_NUDITY:g}"} if name == "i2p-sexual" else {}
 
 
 def _file_set(path: Path, prompt_column: str | None) -> PromptSet:
@@ -318,6 +359,26 @@ def _hub_set(spec: str, prompt_column: str | None) -> PromptSet:
     column = prompt_column or column
     fix = "download it while online (it is then cached) or pass a local file with --prompts FILE --prompt-column COLUMN"
     try:
+        data = _load_hub_dataset(spec, dataset_id, split)
+    except PromptError as exc:
+        raise PromptError(f"{exc}; {fix}") from None
+    rows = [(i, dict(row)) for i, row in enumerate(data)]
+    items = _items_from_rows(rows, list(data.column_names), column, dataset_id)
+    return PromptSet(name=spec, source=f"hf:{dataset_id}", items=items, kind="hub",
+                     extra=_hub_record(data, dataset_id, split, column))
+
+
+def _hub_record(data: Any, dataset_id: str, split: str, column: str) -> dict[str, Any]:
+    return {"dataset": dataset_id, "split": split, "column": column, "fingerprint": getattr(data, "_fingerprint", None)}
+
+
+def _load_hub_dataset(spec: str, dataset_id: str, split: str) -> Any:
+    """The hub dataset's split, read with the ``datasets`` library (from its cache when offline).
+
+    Raises:
+        PromptError: ``datasets`` is not installed, or the dataset is not reachable (offline and not cached).
+    """
+    try:
         from huggingface_hub import constants
 
         offline = bool(constants.HF_HUB_OFFLINE)
@@ -328,15 +389,12 @@ def _hub_set(spec: str, prompt_column: str | None) -> PromptSet:
     except ImportError:
         raise PromptError(f"prompt set {spec!r} needs the `datasets` package (pip install 'erasekit[eval]')") from None
     try:
-        data = datasets.load_dataset(dataset_id, split=split)
+        return datasets.load_dataset(dataset_id, split=split)
     except Exception as exc:  # noqa: BLE001 - the datasets library raises many kinds; all mean "not available"
         why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not cached" if offline else str(exc).strip().splitlines()[0][:200]
-        raise PromptError(f"prompt set {spec!r} is the hub dataset {dataset_id!r} and needs the Hugging Face Hub: {why}; {fix}") from None
-    rows = [(i, dict(row)) for i, row in enumerate(data)]
-    items = _items_from_rows(rows, list(data.column_names), column, dataset_id)
-    fingerprint = getattr(data, "_fingerprint", None)
-    return PromptSet(name=spec, source=f"hf:{dataset_id}", items=items, kind="hub",
-                     extra={"dataset": dataset_id, "split": split, "column": column, "fingerprint": fingerprint})
+        raise PromptError(
+            f"prompt set {spec!r} is the hub dataset {dataset_id!r} and needs the Hugging Face Hub: {why}"
+        ) from None
 
 
 def _concept_set(concept: str) -> PromptSet:

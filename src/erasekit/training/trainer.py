@@ -106,7 +106,7 @@ def make_accelerator(config: EraseConfig, logging_dir: Path) -> Accelerator:
 
 
 class MaskTrainer:
-    """Learns a sparse mask that erases ``config.concept`` from ``pipe`` (see DESIGN.md, section 1).
+    """Learns a sparse mask that erases ``config.concept`` from ``pipe`` (the method: docs/design.md, section 1).
 
     Args:
         pipe: a loaded diffusers pipeline of a supported family, on ``accelerator.device``.
