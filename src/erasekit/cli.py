@@ -135,19 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, set_value
     from .training import erase
 
-    overrides = list(args.overrides)
-    for flag, key in (("model", "model.id"), ("concept", "concept.concept"), ("anchor", "concept.anchor")):
+    config = load_config(args.config, args.overrides)
+    # the flags win over --set, and their text is taken as it is (not parsed as YAML)
+    for flag, key in (("model", "model.id"), ("concept", "concept.concept"), ("anchor", "concept.anchor"),
+                      ("steps", "sampling.steps"), ("resolution", "sampling.resolution"), ("iterations", "train.iterations")):
         value = getattr(args, flag)
         if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    for flag, key in (("steps", "sampling.steps"), ("resolution", "sampling.resolution"), ("iterations", "train.iterations")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    config = load_config(args.config, overrides)
+            set_value(config, key, value)
     result = erase(config, args.output, resume=args.resume)
     from accelerate import PartialState
 
@@ -175,8 +172,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [p for p in args.prompt]
     if any(not p.strip() for p in prompts):
         raise PromptError("a --prompt is empty; give the text of the prompt")
-    if Path(args.output).exists():
-        raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
     for flag in ("steps", "resolution", "max_sequence_length", "seed"):
         values = getattr(args, flag)
         for value in values if isinstance(values, list) else [values]:
@@ -251,8 +246,6 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from .masks.fold import fold_into_pipeline, save_folded_pipeline
     from .pipeline import apply_masks, denoiser_of, load_pipeline
 
-    if Path(args.output).exists():
-        raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
     pipe = load_pipeline(args.model, args.dtype, "cpu")
     masked = apply_masks(pipe, args.masks)
     counts = masked.masked_counts()
@@ -284,8 +277,6 @@ def cmd_import_masks(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value and not Path(value).is_file():
             raise ErasekitError(f"--{flag} file {value!r} does not exist")
-    if Path(args.output).exists():
-        raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
     path = import_minimalist_flux_artifact(args.attn, args.ff, args.norm, args.model, args.output)
     print(f"imported masks written to {path}")
     return 0
@@ -294,8 +285,6 @@ def cmd_import_masks(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from .tiny import SAVERS
 
-    if Path(args.output).exists():
-        raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
     path = SAVERS[args.family](args.output, seed=args.seed)
     print(f"tiny {args.family} pipeline written to {path}")
     return 0
@@ -346,6 +335,22 @@ def cmd_toyworld_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Checks every command shares, before any of them loads anything: text arguments are valid
+    Unicode, and the --output folder can be created (:func:`erasekit.outputs.check_output`)."""
+    from .outputs import check_output
+
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:  # bytes the terminal's encoding could not decode
+                    raise ErasekitError(f"--{name.replace('_', '-')} {text!r} is not valid UTF-8 text") from None
+    if getattr(args, "output", None) is not None:
+        check_output(args.output, overwrite=getattr(args, "overwrite", False))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``erasekit`` console script."""
     parser = build_parser()
@@ -355,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        _check_arguments(args)
         return func(args)
     except ErasekitError as exc:
         print(f"erasekit {args.command}: error: {exc}", file=sys.stderr)

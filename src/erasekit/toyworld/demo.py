@@ -30,8 +30,7 @@ from PIL import Image, ImageDraw
 
 from .. import __version__
 from ..config import EraseConfig, load_config
-from ..errors import ErasekitError
-from ..masks.artifact import atomic_directory, commit_directory
+from ..outputs import atomic_directory, check_output, commit_directory
 from ..pipeline import apply_masks
 from ..training import erase
 from . import protocol
@@ -190,9 +189,7 @@ def run_demo(
     """
     started = time.perf_counter()
     attribute, value = protocol.check_anchor(concept, anchor)  # a bad concept or anchor fails before anything is loaded
-    target = Path(output)
-    if target.exists() and not overwrite:
-        raise ErasekitError(f"output {str(target)!r} already exists; choose another --output or remove it")
+    target = check_output(output, overwrite=overwrite)
     world = World.load(world_path)
     config = erasure_config(world, concept, overrides, anchor=anchor)
     samples = protocol.evaluation_samples(concept, per_group=per_group)
