@@ -1,9 +1,12 @@
 """Shared pytest configuration."""
 
 import os
+import tempfile
 
 # Never touch the Hugging Face Hub from tests (a hub lookup without network hangs).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The demo's image cache (erasekit.toyworld.image_cache) writes into a folder of this session, not the user's.
+os.environ["ERASEKIT_CACHE"] = tempfile.mkdtemp(prefix="erasekit-test-cache-")
 
 
 # --------------------------------------------------------------------------- tiny FLUX training
