@@ -516,3 +516,27 @@ def test_text_that_is_not_unicode_is_refused(tiny_flux_path, runs, capsys):
     line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", undecodable, "--output", output)
     assert "--concept" in line and "not valid UTF-8" in line
     assert_nothing_left(output)
+
+
+def test_sigterm_mid_run_leaves_nothing(tiny_flux_path, runs):
+    """`kill` (SIGTERM) unwinds like Ctrl-C: the staging folder of a run without a checkpoint is removed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    output = runs / "out"
+    argv = ["erase", "--model", tiny_flux_path, "--concept", "cat", *QUICK_ERASE, "--iterations", "100000", "--output", str(output)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "erasekit.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staging = output.with_name(output.name + ".incomplete")
+    deadline = time.monotonic() + 240
+    while not (staging / "config.yaml").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[1][-2000:]
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    assert "erasekit erase: terminated" in err
+    assert_nothing_left(output)

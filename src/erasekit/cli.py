@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -335,6 +336,14 @@ def cmd_toyworld_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process was, so that every cleanup on the way out runs."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
     """Checks every command shares, before any of them loads anything: text arguments are valid
     Unicode, and the --output folder can be created (:func:`erasekit.outputs.check_output`)."""
@@ -359,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         _quiet_libraries()
     func: Callable[[argparse.Namespace], int] = args.func
+    # `kill`/a job scheduler ends a run with SIGTERM: unwind as on Ctrl-C, so that temporary folders are removed
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         _check_arguments(args)
         return func(args)
@@ -371,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"erasekit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"erasekit {args.command}: terminated", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover
