@@ -27,8 +27,8 @@ from ..errors import ConfigError, ErasekitError, TrainingDivergedError
 from ..masks import MaskedModel, MaskSettings, base_model_record
 from ..launch import warn_if_single_process
 from ..masks.artifact import write_mask_files
-from ..outputs import check_output, commit_directory
 from ..masks.model import fraction_of
+from ..outputs import check_output, commit_directory
 from ..pipeline import denoiser_of, load_pipeline, resolve_device
 from .gradient import checkpointed_gradient, naive_gradient, run_trajectory
 from .tracking import CSVTracker
