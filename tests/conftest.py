@@ -1,10 +1,18 @@
 """Shared pytest configuration."""
 
 import os
+import tempfile
 from pathlib import Path
 
 # Never touch the Hugging Face Hub from tests (a hub lookup without network hangs).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The demo's image cache (erasekit.toyworld.image_cache) writes into a folder of this session, not the user's.
+os.environ["ERASEKIT_CACHE"] = tempfile.mkdtemp(prefix="erasekit-test-cache-")
+# The CPU numerics `erasekit demo` pins (AVX2 kernels, ...), set before torch starts: in-process tests draw
+# the same images as the demo and its shipped image cache, and train the same masks, on any x86 machine.
+from erasekit.reproducibility import pin_cpu_numerics  # noqa: E402  (imports no torch)
+
+pin_cpu_numerics()
 
 # The reference data (prompt sets, published masks) is not part of the repository: tests find it through
 # ERASEKIT_DATA, which defaults to the developers' data folder beside the checkout when there is one.

@@ -35,3 +35,10 @@ def test_gpu_check_refuses_without_a_gpu(capsys):
         pytest.skip("a GPU is present")
     assert _load("gpu_check_families").main([]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_cache_benchmark_finds_the_shipped_entries_equal(capsys):
+    _load("demo_cache").main(["--batches", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("nearest", "original", "anchor"))]
+    assert len(rows) == 3 and all(row.endswith("True") for row in rows), rows

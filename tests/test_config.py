@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from erasekit.config import EraseConfig, load_config, save_config
@@ -69,8 +67,12 @@ def test_bad_files(tmp_path):
         load_config(unknown)
 
 
-def test_yaml_nan_is_a_number():
-    assert math.isnan(load_config(None, ["loss.erase_weight=.nan"]).loss.erase_weight)
+@pytest.mark.parametrize("key", ["loss.erase_weight", "mask.heads.lr", "mask.init_lambda", "sampling.guidance_scale"])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_are_refused(key, value):
+    """NaN would only fail mid-training ("loss became nan"); an infinite learning rate wrote infinite logits."""
+    with pytest.raises(ConfigError, match=f"{key}: expected a finite number"):
+        load_config(None, [f"{key}={value}"])
 
 
 def test_recipes_in_configs_load():

@@ -218,7 +218,7 @@ def test_tiny_pipeline_saves_atomically_with_its_labels(tmp_path):
     from diffusers import DiffusionPipeline
 
     out = save_tiny_dit_pipeline(tmp_path / "tiny")
-    assert (out / "erasekit_tiny_dit.json").is_file() and not list(tmp_path.glob(".tiny.tmp-*"))
+    assert (out / "erasekit_tiny_dit.json").is_file() and not list(tmp_path.glob(".tiny.*"))
     loaded = DiffusionPipeline.from_pretrained(out)
     assert type(loaded).__name__ == "DiTPipeline"
     assert class_ids(loaded, ["golden retriever", "tabby cat"]) == [207, 281]

@@ -102,12 +102,35 @@ def masks(tiny_flux_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict
     record["base_model"]["denoiser_class"] = "SomeOtherTransformer2DModel"
     (other_class / "mask_config.json").write_text(json.dumps(record))
 
+    # a mask of a shallower model of the same width (1+1 blocks against 2+2): every key and shape fits
+    config = json.loads((Path(tiny_flux_path) / "transformer" / "config.json").read_text())
+    config.update(num_layers=config["num_layers"] - 1, num_single_layers=config["num_single_layers"] - 1)
+    with torch.device("meta"):
+        shallower = FluxTransformer2DModel.from_config(config)
+    other_depth = write_mask(root / "other-depth", shallower, "other/shallower-tiny-flux")
+
+    # valid JSON that is not an object
+    not_object = root / "not-object"
+    shutil.copytree(good, not_object)
+    (not_object / "mask_config.json").write_text("[1, 2, 3]")
+
+    # NaN logits (written by something other than erasekit, or damaged): NaN > 0 is False, so NaN would read as closed
+    from safetensors.torch import load_file, save_file
+
+    nan_logits = root / "nan-logits"
+    shutil.copytree(good, nan_logits)
+    tensors = load_file(str(nan_logits / "masks.safetensors"))
+    first = next(iter(tensors))
+    tensors[first][0] = float("nan")
+    save_file(tensors, str(nan_logits / "masks.safetensors"))
+
     # a truncated masks.safetensors (as after an interrupted copy)
     corrupt = root / "corrupt"
     shutil.copytree(good, corrupt)
     weights = corrupt / "masks.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    return {"good": good, "other-model": other_mask, "other-class": other_class, "corrupt": corrupt}
+    return {"good": good, "other-model": other_mask, "other-class": other_class, "corrupt": corrupt,
+            "other-depth": other_depth, "not-object": not_object, "nan-logits": nan_logits}
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +304,7 @@ def test_invalid_training_value(tiny_flux_path, runs, capsys):
     line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "loss.negative_guidance=-1", "--output", output)
     assert "loss.negative_guidance must not be negative" in line
     line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "mask.final_threshold=.nan", "--output", output)
-    assert "mask.final_threshold must be a finite number" in line
+    assert "mask.final_threshold: expected a finite number, got nan" in line
     line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "loss.intermediate_preservation=-1", "--output", output)
     assert "loss.intermediate_preservation must not be negative" in line
     assert_nothing_left(output)
@@ -292,9 +315,12 @@ def test_invalid_training_value(tiny_flux_path, runs, capsys):
 @pytest.mark.parametrize(
     ("mask", "expected"),
     [
-        ("other-model", "does not fit this model"),
+        ("other-model", "was made for another FluxTransformer2DModel"),
         ("other-class", "was made for a SomeOtherTransformer2DModel"),
         ("corrupt", "is corrupt or not a safetensors file"),
+        ("other-depth", "'other/shallower-tiny-flux', denoiser config sha256"),
+        ("not-object", "is not an erasekit mask config (a JSON list, not an object)"),
+        ("nan-logits", "holds non-finite logits"),
     ],
 )
 def test_unusable_masks(name, mask, expected, tiny_flux_path, masks, runs, capsys):
@@ -325,12 +351,13 @@ def test_a_good_mask_passes_the_checks(tiny_flux_path, masks, tmp_path, capsys):
 # --------------------------------------------------------------------------- training diverged
 def test_nan_loss_exits_1_and_leaves_nothing(tiny_flux_path, runs, capsys):
     output = runs / "out"
-    argv = ["erase", "--model", tiny_flux_path, "--concept", "cat", *QUICK_ERASE, "--iterations", "2", "--set", "loss.erase_weight=.nan", "--output", str(output)]
+    # a finite weight beyond float32's range: the first step's gradients overflow, the second step's loss is NaN
+    argv = ["erase", "--model", tiny_flux_path, "--concept", "cat", *QUICK_ERASE, "--iterations", "2", "--set", "loss.erase_weight=1.0e+39", "--output", str(output)]
     assert main(argv) == 1
     err = capsys.readouterr().err
     # erase's own progress bar shares stderr; the error message itself is there exactly once
     assert err.count("erasekit erase: error: ") == 1
-    assert "erasekit erase: error: loss became nan at iteration 1" in err
+    assert "erasekit erase: error: loss became nan at iteration 2" in err
     assert "Traceback" not in err
     assert_nothing_left(output)
 
@@ -364,3 +391,152 @@ def test_interrupted_erase_run_needs_resume(tiny_flux_path, tmp_path, capsys):
     line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--output", output)
     assert "--resume" in line
     assert not output.exists() and staging.is_dir()
+
+
+# --------------------------------------------------------------------------- checked before any work (issue 25)
+def refuse_loading(monkeypatch) -> None:
+    """Make every model load fail loudly: an error checked up front must come before any of them."""
+    import erasekit.pipeline
+    import erasekit.toyworld.world
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(erasekit.pipeline, "load_pipeline", loaded)
+    monkeypatch.setattr(erasekit.toyworld.world.World, "load", loaded)
+
+
+def any_command(name: str, model: str, masks: dict[str, Path]) -> list[object]:
+    """A valid invocation of every command that writes an --output (without --output)."""
+    if name == "evaluate":
+        return ["evaluate", "--model", model, "--prompts", "concept:cat", "--detector", "none", "--steps", "1", "--resolution", "32"]
+    if name == "tiny-model":
+        return ["tiny-model"]
+    if name == "demo":
+        return ["demo", "--images", "1"]
+    return command(name, model, masks)
+
+
+OUTPUT_COMMANDS = ["erase", "generate", "fold", "evaluate", "tiny-model", "demo"]
+
+
+def test_sampling_settings_the_model_cannot_use_fail_before_training_and_the_rerun_works(tiny_flux_path, runs, capsys):
+    output = runs / "out"
+    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", *QUICK_ERASE, "--resolution", "7", "--output", output)
+    assert "resolution 7 must be a positive multiple of 16" in line
+    assert_nothing_left(output)  # no OUTPUT.incomplete/ that the corrected run would refuse
+    assert main(["erase", "--model", tiny_flux_path, "--concept", "cat", *QUICK_ERASE, "--output", str(output)]) == 0
+    assert (output / "masks.safetensors").is_file()
+    capsys.readouterr()
+
+
+def test_a_failed_run_without_a_checkpoint_leaves_no_staging_folder(tiny_flux_path, runs, capsys, monkeypatch):
+    """Whatever fails mid-training before the first checkpoint leaves nothing that --resume could use, so nothing at all."""
+    from erasekit.training import trainer
+
+    def broken(*args, **kwargs):
+        raise ValueError("something the up-front checks did not foresee")
+
+    monkeypatch.setattr(trainer, "checkpointed_gradient", broken)
+    monkeypatch.setattr(trainer, "naive_gradient", broken)
+    output = runs / "out"
+    argv = ["erase", "--model", tiny_flux_path, "--concept", "cat", *QUICK_ERASE, "--output", str(output)]
+    assert main(argv) == 2
+    assert "did not foresee" in capsys.readouterr().err
+    assert_nothing_left(output)
+
+
+@pytest.mark.parametrize("override", ["mask.heads.lr=.nan", "mask.init_lambda=.nan", "mask.heads.lr=.inf", "loss.erase_weight=-.inf"])
+def test_non_finite_numbers_are_refused_before_loading(override, tiny_flux_path, runs, capsys, monkeypatch):
+    refuse_loading(monkeypatch)
+    output = runs / "out"
+    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", override, "--output", output)
+    assert f"{override.split('=')[0]}: expected a finite number" in line
+    assert_nothing_left(output)
+
+
+@pytest.mark.parametrize("device", ["tpu9", "cuda:99", *([] if torch.cuda.is_available() else ["cuda"])])
+def test_devices_this_torch_lacks_are_refused_before_loading(device, tiny_flux_path, runs, capsys, monkeypatch):
+    refuse_loading(monkeypatch)
+    output = runs / "out"
+    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", f"model.device={device}", "--output", output)
+    assert line.startswith("erasekit erase: error: model.device: ") and repr(device) in line and "use auto or cpu" in line
+    assert_nothing_left(output)
+    monkeypatch.undo()
+    line = fail(capsys, "generate", "--model", tiny_flux_path, "--prompt", "a cat", "--device", device, "--output", output)
+    assert repr(device) in line and "use auto or cpu" in line
+    assert_nothing_left(output)
+
+
+@pytest.mark.parametrize("name", OUTPUT_COMMANDS)
+def test_output_under_a_file_is_refused_before_loading(name, tiny_flux_path, masks, runs, capsys, monkeypatch):
+    refuse_loading(monkeypatch)
+    blocker = runs / "file"
+    blocker.write_text("mine")
+    line = fail(capsys, *any_command(name, tiny_flux_path, masks), "--output", blocker / "sub")
+    assert "is a file, not a folder" in line and str(blocker) in line
+    assert sorted(p.name for p in runs.iterdir()) == ["file"] and blocker.read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", OUTPUT_COMMANDS)
+def test_output_in_a_read_only_folder_is_refused_before_loading(name, tiny_flux_path, masks, runs, capsys, monkeypatch):
+    import os
+
+    import erasekit.outputs
+
+    refuse_loading(monkeypatch)
+    locked = runs / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root may write anywhere but on a read-only file system: judge by the mode bits as a user would
+        monkeypatch.setattr(erasekit.outputs, "_writable", lambda folder: bool(folder.stat().st_mode & 0o200))
+    try:
+        line = fail(capsys, *any_command(name, tiny_flux_path, masks), "--output", locked / "deeper" / "out")
+        assert "no permission to write in" in line and str(locked) in line
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_non_bmp_text_in_concept_anchor_and_paths_arrives_unchanged(tiny_flux_path, tmp_path, capsys):
+    """An emoji is two UTF-16 surrogates in JSON's escapes: the flags' text must not take that detour through YAML."""
+    model = tmp_path / "tiny-🐈"
+    shutil.copytree(tiny_flux_path, model)
+    output = tmp_path / "mask-🐈"
+    argv = ["erase", "--model", str(model), "--concept", "a 🐈 cat", "--anchor", "a 🐕 dog", *QUICK_ERASE, "--output", str(output)]
+    assert main(argv) == 0, capsys.readouterr().err
+    record = json.loads((output / "mask_config.json").read_text(encoding="utf-8"))
+    assert (record["concept"], record["anchor"], record["base_model"]["id"]) == ("a 🐈 cat", "a 🐕 dog", str(model))
+    capsys.readouterr()
+
+
+def test_text_that_is_not_unicode_is_refused(tiny_flux_path, runs, capsys):
+    output = runs / "out"
+    undecodable = b"caf\xe9".decode("utf-8", "surrogateescape")  # how Python passes on argv bytes it could not decode
+    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", undecodable, "--output", output)
+    assert "--concept" in line and "not valid UTF-8" in line
+    assert_nothing_left(output)
+
+
+def test_sigterm_mid_run_leaves_nothing(tiny_flux_path, runs):
+    """`kill` (SIGTERM) unwinds like Ctrl-C: the staging folder of a run without a checkpoint is removed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    output = runs / "out"
+    argv = ["erase", "--model", tiny_flux_path, "--concept", "cat", *QUICK_ERASE, "--iterations", "100000", "--output", str(output)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "erasekit.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staging = output.with_name(output.name + ".incomplete")
+    deadline = time.monotonic() + 240
+    while not (staging / "config.yaml").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[1][-2000:]
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    assert "erasekit erase: terminated" in err
+    assert_nothing_left(output)

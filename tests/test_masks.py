@@ -20,6 +20,7 @@ from erasekit.masks import (
     mask_values,
     save_mask_artifact,
 )
+from erasekit.masks.artifact import denoiser_config_hash
 
 
 def tiny_transformer(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> FluxTransformer2DModel:
@@ -185,11 +186,54 @@ def test_artifact_for_another_model_is_refused_by_name(tmp_path):
     small = tiny_transformer()
     wider = tiny_transformer(num_attention_heads=3, attention_head_dim=16)
     artifact = load_mask_artifact(_artifact(small, tmp_path, "a", []))
+    with pytest.raises(MaskMismatchError, match="denoiser config sha256"):
+        check_artifact(artifact, FLUX, wider)
+    recorded = artifact.config["base_model"].pop("denoiser_config_sha256")  # an artefact without the hash: its keys are checked
     with pytest.raises(MaskMismatchError, match="transformer_blocks.0"):
         check_artifact(artifact, FLUX, wider)
+    artifact.config["base_model"]["denoiser_config_sha256"] = recorded
     artifact.config["base_model"]["denoiser_class"] = "UNet2DConditionModel"
     with pytest.raises(MaskMismatchError, match="UNet2DConditionModel"):
         check_artifact(artifact, FLUX, small)
+
+
+def test_mask_of_a_shallower_model_of_the_same_width_is_refused(tmp_path):
+    """Every key and shape of a 2+2-block mask fits a 3+3-block model: only the config hash tells them apart."""
+    shallow, deep = tiny_transformer(), tiny_transformer(num_layers=3, num_single_layers=3)
+    artifact = load_mask_artifact(_artifact(shallow, tmp_path, "a", []))
+    with pytest.raises(MaskMismatchError) as info:
+        check_artifact(artifact, FLUX, deep)
+    message = str(info.value)
+    assert denoiser_config_hash(shallow)[:12] in message and denoiser_config_hash(deep)[:12] in message
+    assert "'tiny'" in message  # the model the mask was trained on
+    assert check_artifact(artifact, FLUX, tiny_transformer(seed=1))  # same config, other weights: accepted
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_logits_are_refused_on_write_and_load(value, tmp_path):
+    model = tiny_transformer()
+    sites = FLUX.sites(model)
+    logits = {s.key: torch.ones(s.num_units) for s in sites}
+    logits[sites[1].key][2] = value
+    record = {"method": "mask", "base_model": base_model_record(model, "tiny")}
+    with pytest.raises(MaskFileError, match="non-finite logits"):
+        save_mask_artifact(tmp_path / "written", logits, record)
+    assert not (tmp_path / "written").exists() and not list(tmp_path.glob(".*partial"))
+    # a file written by something else (or damaged) is refused on load, before any generate or fold uses it
+    path = _artifact(model, tmp_path, "loaded", [])
+    from safetensors.torch import save_file
+
+    save_file(logits, str(path / "masks.safetensors"))
+    with pytest.raises(MaskFileError, match=f"non-finite logits .*{sites[1].key}"):
+        load_mask_artifact(path)
+
+
+def test_mask_config_that_is_not_a_json_object(tmp_path):
+    path = _artifact(tiny_transformer(), tmp_path, "a", [])
+    for text in ("[1, 2]", '"mask"', "3", "null"):
+        (path / "mask_config.json").write_text(text)
+        with pytest.raises(MaskFileError, match="not an erasekit mask config .*not an object"):
+            load_mask_artifact(path)
 
 
 def test_corrupt_or_incomplete_artifacts(tmp_path):

@@ -224,7 +224,7 @@ def test_tiny_pipeline_saves_atomically_and_reloads(tmp_path):
     from diffusers import DiffusionPipeline
 
     out = save_tiny_pixart_pipeline(tmp_path / "tiny", TinyPixArtSpec(num_layers=1))
-    assert (out / "erasekit_tiny_pixart.json").is_file() and not list(tmp_path.glob(".tiny.tmp-*"))
+    assert (out / "erasekit_tiny_pixart.json").is_file() and not list(tmp_path.glob(".tiny.*"))
     loaded = DiffusionPipeline.from_pretrained(out)
     assert type(loaded).__name__ == "PixArtSigmaPipeline" and len(loaded.transformer.transformer_blocks) == 1
     with pytest.raises(ValueError, match="not an empty folder"):

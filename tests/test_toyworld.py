@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -238,7 +239,7 @@ def test_shipped_pipeline_loads_with_stock_diffusers_and_draws_what_it_is_asked(
 
 def _erasekit(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "erasekit.cli", *args], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=timeout)
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "", "ERASEKIT_CACHE": os.environ["ERASEKIT_CACHE"]}, timeout=timeout)
 
 
 @needs_world
@@ -322,3 +323,86 @@ def test_demo_refuses_an_unknown_concept(tmp_path):
     assert run.returncode == 2 and not out.exists()
     assert run.stderr.count("\n") == 1 and "use another object" in run.stderr
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the original model's image cache
+@pytest.fixture(scope="module")
+def shipped_world():
+    from erasekit.toyworld.world import World
+
+    return World.load()
+
+
+@needs_world
+def test_cached_images_equal_freshly_generated_ones(shipped_world, tmp_path, monkeypatch):
+    from erasekit.toyworld import image_cache
+
+    monkeypatch.setenv("ERASEKIT_CACHE", str(tmp_path / "cache"))
+    samples = protocol.evaluation_samples("heart", per_group=3)
+    prompts, seeds = [s.prompt for s in samples], [s.seed for s in samples]
+    fresh, fresh_latents = shipped_world.generate(prompts, seeds, return_latents=True)
+    first, first_latents = image_cache.original_images(shipped_world, prompts, seeds, latent_rows=[1, 7])
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # the miss was stored
+    calls = []
+    monkeypatch.setattr(shipped_world, "generate", lambda *a, **k: calls.append(a))
+    cached, cached_latents = image_cache.original_images(shipped_world, prompts, seeds, latent_rows=[1, 7])
+    assert calls == []  # the hit drew nothing
+    assert cached.dtype == np.uint8 and np.array_equal(cached, fresh) and np.array_equal(first, fresh)
+    assert torch.equal(cached_latents, fresh_latents[[1, 7]]) and torch.equal(first_latents, cached_latents)
+    # anything that changes the images changes the entry: another seed, the sampling settings
+    key = image_cache.entry_key(shipped_world, prompts, seeds, [1, 7])
+    assert key != image_cache.entry_key(shipped_world, prompts, [s + 1 for s in seeds], [1, 7])
+    monkeypatch.setitem(shipped_world.sampling, "steps", shipped_world.sampling["steps"] + 1)
+    assert key != image_cache.entry_key(shipped_world, prompts, seeds, [1, 7])
+
+
+def test_the_user_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    from erasekit.toyworld.image_cache import user_cache_dir
+
+    monkeypatch.delenv("ERASEKIT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert user_cache_dir() == tmp_path / "xdg" / "erasekit"
+    monkeypatch.setenv("ERASEKIT_CACHE", str(tmp_path / "mine"))
+    assert user_cache_dir() == tmp_path / "mine"
+    monkeypatch.setenv("ERASEKIT_CACHE", "")
+    assert user_cache_dir() is None
+
+
+@needs_world
+@pytest.mark.slow
+def test_shipped_cache_holds_what_the_model_draws(shipped_world):
+    """The default demo's shipped entries: their first batch (64 images, a batch of the demo's own call) redrawn."""
+    from erasekit.toyworld import image_cache
+    from erasekit.toyworld.demo import erasure_config
+
+    shipped = sorted((shipped_world.path / image_cache.SHIPPED_FOLDER).glob("*.safetensors"))
+    assert len(shipped) == 3, shipped
+    config = erasure_config(shipped_world, "circle")  # finds circle's nearest neighbour from the shipped probe images
+    samples = protocol.evaluation_samples("circle")
+    references = protocol.anchor_samples("circle", samples, config.concept.anchor)
+    keep = [i for i, s in enumerate(samples) if s.group == "in_domain"]
+    for chosen, rows in ((samples, keep), (references, [])):
+        prompts, seeds = [s.prompt for s in chosen], [s.seed for s in chosen]
+        name = image_cache.entry_key(shipped_world, prompts, seeds, rows) + ".safetensors"
+        assert (shipped_world.path / image_cache.SHIPPED_FOLDER / name).is_file(), "the shipped entries are not the demo's"
+        images, _ = image_cache.original_images(shipped_world, prompts, seeds, latent_rows=rows)
+        assert np.array_equal(images[:64], shipped_world.generate(prompts[:64], seeds[:64]))
+
+
+def test_the_demo_states_the_bar_and_whether_each_number_meets_it():
+    from erasekit.toyworld.demo import _grid, bar_checks, format_table
+
+    metrics = {
+        "concept": "circle", "anchor": "square", "masked_fraction": 0.036, "seconds": 500.0,
+        "before": {"ua": 0.01, "synonym_ua": 0.02, "ira": 0.911, "cra": 0.969},
+        "after": {"ua": 0.95, "synonym_ua": 0.899, "ira": 0.866, "cra": 0.92},
+        "anchor_images": {"ua": 1.0, "synonym_ua": 1.0}, "fidelity": {"psnr": 30.0, "ssim": 0.9},
+    }  # fmt: skip
+    checks = {c["metric"]: c for c in bar_checks(metrics)}
+    assert [name for name, c in checks.items() if not c["holds"]] == ["synonym UA", "CRA"]  # 0.899 < 0.90; 0.92 < 0.95 x 0.969
+    assert checks["IRA"]["bar"] == pytest.approx(0.95 * 0.911) and checks["masked"]["bar"] == 0.05
+    table = format_table(metrics)
+    assert "the bar: below the bar: synonym UA, CRA" in table and ">= 95% of the original's (86.5%): yes" in table
+    image = np.zeros((2, 32, 32, 3), np.uint8)
+    grid = _grid([("concept prompts:", ["a red circle in flat style on a black background", "b"], [("original", image), ("erased", image)])])
+    assert grid.size[0] == 150 + 2 * (96 + 4) and grid.size[1] > 2 * (96 + 4)  # a caption strip above the rows

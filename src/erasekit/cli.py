@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "one run each under OUTPUT/runs/, and OUTPUT/spread.json and spread.md with mean, std and worst case")
     p.add_argument("--threads", dest="thread_counts", type=int, action="append", metavar="N",
                    help=f"torch threads (default {DEMO_THREADS}; the CPU numerics are pinned so that a busy and an idle machine give the same mask)")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, pinned_numerics=True)
 
     p = sub.add_parser("toyworld", help="the ShapesCanvas world: retrain it, or measure its quality")
     world_sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="ACTION")
@@ -147,19 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, set_value
     from .training import erase
 
-    overrides = list(args.overrides)
-    for flag, key in (("model", "model.id"), ("concept", "concept.concept"), ("anchor", "concept.anchor")):
+    config = load_config(args.config, args.overrides)
+    # the flags win over --set, and their text is taken as it is (not parsed as YAML)
+    for flag, key in (("model", "model.id"), ("concept", "concept.concept"), ("anchor", "concept.anchor"),
+                      ("steps", "sampling.steps"), ("resolution", "sampling.resolution"), ("iterations", "train.iterations")):
         value = getattr(args, flag)
         if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    for flag, key in (("steps", "sampling.steps"), ("resolution", "sampling.resolution"), ("iterations", "train.iterations")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    config = load_config(args.config, overrides)
+            set_value(config, key, value)
     result = erase(config, args.output, resume=args.resume)
     from accelerate import PartialState
 
@@ -187,8 +185,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [p for p in args.prompt]
     if any(not p.strip() for p in prompts):
         raise PromptError("a --prompt is empty; give the text of the prompt")
-    if Path(args.output).exists():
-        raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
     for flag in ("steps", "resolution", "max_sequence_length", "seed"):
         values = getattr(args, flag)
         for value in values if isinstance(values, list) else [values]:
@@ -263,8 +259,6 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from .masks.fold import fold_into_pipeline, save_folded_pipeline
     from .pipeline import apply_masks, denoiser_of, load_pipeline
 
-    if Path(args.output).exists():
-        raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
     pipe = load_pipeline(args.model, args.dtype, "cpu")
     masked = apply_masks(pipe, args.masks)
     counts = masked.masked_counts()
@@ -296,8 +290,6 @@ def cmd_import_masks(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value and not Path(value).is_file():
             raise ErasekitError(f"--{flag} file {value!r} does not exist")
-    if Path(args.output).exists():
-        raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
     path = import_minimalist_flux_artifact(args.attn, args.ff, args.norm, args.model, args.output)
     print(f"imported masks written to {path}")
     return 0
@@ -306,8 +298,6 @@ def cmd_import_masks(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from .tiny import SAVERS
 
-    if Path(args.output).exists():
-        raise ErasekitError(f"output {args.output!r} already exists; choose another --output or remove it")
     path = SAVERS[args.family](args.output, seed=args.seed)
     print(f"tiny {args.family} pipeline written to {path}")
     return 0
@@ -334,7 +324,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     threads = args.thread_counts or [DEMO_THREADS]
     if any(t < 1 for t in threads):
         raise ErasekitError(f"--threads must be at least 1, got {threads}")
-    pin_cpu_numerics(threads[0])  # before torch is imported: the instruction set is read when it starts
+    pin_cpu_numerics(threads[0])  # main() pinned the rest before torch was imported
     from .toyworld.demo import format_table, run_demo
 
     if len(args.seeds or []) > 1 or len(threads) > 1:
@@ -370,15 +360,45 @@ def cmd_toyworld_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process was, so that every cleanup on the way out runs."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Checks every command shares, before any of them loads anything: text arguments are valid
+    Unicode, and the --output folder can be created (:func:`erasekit.outputs.check_output`)."""
+    from .outputs import check_output
+
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:  # bytes the terminal's encoding could not decode
+                    raise ErasekitError(f"--{name.replace('_', '-')} {text!r} is not valid UTF-8 text") from None
+    if getattr(args, "output", None) is not None:
+        check_output(args.output, overwrite=getattr(args, "overwrite", False))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``erasekit`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "pinned_numerics", False):
+        # before anything imports torch (the libraries below do): OpenMP reads its settings when it loads
+        pin_cpu_numerics()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         _quiet_libraries()
     func: Callable[[argparse.Namespace], int] = args.func
+    # `kill`/a job scheduler ends a run with SIGTERM: unwind as on Ctrl-C, so that temporary folders are removed
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
+        _check_arguments(args)
         return func(args)
     except ErasekitError as exc:
         print(f"erasekit {args.command}: error: {exc}", file=sys.stderr)
@@ -389,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"erasekit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"erasekit {args.command}: terminated", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -221,6 +222,9 @@ def _check_value(path: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            # every number of the schema is a weight, rate or threshold: NaN or infinity only fails later, mid-training
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -298,8 +302,17 @@ def apply_override(config: EraseConfig, item: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    set_value(config, key.strip(), value)
+
+
+def set_value(config: EraseConfig, key: str, value: Any) -> None:
+    """Set the ``a.b.c`` key to ``value`` in place, checked as a recipe's value is.
+
+    For values given as they are (a command-line ``--concept``): no YAML parsing, so any text,
+    emoji included, arrives unchanged.
+    """
     nested: Any = value
-    for part in reversed(key.strip().split(".")):
+    for part in reversed(key.split(".")):
         nested = {part: nested}
     _merge(config, nested, "")
 

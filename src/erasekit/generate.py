@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .masks.artifact import atomic_directory, commit_directory
+from .outputs import atomic_directory, commit_directory
 from .pipeline import denoiser_of
 from .training.gradient import run_trajectory
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,30 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda, then mps, then cpu; anything else is passed to ``torch.device``."""
+    """``auto`` -> cuda, then mps, then cpu; anything else must name a device this torch has.
+
+    Raises:
+        ModelLoadError: a device string torch does not know, or a device this machine lacks.
+    """
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    here = "cpu" + (", cuda, cuda:N" if torch.cuda.is_available() else "")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise ModelLoadError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise ModelLoadError(f"unknown device {name!r}; use auto or {here}") from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, False):
+        raise ModelLoadError(f"device {name!r} is not available on this machine (torch {torch.__version__}); use auto or {here}")
+    return device
 
 
 def load_pipeline(model: str, dtype: str = "auto", device: str = "auto", revision: str | None = None) -> Any:
@@ -61,6 +75,12 @@ def load_pipeline(model: str, dtype: str = "auto", device: str = "auto", revisio
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=DTYPES[dtype], revision=revision, trust_remote_code=trust_code)
     except (OSError, ValueError, EnvironmentError) as exc:
+        if not looks_like_path(model) and _hub_offline():
+            # diffusers' own message runs to ~450 characters and points at a stack trace nobody is shown
+            raise ModelLoadError(
+                f"could not load {model!r}: it is not a local folder, so it was taken as a hub id, and it is not in the "
+                "hub cache while HF_HUB_OFFLINE=1; pass a pipeline folder, or download it once with network access"
+            ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "" if looks_like_path(model) else " (not a local folder, so it was taken as a hub id)"
         raise ModelLoadError(f"could not load {model!r}{where}: {first}") from None
@@ -68,6 +88,13 @@ def load_pipeline(model: str, dtype: str = "auto", device: str = "auto", revisio
     pipe.to(target)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _hub_offline() -> bool:
+    """Whether hub downloads are switched off (huggingface_hub reads HF_HUB_OFFLINE once, at import)."""
+    from huggingface_hub.constants import is_offline_mode
+
+    return is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _check_denoiser_class(index_file: Path, model: str) -> bool:

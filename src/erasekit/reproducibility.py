@@ -12,9 +12,9 @@ the last decade has) for PyTorch's own kernels, oneDNN and MKL (MKL's conditiona
 reproducibility), turns off the libraries' dynamic thread counts, lets waiting OpenMP threads sleep
 instead of spin (on a busy machine spinning threads fight the other processes for the cores and an
 iteration took 15 times as long), and sets the number of threads. The instruction set is read when
-the libraries start, so the variables must be set before :mod:`torch` is imported: the CLI calls it
-first thing for the commands that train on the CPU; :func:`numerics_record` says what is in force
-(it is written into ``metrics.json``).
+the libraries load or first run, so the variables must be set before :mod:`torch` is imported: the CLI calls it
+first thing for ``erasekit demo``, and the test suite's ``conftest.py`` before any test imports torch;
+:func:`numerics_record` says what is in force (it is written into ``metrics.json``).
 """
 
 from __future__ import annotations
@@ -38,14 +38,15 @@ PINNED_ENVIRONMENT: dict[str, str] = {
 def pin_cpu_numerics(threads: int | None = None) -> list[str]:
     """Set :data:`PINNED_ENVIRONMENT` (keeping the user's own values) and, if given, the thread count.
 
-    Returns the names of the variables that could not take effect because :mod:`torch` was already
-    imported when they were set (empty when it was not).
+    Returns the names of the variables set after :mod:`torch` was imported, which may not take effect
+    (OpenMP reads its settings when torch loads it; the kernels are chosen at their first use), empty
+    when torch was not imported yet. :func:`numerics_record` says what is in force.
     """
     late = []
     for name, value in PINNED_ENVIRONMENT.items():
         if name not in os.environ:
             os.environ[name] = value
-            if "torch" in sys.modules and name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+            if "torch" in sys.modules:
                 late.append(name)
     if threads is not None:
         if threads < 1:

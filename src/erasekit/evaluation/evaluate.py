@@ -191,9 +191,10 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult | None:
     """
     from accelerate import PartialState
 
-    output = Path(config.output)
-    if output.exists():
-        raise ErasekitError(f"output {config.output!r} already exists; choose another --output or remove it")
+    from ..launch import warn_if_single_process
+    from ..outputs import check_output
+
+    output = check_output(config.output)
     for flag, value in (("steps", config.steps), ("resolution", config.resolution), ("max-sequence-length", config.max_sequence_length),
                         ("batch-size", config.batch_size)):
         if value < 1:
@@ -223,6 +224,7 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult | None:
     extractor = feature_extractor(config.fid_features) if references else None
 
     state = PartialState()
+    warn_if_single_process(state.num_processes, "evaluate")
     # each process of a multi-GPU launch uses its own device
     device = str(state.device) if state.num_processes > 1 and config.device == "auto" else config.device
     from ..arch.samplers import set_scheduler
@@ -257,7 +259,7 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult | None:
         "scoring_seconds": time.perf_counter() - start,
     }
     _write_json(staging / "summary.json", summary)
-    from ..masks.artifact import commit_directory
+    from ..outputs import commit_directory
 
     commit_directory(staging, output)
     return EvaluationResult(output, summary)

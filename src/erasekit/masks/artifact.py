@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from torch import nn
 from .. import __version__
 from ..arch.base import Architecture, MaskSite
 from ..errors import MaskFileError, MaskMismatchError
+from ..outputs import atomic_directory, commit_directory
 
 CONFIG_NAME = "mask_config.json"
 WEIGHTS_NAME = "masks.safetensors"
@@ -73,22 +72,6 @@ def base_model_record(denoiser: nn.Module, model_id: str, revision: str | None =
     }
 
 
-def atomic_directory(target: Path) -> Path:
-    """A fresh temporary folder beside ``target`` to be renamed onto it with :func:`commit_directory`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-
-
-def commit_directory(tmp: Path, target: Path, overwrite: bool = False) -> None:
-    """Move a finished temporary folder onto ``target`` (replacing it only when ``overwrite``)."""
-    if target.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"output {str(target)!r} already exists; choose another --output or remove it")
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-
-
 def save_mask_artifact(path: str | Path, logits: dict[str, torch.Tensor], config: dict[str, Any], overwrite: bool = False) -> Path:
     """Write a mask artefact atomically (temporary folder, then rename)."""
     target = Path(path)
@@ -105,6 +88,10 @@ def save_mask_artifact(path: str | Path, logits: dict[str, torch.Tensor], config
 def write_mask_files(folder: Path, logits: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
     """Write the two artefact files into an existing folder."""
     tensors = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in logits.items()}
+    bad = _non_finite(tensors)
+    if bad:
+        # a NaN logit is neither open nor closed; writing it would only move the failure to whoever loads the mask
+        raise MaskFileError(f"refusing to write a mask with non-finite logits ({bad}); lower the mask learning rates (mask.*.lr)")
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "erasekit_version": __version__, **config}
     masked = sum(int((v <= 0).sum()) for v in tensors.values())
     total = sum(v.numel() for v in tensors.values())
@@ -126,6 +113,8 @@ def load_mask_artifact(path: str | Path) -> MaskArtifact:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise MaskFileError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise MaskFileError(f"{config_file} is not an erasekit mask config (a JSON {type(config).__name__}, not an object)")
     if config.get("format") != FORMAT:
         raise MaskFileError(f"{config_file} is not an erasekit mask config (format {config.get('format')!r})")
     try:
@@ -133,7 +122,17 @@ def load_mask_artifact(path: str | Path) -> MaskArtifact:
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MaskFileError(f"{weights_file} is corrupt or not a safetensors file: {first}") from None
+    bad = _non_finite(logits)
+    if bad:
+        raise MaskFileError(f"{weights_file} holds non-finite logits ({bad}); the mask is corrupt: train it again")
     return MaskArtifact(logits={k: v.to(torch.float32) for k, v in logits.items()}, config=config, path=folder)
+
+
+def _non_finite(logits: dict[str, torch.Tensor]) -> str:
+    """``""`` when every logit is finite, else how many are not and the first key holding one."""
+    bad = {k: int((~torch.isfinite(v.float())).sum()) for k, v in logits.items()}
+    bad = {k: n for k, n in bad.items() if n}
+    return f"{sum(bad.values())} in {len(bad)} tensors, first {next(iter(bad))!r}" if bad else ""
 
 
 def check_artifact(artifact: MaskArtifact, arch: Architecture, denoiser: nn.Module) -> list[MaskSite]:
@@ -148,6 +147,14 @@ def check_artifact(artifact: MaskArtifact, arch: Architecture, denoiser: nn.Modu
     here = type(denoiser).__name__
     if trained_on and trained_on != here:
         raise MaskMismatchError(f"{where} was made for a {trained_on} (model {base.get('id')!r}), not this {here}")
+    # same class and width but another depth (or any other config change) can fit every key and shape
+    recorded, actual = base.get("denoiser_config_sha256"), denoiser_config_hash(denoiser)
+    if recorded and recorded != actual:
+        raise MaskMismatchError(
+            f"{where} was made for another {here} (model {base.get('id')!r}, denoiser config sha256 {recorded[:12]}), "
+            f"not this one (model {denoiser.config.get('_name_or_path', '?')!r}, sha256 {actual[:12]}); "
+            "use the model the mask was trained on"
+        )
     sites = {s.key: s for s in arch.sites(denoiser)}
     for key, value in artifact.logits.items():
         site = sites.get(key)

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..arch import zero_fold_site
 from ..pipeline import denoiser_of
-from .artifact import atomic_directory, commit_directory
+from ..outputs import atomic_directory, commit_directory
 from .model import MaskedModel
 
 FOLD_MODES = ("zero", "prune")

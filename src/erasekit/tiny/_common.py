@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import CLIPTextConfig, T5Config, T5EncoderModel
 
+from ..outputs import atomic_directory, commit_directory
 from .tokenizers import CLIP_VOCAB_SIZE
 
 #: ``torch.manual_seed(seed + offset)`` is called before each component is created, so a
@@ -277,16 +277,14 @@ def atomic_save(pipe: Any, path: str | os.PathLike[str], meta_name: str, meta: d
     """
     target = Path(path).expanduser().absolute()
     check_target(target, what)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = atomic_directory(target)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / meta_name).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         check_target(target, what)
         if target.is_dir():
             target.rmdir()  # empty (checked above); fails if it was filled meanwhile
-        os.rename(tmp, target)
+        commit_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ErasekitError
-from ..masks.artifact import atomic_directory, commit_directory
+from ..outputs import atomic_directory, commit_directory
 from .train import TrainSettings, train_world_pipeline
 from .world import MORPH_DETECTORS, WORLD_FILE, World, measure_quality
 

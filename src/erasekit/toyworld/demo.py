@@ -21,8 +21,8 @@ import io
 import json
 import math
 import shutil
+import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,13 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..config import EraseConfig, load_config
-from ..errors import ErasekitError
-from ..masks.artifact import atomic_directory, commit_directory
+from ..outputs import atomic_directory, check_output, commit_directory
 from ..pipeline import apply_masks
 from ..reproducibility import numerics_record
 from ..training import erase
 from . import protocol
 from .geometry import GeometricJudge
+from .image_cache import original_images
 from .world import World
 
 #: The recipe the demo erases with: mask, loss and training settings (prompts and sampling come from
@@ -57,7 +57,7 @@ def closest_value(world: World, concept: str, prompts: list[str]) -> str:
     left out: the concept's nearest neighbour in this model.
     """
     attribute, value = protocol.resolve_concept(concept)
-    images = world.generate(prompts, [ANCHOR_SEED_BASE + i for i in range(len(prompts))])
+    images, _ = original_images(world, prompts, [ANCHOR_SEED_BASE + i for i in range(len(prompts))])
     probabilities = world.detectors.predict_proba(images)[attribute].mean(0)
     classes = world.detectors.classes[attribute]
     candidates = [i for i, name in enumerate(classes) if name not in (value, "none")]
@@ -113,20 +113,88 @@ def _fidelity(before: np.ndarray, after: np.ndarray, latents_before: torch.Tenso
     }
 
 
-def _grid(rows: list[tuple[str, np.ndarray]], scale: int = 3) -> Image.Image:
-    """Labelled rows of images, upscaled ``scale`` times (nearest neighbour keeps pixels honest)."""
-    label_width, pad = 150, 4
-    cell = rows[0][1].shape[1] * scale
-    columns = max(len(images) for _, images in rows)
-    canvas = Image.new("RGB", (label_width + columns * (cell + pad), len(rows) * (cell + pad)), "white")
+def _grid(sections: list[tuple[str, list[str], list[tuple[str, np.ndarray]]]], scale: int = 3) -> Image.Image:
+    """Captioned rows of images, upscaled ``scale`` times (nearest neighbour keeps pixels honest).
+
+    Each section is ``(title, column captions, rows)``: the title and each column's caption (its
+    prompt, wrapped) above the section's rows, each row labelled on the left.
+    """
+    label_width, pad, line = 150, 4, 11
+    cell = sections[0][2][0][1].shape[1] * scale
+    wrap = max(8, cell // 6)  # characters of the default bitmap font per cell
+    columns = max(len(images) for _, _, rows in sections for _, images in rows)
+    wrapped = [[textwrap.wrap(c, wrap)[:5] for c in captions] for _, captions, _ in sections]
+    heads = [line * (1 + max((len(w) for w in ws), default=0)) + pad for ws in wrapped]
+    height = sum(head + len(rows) * (cell + pad) for head, (_, _, rows) in zip(heads, sections))
+    canvas = Image.new("RGB", (label_width + columns * (cell + pad), height), "white")
     draw = ImageDraw.Draw(canvas)
-    for r, (label, images) in enumerate(rows):
-        y = r * (cell + pad)
-        draw.text((4, y + cell // 2 - 6), label, fill="black")
-        for c, image in enumerate(images):
-            tile = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
-            canvas.paste(tile, (label_width + c * (cell + pad), y))
+    y = 0
+    for head, ws, (title, _, rows) in zip(heads, wrapped, sections):
+        draw.text((4, y + 2), title, fill="black")
+        for c, caption in enumerate(ws):
+            for k, text in enumerate(caption):
+                draw.text((label_width + c * (cell + pad), y + line * (k + 1)), text, fill="dimgray")
+        y += head
+        for label, images in rows:
+            draw.text((4, y + cell // 2 - 6), label, fill="black")
+            for c, image in enumerate(images):
+                tile = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
+                canvas.paste(tile, (label_width + c * (cell + pad), y))
+            y += cell + pad
     return canvas
+
+
+#: What the README asks of an erasure on this world: (key, label, bar, whether the bar is relative to the
+#: original's value). UA and synonym UA are counted strictly where the metrics have the strict numbers.
+BAR = (
+    ("ua", "UA", 0.95, False),
+    ("synonym_ua", "synonym UA", 0.90, False),
+    ("ira", "IRA", 0.95, True),
+    ("cra", "CRA", 0.95, True),
+)
+#: The largest share of masked units the bar allows.
+MASKED_BAR = 0.05
+
+
+def bar_checks(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each number of the bar: its value after erasure, the bar it must reach, and whether it does.
+
+    UA and synonym UA are the strict ones (no judge finds the concept) where ``metrics`` has them.
+    """
+    checks = []
+    for key, label, bar, relative in BAR:
+        need = bar * metrics["before"][key] if relative else bar
+        strict = f"strict_{key}"
+        if strict in metrics["after"]:
+            key, label = strict, f"strict {label}"
+        value = metrics["after"][key]
+        rule = f">= {bar:.0%} of the original's ({need:.1%})" if relative else f">= {bar:.0%}"
+        checks.append({"metric": label, "key": key, "value": value, "bar": need, "rule": rule, "holds": value >= need})
+    fraction = metrics["masked_fraction"]
+    checks.append({"metric": "masked", "key": "masked_fraction", "value": fraction, "bar": MASKED_BAR,
+                   "rule": f"<= {MASKED_BAR:.0%}", "holds": fraction <= MASKED_BAR})
+    return checks
+
+
+def _table(metrics: dict[str, Any]) -> list[tuple[str, float | None, float, str, bool | None]]:
+    """Rows ``(metric, original, erased, bar, holds)``: the bar's numbers, then the detector's own UA and
+    the judges' disagreement beside the strict UA (no bar: ``holds`` None)."""
+    before, after = metrics["before"], metrics["after"]
+    rows = [(c["metric"], before.get(c["key"]), c["value"], c["rule"], c["holds"]) for c in bar_checks(metrics)]
+    if "strict_ua" in after:
+        for key, label in (("ua", "UA (detector alone)"), ("synonym_ua", "synonym UA (detector alone)"),
+                           ("ambiguous", "ambiguous (judges disagree)")):
+            rows.append((label, before[key], after[key], "", None))
+    return rows
+
+
+def _verdict(checks: list[dict[str, Any]]) -> str:
+    missed = [c["metric"] for c in checks if not c["holds"]]
+    return "every number meets the bar" if not missed else f"below the bar: {', '.join(missed)}"
+
+
+def _holds(holds: bool | None, no: str) -> str:
+    return "" if holds is None else "yes" if holds else no
 
 
 def _db(psnr: float | None) -> str:
@@ -137,10 +205,11 @@ def _report(metrics: dict[str, Any], grid: Image.Image) -> str:
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG")
     picture = base64.b64encode(buffer.getvalue()).decode()
-    names = {"ua": "UA", "synonym_ua": "synonym UA", "ira": "IRA", "cra": "CRA"}
+    checks = bar_checks(metrics)
     rows = "".join(
-        f"<tr><td>{label}</td><td>{metrics['before'][key]:.1%}</td><td>{metrics['after'][key]:.1%}</td></tr>"
-        for key, label in names.items()
+        f"<tr><td>{html.escape(label)}</td><td>{'' if original is None else f'{original:.1%}'}</td><td>{erased:.1%}</td>"
+        f"<td>{html.escape(rule)}</td><td>{_holds(holds, '<b>no</b>')}</td></tr>"
+        for label, original, erased, rule, holds in _table(metrics)
     )
     fidelity, reference = metrics["fidelity"], metrics["anchor_images"]
     return f"""<!doctype html>
@@ -151,41 +220,23 @@ td,th{{border:1px solid #bbb;padding:.3em .8em;text-align:right}} td:first-child
 <p>Method: minimalist mask erasure (erasekit {html.escape(metrics['erasekit_version'])}), the concept
 mapped to {html.escape(metrics['anchor'])}; masked
 {metrics['masked_fraction']:.2%} of the transformer's units; {metrics['seconds']:.0f} s in all on this machine.</p>
-<table><tr><th>metric</th><th>original</th><th>erased</th></tr>{rows}</table>
+<p>The bar (README): strict UA &ge; 95 %, strict synonym UA &ge; 90 %, IRA and CRA &ge; 95 % of the original's, at
+most 5 % of the units masked. This run: {html.escape(_verdict(checks))}.</p>
+<table><tr><th>metric</th><th>original</th><th>erased</th><th>bar</th><th>meets it</th></tr>{rows}</table>
 <p>UA: share of images of the concept in which the detector no longer finds it (synonym UA: prompts naming it
-by a synonym). The original model's own images of the anchor prompts, same scenes and noise, score UA
+by a synonym); strict UA: in which no judge ({html.escape(', '.join(metrics['after'].get('judges', ['detector'])))})
+finds it; ambiguous: in which the judges disagree. The original model's own images of the anchor prompts, same scenes and noise, score UA
 {reference['ua']:.1%} and synonym UA {reference['synonym_ua']:.1%}: an erasure that drew exactly the anchor
 would reach those. IRA: other values of the same attribute still drawn correctly. CRA: the other attributes of those
 images still correct. Fidelity of the non-target images to the original model, same noise:
 PSNR {_db(fidelity['psnr'])}, SSIM {fidelity['ssim']:.4f}, latent MSE {fidelity['latent_mse']:.5f}.</p>
 <h2>Before and after, same prompts and noise</h2>
+<p>Each column is one evaluation sample: its prompt above it, the original model's image, then (for the concept) the
+original model's image of the anchor prompt from the same noise, then the erased model's image.</p>
 <img src="data:image/png;base64,{picture}" alt="before/after grid">
 <h2>All numbers</h2><pre>{html.escape(json.dumps(metrics, indent=2))}</pre>
 </body></html>
 """
-
-
-@dataclass
-class OriginalImages:
-    """What the demo measures the erasure against: the original model's evaluation images and their scores."""
-
-    samples: list[protocol.Sample]
-    images: np.ndarray
-    latents: torch.Tensor
-    scores: dict[str, Any]
-    anchor: str | None
-    anchor_images: np.ndarray
-    anchor_scores: dict[str, float]
-
-
-def original_images(world: World, concept: str, samples: list[protocol.Sample], anchor: str | None, progress: bool = True) -> OriginalImages:
-    """The original model's images of ``samples`` and of their scenes prompted with ``anchor``, judged."""
-    prompts, seeds = [s.prompt for s in samples], [s.seed for s in samples]
-    images, latents = world.generate(prompts, seeds, progress=progress, desc="original model", return_latents=True)
-    references = protocol.anchor_samples(concept, samples, anchor)
-    anchor_images = world.generate([s.prompt for s in references], [s.seed for s in references], progress=progress, desc="anchor prompts")
-    anchor_scores = protocol.score(concept, references, world.detectors.predict(anchor_images))
-    return OriginalImages(samples, images, latents, judge(world, concept, samples, images), anchor, anchor_images, anchor_scores)
 
 
 def judge(world: World, concept: str, samples: list[protocol.Sample], images: np.ndarray) -> dict[str, Any]:
@@ -228,7 +279,6 @@ def run_demo(
     progress: bool = True,
     overwrite: bool = False,
     world: World | None = None,
-    originals: dict[str | None, OriginalImages] | None = None,
 ) -> dict[str, Any]:
     """Erase ``concept`` from the ShapesCanvas model and write the before/after report to ``output``.
 
@@ -245,30 +295,30 @@ def run_demo(
         progress: show progress bars.
         overwrite: replace an existing output folder.
         world: an already loaded world (then ``world_path`` is ignored).
-        originals: the original model's images by anchor, reused when present and filled in otherwise
-            (several erasures of one concept, :func:`erasekit.toyworld.spread.run_spread`).
 
     Returns:
         The metrics written to ``metrics.json``.
     """
     started = time.perf_counter()
     attribute, value = protocol.check_anchor(concept, anchor)  # a bad concept or anchor fails before anything is loaded
-    target = Path(output)
-    if target.exists() and not overwrite:
-        raise ErasekitError(f"output {str(target)!r} already exists; choose another --output or remove it")
+    target = check_output(output, overwrite=overwrite)
     world = world or World.load(world_path)
     config = erasure_config(world, concept, overrides, anchor=anchor)
     samples = protocol.evaluation_samples(concept, per_group=per_group)
     prompts, seeds = [s.prompt for s in samples], [s.seed for s in samples]
-    # an object's default anchor is the one erasure_config chose (its nearest neighbour); it names it
-    chosen = config.concept.anchor if anchor is None and attribute == "object" else anchor
-    originals = {} if originals is None else originals
-    if chosen not in originals or originals[chosen].samples != samples:
-        originals[chosen] = original_images(world, concept, samples, chosen, progress=progress)
-    original = originals[chosen]
 
+    keep = np.array([s.group == "in_domain" for s in samples])
     tmp = atomic_directory(target)
     try:
+        # the original model's images come from the image cache when it holds them (they depend on nothing an erasure changes)
+        before, latents_before = original_images(world, prompts, seeds, latent_rows=np.flatnonzero(keep).tolist(),
+                                                 progress=progress, desc="original model")
+        # an object's default anchor is the one erasure_config chose (its nearest neighbour); it names it
+        chosen = config.concept.anchor if anchor is None and attribute == "object" else anchor
+        references = protocol.anchor_samples(concept, samples, chosen)
+        anchor_images, _ = original_images(world, [s.prompt for s in references], [s.seed for s in references],
+                                           progress=progress, desc="anchor prompts")
+        reference_scores = protocol.score(concept, references, world.detectors.predict(anchor_images))
         result = erase(config, tmp / "mask")
         masked = apply_masks(world.pipe, [tmp / "mask"])
         try:
@@ -276,16 +326,15 @@ def run_demo(
         finally:
             masked.remove()
         counts = result.masked_units
-        keep = np.array([s.group == "in_domain" for s in samples])
         metrics: dict[str, Any] = {
             "concept": value,
             "attribute": attribute,
             "anchor": config.concept.anchor,
-            "before": original.scores,
+            "before": judge(world, concept, samples, before),
             "after": judge(world, concept, samples, after),
             # the original model's images of the anchor prompts, same noise: the most an exact mapping reaches
-            "anchor_images": {key: original.anchor_scores[key] for key in ("ua", "synonym_ua")},
-            "fidelity": _fidelity(original.images[keep], after[keep], original.latents[torch.from_numpy(keep)], latents_after[torch.from_numpy(keep)]),
+            "anchor_images": {key: reference_scores[key] for key in ("ua", "synonym_ua")},
+            "fidelity": _fidelity(before[keep], after[keep], latents_before, latents_after[torch.from_numpy(keep)]),
             "masked_fraction": result.masked_fraction,
             "masked_units": counts,
             "mask_sha256": _logits_digest(result.logits),
@@ -296,17 +345,19 @@ def run_demo(
             "erasekit_version": __version__,
         }
         metrics["seconds"] = time.perf_counter() - started
+        metrics["bar"] = bar_checks(metrics)
         columns = 8
-        rows = []
+        sections = []
         for group, label in (("target", "concept"), ("synonym", "synonym"), ("in_domain", "other values")):
             index = [i for i, s in enumerate(samples) if s.group == group][:columns]
-            rows.append((f"{label}: original", original.images[index]))
+            rows = [("original", before[index])]
             if group == "target":  # references hold the target samples first, in order
-                rows.append(("concept: anchor prompt", original.anchor_images[: len(index)]))
-            rows.append((f"{label}: erased", after[index]))
-        grid = _grid(rows)
+                rows.append((f"anchor prompt ({config.concept.anchor})", anchor_images[: len(index)]))
+            rows.append(("erased", after[index]))
+            sections.append((f"{label} prompts:", [samples[i].prompt for i in index], rows))
+        grid = _grid(sections)
         grid.save(tmp / "grid.png")
-        images = {"original": original.images, "erased": after, "anchor": original.anchor_images}
+        images = {"original": before, "erased": after, "anchor": anchor_images}
         save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in images.items()}, str(tmp / "images.safetensors"))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "report.html").write_text(_report(metrics, grid), encoding="utf-8")
@@ -328,9 +379,13 @@ def _logits_digest(logits: dict[str, torch.Tensor]) -> str:
 
 def format_table(metrics: dict[str, Any]) -> str:
     """The before/after table the CLI prints."""
-    lines = [f"{'metric':<12}{'original':>10}{'erased':>10}"]
-    for key, label in (("ua", "UA"), ("synonym_ua", "synonym UA"), ("ira", "IRA"), ("cra", "CRA")):
-        lines.append(f"{label:<12}{metrics['before'][key]:>10.1%}{metrics['after'][key]:>10.1%}")
+    checks = bar_checks(metrics)
+    lines = [f"{'metric':<29}{'original':>10}{'erased':>10}   bar"]
+    for label, original, erased, rule, holds in _table(metrics):
+        if label == "masked":
+            continue  # its own line below
+        bar = f"   {rule}: {_holds(holds, 'NO')}" if rule else ""
+        lines.append(f"{label:<29}{original:>10.1%}{erased:>10.1%}{bar}")
     reference = metrics["anchor_images"]
     lines.append(
         f"the original model's own images of the anchor prompts (what drawing exactly {metrics['anchor']} would score): "
@@ -338,5 +393,7 @@ def format_table(metrics: dict[str, Any]) -> str:
     )
     f = metrics["fidelity"]
     lines.append(f"fidelity of other prompts: PSNR {_db(f['psnr'])}, SSIM {f['ssim']:.4f}")
-    lines.append(f"masked fraction {metrics['masked_fraction']:.2%}, {metrics['seconds']:.0f} s")
+    lines.append(f"masked fraction {metrics['masked_fraction']:.2%} (bar {checks[-1]['rule']}: {'yes' if checks[-1]['holds'] else 'NO'}), "
+                 f"{metrics['seconds']:.0f} s")
+    lines.append(f"the bar: {_verdict(checks)}")
     return "\n".join(lines)

@@ -2,8 +2,8 @@
 
 Mask training is chaotic (a different last bit in one gradient ends on another mask), so one run of a
 recipe says little about the next. :func:`run_spread` trains the recipe once per training seed and
-thread count, scores every run on the same evaluation draw (the original model's images are drawn
-once), and reports mean, standard deviation and worst case of every metric, and how many runs meet the
+thread count, scores every run on the same evaluation draw (the original model's images come from the
+image cache after the first run), and reports mean, standard deviation and worst case of every metric, and how many runs meet the
 demo's bar. Each run is a normal demo folder under ``runs/``; a run whose folder is complete is read
 back instead of trained again, so an interrupted spread resumes where it stopped.
 """
@@ -22,17 +22,9 @@ from safetensors.torch import load_file
 
 from ..errors import ErasekitError
 from . import protocol
-from .demo import OriginalImages, judge, run_demo
+from .demo import bar_checks, judge, run_demo
 from .world import World
 
-#: The demo's bar: metric -> (the least or most it may be, whether that is relative to the original).
-BAR: dict[str, tuple[str, float, bool]] = {
-    "ua": (">=", 0.95, False),
-    "synonym_ua": (">=", 0.90, False),
-    "ira": (">=", 0.95, True),
-    "cra": (">=", 0.95, True),
-    "masked_fraction": ("<=", 0.05, False),
-}
 #: Metrics summarised over the runs, with the direction that is worse.
 SUMMARISED: dict[str, str] = {
     "ua": "min",
@@ -44,17 +36,6 @@ SUMMARISED: dict[str, str] = {
     "cra": "min",
     "masked_fraction": "max",
 }
-
-
-def meets_bar(metrics: dict[str, Any], strict: bool = True) -> dict[str, bool]:
-    """Per metric of :data:`BAR`, whether a demo run's metrics meet it (``strict``: UA counted strictly)."""
-    verdict = {}
-    for key, (sense, bound, relative) in BAR.items():
-        name = f"strict_{key}" if strict and key in ("ua", "synonym_ua") and f"strict_{key}" in metrics["after"] else key
-        value = metrics[key] if key == "masked_fraction" else metrics["after"][name]
-        limit = bound * metrics["before"][key] if relative else bound
-        verdict[key] = value >= limit if sense == ">=" else value <= limit
-    return verdict
 
 
 def _run_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -75,7 +56,7 @@ def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
                 "worst": float(values.min() if worse == "min" else values.max()),
             }
-    bars = {name: meets_bar(m) for name, m in runs.items()}
+    bars = {name: {check["metric"]: check["holds"] for check in bar_checks(m)} for name, m in runs.items()}
     summary["runs_meeting_bar"] = sum(all(v.values()) for v in bars.values())
     summary["runs"] = len(runs)
     summary["distinct_masks"] = len({m["mask_sha256"] for m in runs.values()})
@@ -108,7 +89,6 @@ def run_spread(
     protocol.check_anchor(concept, anchor)
     folder = Path(output)
     world: World | None = None
-    originals: dict[str | None, OriginalImages] = {}
     runs: dict[str, dict[str, Any]] = {}
     previous_threads = torch.get_num_threads()
     try:
@@ -123,7 +103,7 @@ def run_spread(
                     continue
                 torch.set_num_threads(count)
                 runs[name] = run_demo(
-                    concept, run, world=world, originals=originals, per_group=per_group, anchor=anchor,
+                    concept, run, world=world, per_group=per_group, anchor=anchor,
                     overrides=[*(overrides or []), f"train.seed={seed}"], progress=progress, overwrite=run.exists(),
                 )
     finally:

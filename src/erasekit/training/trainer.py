@@ -25,9 +25,11 @@ from ..config import UNIT_KINDS, EraseConfig, config_to_dict, save_config
 from ..data import build_concept_prompts
 from ..errors import ConfigError, ErasekitError, TrainingDivergedError
 from ..masks import MaskedModel, MaskSettings, base_model_record
-from ..masks.artifact import commit_directory, write_mask_files
+from ..launch import warn_if_single_process
+from ..masks.artifact import write_mask_files
 from ..masks.model import fraction_of
-from ..pipeline import denoiser_of, load_pipeline
+from ..outputs import check_output, commit_directory
+from ..pipeline import denoiser_of, load_pipeline, resolve_device
 from .gradient import checkpointed_gradient, naive_gradient, run_trajectory
 from .tracking import CSVTracker
 
@@ -102,7 +104,9 @@ def make_accelerator(config: EraseConfig, logging_dir: Path) -> Accelerator:
                 logger.warning("tracker %s is not installed; skipping it", name)
         else:
             raise ConfigError(f"train.trackers: unknown tracker {name!r}; use csv, tensorboard or wandb")
-    return Accelerator(cpu=config.model.device == "cpu", log_with=trackers or None, project_dir=str(logging_dir))
+    accelerator = Accelerator(cpu=config.model.device == "cpu", log_with=trackers or None, project_dir=str(logging_dir))
+    warn_if_single_process(accelerator.num_processes, "erase")
+    return accelerator
 
 
 class MaskTrainer:
@@ -132,6 +136,7 @@ class MaskTrainer:
         set_scheduler(pipe, config.sampling.scheduler)
         self.prompts = build_concept_prompts(config.concept)
         validate_training_config(config)
+        self._check_sampling()
         selection = {k: (getattr(config.mask, k).enabled, getattr(config.mask, k).include, getattr(config.mask, k).exclude) for k in UNIT_KINDS}
         self.sites = select_sites(self.arch.sites(self.denoiser), selection)
         if not self.sites:
@@ -141,6 +146,15 @@ class MaskTrainer:
                 component.requires_grad_(False)
 
     # ------------------------------------------------------------------ helpers
+    def _check_sampling(self) -> None:
+        """Set up one trajectory (no model evaluation) so that settings this model cannot sample with fail now."""
+        s = self.config.sampling
+        encoded = self.arch.encode_prompts(self.pipe, self.prompts.concept[:1], s.max_sequence_length)
+        try:
+            self.arch.trajectory(self.pipe, encoded, [0], steps=s.steps, resolution=s.resolution, guidance_scale=s.guidance_scale)
+        except ValueError as exc:
+            raise ConfigError(f"sampling settings: {exc}") from None
+
     def _noise_seed(self, index: int, stream: int) -> int:
         return (self.config.train.seed * 1_000_003 + 2 * index + stream) % (2**63)
 
@@ -241,8 +255,9 @@ class MaskTrainer:
                 if isinstance(tracker, CSVTracker):
                     tracker.truncate_after(start)
             self._loop(masked, params, optimizer, scheduler, start, stop_after, on_step)
-        except TrainingDivergedError:
-            if acc.is_main_process:
+        except BaseException as exc:
+            # the staging folder is kept only for --resume: a checkpoint to go on from, of a run that did not diverge
+            if acc.is_main_process and (isinstance(exc, TrainingDivergedError) or not any((self.staging / CHECKPOINTS).glob("step-*"))):
                 shutil.rmtree(self.staging, ignore_errors=True)
             raise
         finally:
@@ -419,8 +434,10 @@ def validate_training_config(config: EraseConfig) -> None:
     for key, ok in checks:
         if not ok:
             raise ConfigError(f"{key} must be at least 1")
-    if not math.isfinite(config.mask.final_threshold):
-        raise ConfigError("mask.final_threshold must be a finite number (0 closes the units whose logits ended below 0)")
+    try:
+        resolve_device(config.model.device)
+    except ErasekitError as exc:
+        raise ConfigError(f"model.device: {exc}") from None
     if config.loss.intermediate_preservation < 0:
         raise ConfigError("loss.intermediate_preservation must not be negative (0 preserves the final latents alone)")
     if config.loss.negative_guidance < 0:
@@ -441,8 +458,7 @@ def erase(config: EraseConfig, output: str | Path, resume: bool = False, stop_af
     output = Path(output)
     build_concept_prompts(config.concept)  # fail on bad prompts before loading any weights
     validate_training_config(config)
-    if output.exists():
-        raise ErasekitError(f"output {str(output)!r} already exists; choose another --output or remove it")
+    check_output(output)
     staging = staging_path(output)
     if staging.exists() and not resume:
         raise ErasekitError(f"{staging} holds an interrupted run; pass --resume to continue it, or remove that folder")
