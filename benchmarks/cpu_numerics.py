@@ -52,11 +52,27 @@ def _spin(stop_at: float) -> None:
 
 
 def _child(threads: int, iterations: int, pinned: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR",
-                                                             "MKL_DYNAMIC", "OMP_DYNAMIC", "OMP_WAIT_POLICY")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "ATEN_CPU_CAPABILITY",
+            "ONEDNN_MAX_CPU_ISA",
+            "MKL_CBWR",
+            "MKL_DYNAMIC",
+            "OMP_DYNAMIC",
+            "OMP_WAIT_POLICY",
+        )
+    }
     env["HF_HUB_OFFLINE"] = "1"
-    run = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(iterations), "1" if pinned else "0"],
-                         capture_output=True, text=True, env=env, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", CHILD, str(threads), str(iterations), "1" if pinned else "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
@@ -77,12 +93,18 @@ def main() -> None:
                 finally:
                     for p in spinners:
                         p.terminate()
-                rows.append({"numerics": "pinned" if pinned else "library defaults", "busy": busy, "threads": threads, **result})
+                rows.append(
+                    {"numerics": "pinned" if pinned else "library defaults", "busy": busy, "threads": threads, **result}
+                )
                 print(json.dumps(rows[-1]), flush=True)
-    print(f"\n| numerics | busy processes | threads | s / iteration | kernels | logits digest |\n| --- | ---: | ---: | ---: | --- | --- |")
+    print(
+        "\n| numerics | busy processes | threads | s / iteration | kernels | logits digest |\n| --- | ---: | ---: | ---: | --- | --- |"
+    )
     for row in rows:
-        print(f"| {row['numerics']} | {row['busy']} | {row['threads']} | {row['seconds_per_iteration']:.2f} | "
-              f"{row['capability']} | `{row['digest']}` |")
+        print(
+            f"| {row['numerics']} | {row['busy']} | {row['threads']} | {row['seconds_per_iteration']:.2f} | "
+            f"{row['capability']} | `{row['digest']}` |"
+        )
 
 
 if __name__ == "__main__":

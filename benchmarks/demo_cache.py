@@ -25,7 +25,9 @@ import numpy as np
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concept", default="circle")
-    parser.add_argument("--batches", type=int, default=0, help="draw only the first N batches of 64 of each set (0: all)")
+    parser.add_argument(
+        "--batches", type=int, default=0, help="draw only the first N batches of 64 of each set (0: all)"
+    )
     args = parser.parse_args(argv)
 
     from erasekit.toyworld import image_cache, protocol
@@ -41,8 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     probe = protocol.erasure_prompts(args.concept, count=24, seed=config.train.seed)[0]
     sets = {
         "nearest-neighbour probe": (probe, [ANCHOR_SEED_BASE + i for i in range(len(probe))], []),
-        "original model": ([s.prompt for s in samples], [s.seed for s in samples],
-                           [i for i, s in enumerate(samples) if s.group == "in_domain"]),
+        "original model": (
+            [s.prompt for s in samples],
+            [s.seed for s in samples],
+            [i for i, s in enumerate(samples) if s.group == "in_domain"],
+        ),
         "anchor prompts": ([s.prompt for s in references], [s.seed for s in references], []),
     }
     total_drawn = total_read = 0.0
@@ -61,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         total_drawn += drawn_s
         total_read += read_s
         ratio = drawn_s / read_s if shipped and read_s > 0 else math.nan
-        print(f"{name:<26}{len(prompts):>8}{drawn_s:>10.1f}{read_s:>10.3f}{ratio:>10.0f}  {equal if shipped else 'not shipped'}")
+        print(
+            f"{name:<26}{len(prompts):>8}{drawn_s:>10.1f}{read_s:>10.3f}{ratio:>10.0f}  {equal if shipped else 'not shipped'}"
+        )
     print(f"{'all':<26}{'':>8}{total_drawn:>10.1f}{total_read:>10.3f}  saved {total_drawn - total_read:.0f} s")
 
 

@@ -22,7 +22,8 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -38,16 +39,34 @@ MODELS = {
 # Small configs of the same classes, for a CPU smoke run of this script.
 TINY = {
     "sdxl": dict(
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1, attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 1), cross_attention_dim=64, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=80, norm_num_groups=8, sample_size=8,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 1),
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+        norm_num_groups=8,
+        sample_size=8,
         use_linear_projection=True,
     ),
     "sd3.5-medium": dict(
-        sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=16,
-        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=16,
+        out_channels=16,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
     ),
 }
 
@@ -71,7 +90,9 @@ def build(family: str, tiny: bool, device: torch.device, dtype: torch.dtype) -> 
     return model, {"arch": arch, "config": dict(model.config)}
 
 
-def conditioning(family: str, model: torch.nn.Module, batch: int, resolution: int, device: torch.device, dtype: torch.dtype) -> tuple[tuple[int, ...], Callable]:
+def conditioning(
+    family: str, model: torch.nn.Module, batch: int, resolution: int, device: torch.device, dtype: torch.dtype
+) -> tuple[tuple[int, ...], Callable]:
     g = torch.Generator(device="cpu").manual_seed(1)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -82,24 +103,36 @@ def conditioning(family: str, model: torch.nn.Module, batch: int, resolution: in
     if family == "sdxl":
         text = rand(batch, 77, cfg.cross_attention_dim)
         pooled = rand(batch, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
-        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device, dtype=dtype).repeat(batch, 1)
+        time_ids = torch.tensor(
+            [resolution, resolution, 0, 0, resolution, resolution], device=device, dtype=dtype
+        ).repeat(batch, 1)
 
         def call(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return model(z, t, encoder_hidden_states=text, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
+            return model(
+                z,
+                t,
+                encoder_hidden_states=text,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+                return_dict=False,
+            )[0]
 
         return (batch, cfg.in_channels, side, side), call
     text = rand(batch, 77 + 256, cfg.joint_attention_dim)
     pooled = rand(batch, cfg.pooled_projection_dim)
 
     def call(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model(hidden_states=z, encoder_hidden_states=text, pooled_projections=pooled, timestep=t, return_dict=False)[0]
+        return model(
+            hidden_states=z, encoder_hidden_states=text, pooled_projections=pooled, timestep=t, return_dict=False
+        )[0]
 
     return (batch, cfg.in_channels, side, side), call
 
 
 def check(family: str, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype or ("float16" if family == "sdxl" else "bfloat16")]
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
+        args.dtype or ("float16" if family == "sdxl" else "bfloat16")
+    ]
     if device.type == "cpu":
         dtype = torch.float32
     model, info = build(family, args.tiny, device, dtype)
@@ -127,7 +160,9 @@ def check(family: str, args: argparse.Namespace) -> dict[str, Any]:
 
     def iteration(k: int) -> float:
         masked.resample_noise(torch.Generator().manual_seed(k))
-        loss, grads = checkpointed_gradient(step, noise, args.steps, lambda z: (z.float() - target).pow(2).mean(), params)
+        loss, grads = checkpointed_gradient(
+            step, noise, args.steps, lambda z: (z.float() - target).pow(2).mean(), params
+        )
         for p, g in zip(params, grads):
             p.grad = g
         optimizer.step()
@@ -165,20 +200,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--families", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None, help="default: fp16 for SDXL, bf16 for SD3.5")
+    p.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default=None,
+        help="default: fp16 for SDXL, bf16 for SD3.5",
+    )
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=4, help="denoising steps of the trained trajectory")
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="small configs of the same classes (CPU smoke run)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("gpu_check_families: no CUDA device; run on a GPU, or use --device cpu --tiny for a smoke run", file=sys.stderr)
+        print(
+            "gpu_check_families: no CUDA device; run on a GPU, or use --device cpu --tiny for a smoke run",
+            file=sys.stderr,
+        )
         return 2
     for family in args.families:
         result = check(family, args)
-        memory = f"{result['peak_gpu_memory_gib']:.2f} GiB" if result["peak_gpu_memory_gib"] is not None else "n/a (cpu)"
-        print(f"{family:13s} {result['parameters'] / 1e9:6.3f} B params  {result['mask_units']:>9,} mask units  "
-              f"{result['seconds_per_iteration']:7.3f} s/iter  peak {memory}")
+        memory = (
+            f"{result['peak_gpu_memory_gib']:.2f} GiB" if result["peak_gpu_memory_gib"] is not None else "n/a (cpu)"
+        )
+        print(
+            f"{family:13s} {result['parameters'] / 1e9:6.3f} B params  {result['mask_units']:>9,} mask units  "
+            f"{result['seconds_per_iteration']:7.3f} s/iter  peak {memory}"
+        )
         print(json.dumps(result))
     return 0
 

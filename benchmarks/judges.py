@@ -30,21 +30,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    networks = {name: ShapesDetectors.from_pretrained(SHIPPED_WORLD / folder)
-                for name, folder in (("detector", "detectors"), ("morph_detector", MORPH_DETECTORS))}
+    networks = {
+        name: ShapesDetectors.from_pretrained(SHIPPED_WORLD / folder)
+        for name, folder in (("detector", "detectors"), ("morph_detector", MORPH_DETECTORS))
+    }
     judge = GeometricJudge()
     rng = np.random.default_rng(args.seed)
     scenes = [sample_scene(rng, object=args.start) for _ in range(args.scenes)]
-    print(f"| t | detector: {args.start} | morph_detector: {args.start} | geometric: {args.start} | geometric ambiguous "
-          f"| strict reading finds {args.start} |\n| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        f"| t | detector: {args.start} | morph_detector: {args.start} | geometric: {args.start} | geometric ambiguous "
+        f"| strict reading finds {args.start} |\n| ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
     for t in (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0):
         images = np.stack([render_morph(s, args.end, t) for s in scenes])
         named = [[p == args.start for p in net.predict(images)["object"]] for net in networks.values()]
         rates = [np.mean(flags) for flags in named]
         verdict = judge.judge(images)
         found = [any(flags) for flags in zip(*named, judge.finds(images, args.start))]
-        print(f"| {t:.2f} | {rates[0]:.0%} | {rates[1]:.0%} | {np.mean([o == args.start for o in verdict.objects]):.0%} "
-              f"| {np.mean(verdict.ambiguous):.0%} | {np.mean(found):.0%} |")
+        print(
+            f"| {t:.2f} | {rates[0]:.0%} | {rates[1]:.0%} | {np.mean([o == args.start for o in verdict.objects]):.0%} "
+            f"| {np.mean(verdict.ambiguous):.0%} | {np.mean(found):.0%} |"
+        )
 
 
 if __name__ == "__main__":

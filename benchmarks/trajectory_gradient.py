@@ -306,7 +306,9 @@ def worker(args: argparse.Namespace) -> int:
             out["peak_source"] = "torch.cuda.max_memory_allocated"
         else:
             base = _rss_bytes()  # the whole process: interpreter, libraries, model, inputs
-            out["peak_source"] = "VmHWM (reset after warm-up)" if _reset_peak_rss() else "ru_maxrss (NOT reset: includes build)"
+            out["peak_source"] = (
+                "VmHWM (reset after warm-up)" if _reset_peak_rss() else "ru_maxrss (NOT reset: includes build)"
+            )
         out["model_mb"] = base / 2**20
         try:
             _run_method(args.method, built, 1)  # warm-up iteration (one-time allocations of a backward)
@@ -390,7 +392,9 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _spawn(args: argparse.Namespace, phase: str, steps: int, method: str | None = None, check_grad: bool = False) -> dict[str, Any]:
+def _spawn(
+    args: argparse.Namespace, phase: str, steps: int, method: str | None = None, check_grad: bool = False
+) -> dict[str, Any]:
     """Run one worker process; returns its result (``{"error": ...}`` if it produced none)."""
     cmd = [
         sys.executable,
@@ -460,7 +464,9 @@ def _table(results: dict[tuple[str, int], dict[str, Any]], methods: list[str], s
     return "\n".join(lines)
 
 
-def _checks(results: dict[tuple[str, int], dict[str, Any]], methods: list[str], steps: list[int]) -> list[dict[str, Any]]:
+def _checks(
+    results: dict[tuple[str, int], dict[str, Any]], methods: list[str], steps: list[int]
+) -> list[dict[str, Any]]:
     def get(m: str, t: int, key: str) -> float | None:
         return results.get((m, t), {}).get(key)
 
@@ -476,7 +482,9 @@ def _checks(results: dict[tuple[str, int], dict[str, Any]], methods: list[str], 
     if "naive" in methods and hi > lo:
         a, b = get("naive", hi, "peak_mb"), get("naive", lo, "peak_mb")
         ratio = a / b if a is not None and b else None
-        checks.append({"name": f"memory naive T={hi} / T={lo}", "value": ratio, "target": "(for reference)", "pass": None})
+        checks.append(
+            {"name": f"memory naive T={hi} / T={lo}", "value": ratio, "target": "(for reference)", "pass": None}
+        )
     for other, target, strict in (("naive", TARGET_TIME_VS_NAIVE, False), ("two_call", TARGET_TIME_VS_TWO_CALL, True)):
         if "ours" not in methods or other not in methods:
             continue
@@ -549,7 +557,10 @@ def driver(args: argparse.Namespace) -> int:
         share = run.get("others_cpu_share")
         busy = "" if share is None or args.device != "cpu" else f", others used {100 * share:.0f}% CPU"
         err = f" ERROR {run['error']}" if "error" in run else ""
-        print(f"  time   T={t:<3} s/iter: {', '.join(cells)}{err}  (process {run.get('process_s', 0):.0f} s{busy})", flush=True)
+        print(
+            f"  time   T={t:<3} s/iter: {', '.join(cells)}{err}  (process {run.get('process_s', 0):.0f} s{busy})",
+            flush=True,
+        )
 
     print()
     unit = "GPU memory allocated" if args.device == "cuda" else "RSS"
@@ -563,7 +574,9 @@ def driver(args: argparse.Namespace) -> int:
     grad_tol = 1e-4 if args.dtype == "float32" else 5e-2
     if grad is not None:
         if "error" in grad or grad.get("max_rel_error") is None:
-            why = grad.get("error") or ("non-finite gradients" if not grad.get("finite", True) else "all-zero gradients")
+            why = grad.get("error") or (
+                "non-finite gradients" if not grad.get("finite", True) else "all-zero gradients"
+            )
             print(f" n/a  gradient ours vs naive T={grad['steps']}: {why}")
         else:
             ok = grad["max_rel_error"] <= grad_tol
@@ -627,20 +640,36 @@ def driver(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, nargs="+", default=None, help="numbers of steps T (default 4 8 16 32)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--full-flux", action="store_true", help="full-size FLUX.1 (19+38 blocks, 3072 wide), 512x512, T=4 (GPU only)")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=None, help="default: float32 on cpu, bfloat16 on cuda"
+    )
+    p.add_argument(
+        "--full-flux", action="store_true", help="full-size FLUX.1 (19+38 blocks, 3072 wide), 512x512, T=4 (GPU only)"
+    )
     p.add_argument("--quick", action="store_true", help="small model, T = 2 4, 2 repeats (smoke run)")
     p.add_argument("--repeats", type=int, default=None, help="timed iterations per measurement (default 3; --quick 2)")
-    p.add_argument("--min-timed-steps", type=int, default=None,
-                   help="time at least this many steps per method and T (default 48 on cpu, 0 on cuda)")
+    p.add_argument(
+        "--min-timed-steps",
+        type=int,
+        default=None,
+        help="time at least this many steps per method and T (default 48 on cpu, 0 on cuda)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads in each worker (default: CPUs available)")
-    p.add_argument("--mmap-threshold", type=int, default=None,
-                   help="MALLOC_MMAP_THRESHOLD_ of the CPU memory processes (default 65536; --quick 8192; 0: unset)")
-    p.add_argument("--init-lambda", type=float, default=1.0, help="initial mask logit (1.0: most hard-concrete gates unclamped)")
+    p.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        help="MALLOC_MMAP_THRESHOLD_ of the CPU memory processes (default 65536; --quick 8192; 0: unset)",
+    )
+    p.add_argument(
+        "--init-lambda", type=float, default=1.0, help="initial mask logit (1.0: most hard-concrete gates unclamped)"
+    )
     p.add_argument("--no-grad-check", action="store_true", help="skip the ours-vs-naive gradient comparison")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
     p.add_argument("--json-out", default=None, help="also write the JSON result here")
@@ -681,7 +710,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --full-flux and --quick are exclusive", file=sys.stderr)
         return 2
     if args.full_flux and args.device != "cuda":
-        print("error: --full-flux (~12B parameters) needs --device cuda; on a CPU one step takes minutes", file=sys.stderr)
+        print(
+            "error: --full-flux (~12B parameters) needs --device cuda; on a CPU one step takes minutes", file=sys.stderr
+        )
         return 2
     if args.device == "cuda":
         import torch

@@ -48,7 +48,18 @@ ERASE_FLAGS = [
 ]  # fmt: skip
 # Generation settings equal to the mask's training trajectory, given explicitly so that a run without
 # --masks uses the same ones.
-SAMPLE_FLAGS = ["--steps", "2", "--resolution", "32", "--max-sequence-length", "16", "--device", "cpu", "--dtype", "float32"]
+SAMPLE_FLAGS = [
+    "--steps",
+    "2",
+    "--resolution",
+    "32",
+    "--max-sequence-length",
+    "16",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+]
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
@@ -145,7 +156,20 @@ IMAGE_NAMES = ["0000-a-photo-of-a-cat-seed0.png", "0000-a-photo-of-a-cat-seed5.p
 def plain_images(work: Path, tiny_model: Path) -> Path:
     """``erasekit generate`` without masks: one prompt, seeds 0 and 5."""
     target = work / "images-plain"
-    code, out, err = run_cli("generate", "--model", tiny_model, "--prompt", PROMPT, "--seed", "0", "--seed", "5", *SAMPLE_FLAGS, "--output", target)
+    code, out, err = run_cli(
+        "generate",
+        "--model",
+        tiny_model,
+        "--prompt",
+        PROMPT,
+        "--seed",
+        "0",
+        "--seed",
+        "5",
+        *SAMPLE_FLAGS,
+        "--output",
+        target,
+    )
     assert code == 0, err
     assert f"2 images written to {target}" in out
     return target
@@ -162,9 +186,24 @@ def test_generate_writes_deterministically_named_images(plain_images: Path) -> N
 
 
 @pytest.mark.slow
-def test_generate_with_masks_changes_the_images(work: Path, tiny_model: Path, mask_dir: Path, plain_images: Path, capsys) -> None:
+def test_generate_with_masks_changes_the_images(
+    work: Path, tiny_model: Path, mask_dir: Path, plain_images: Path, capsys
+) -> None:
     masked = work / "images-masked"
-    args = ["generate", "--model", tiny_model, "--masks", mask_dir, "--prompt", PROMPT, "--seed", "0", "--seed", "5", *SAMPLE_FLAGS]
+    args = [
+        "generate",
+        "--model",
+        tiny_model,
+        "--masks",
+        mask_dir,
+        "--prompt",
+        PROMPT,
+        "--seed",
+        "0",
+        "--seed",
+        "5",
+        *SAMPLE_FLAGS,
+    ]
     assert main([str(a) for a in [*args, "--output", masked]]) == 0
     assert f"2 images written to {masked}" in capsys.readouterr().out
     assert sorted(p.name for p in masked.glob("*.png")) == IMAGE_NAMES
@@ -188,7 +227,12 @@ def test_generate_from_a_prompt_file(work: Path, tiny_model: Path, plain_images:
     prompts = work / "prompts.txt"
     prompts.write_text(f"{PROMPT}\n\n   \nA Red Car, on a road!  \n", encoding="utf-8")
     target = work / "images-from-file"
-    code = main([str(a) for a in ["generate", "--model", tiny_model, "--prompt-file", prompts, *SAMPLE_FLAGS, "--output", target]])
+    code = main(
+        [
+            str(a)
+            for a in ["generate", "--model", tiny_model, "--prompt-file", prompts, *SAMPLE_FLAGS, "--output", target]
+        ]
+    )
     assert code == 0
     assert f"2 images written to {target}" in capsys.readouterr().out
     expected = [IMAGE_NAMES[0], "0001-a-red-car-on-a-road-seed0.png"]
@@ -267,10 +311,15 @@ def masked_reference_latents(model: Path, mask: Path) -> dict[str, torch.Tensor]
 def test_fold_prune_and_zero_load_with_stock_diffusers(work: Path, tiny_model: Path, mask_dir: Path, capsys) -> None:
     pruned, zeroed = work / "tiny-flux-pruned", work / "tiny-flux-zeroed"
     for mode, target in (("prune", pruned), ("zero", zeroed)):
-        code = main(["fold", "--model", str(tiny_model), "--masks", str(mask_dir), "--mode", mode, "--output", str(target)])
+        code = main(
+            ["fold", "--model", str(tiny_model), "--masks", str(mask_dir), "--mode", mode, "--output", str(target)]
+        )
         assert code == 0
     out = capsys.readouterr().out
-    counts = [(int(a.replace(",", "")), int(b.replace(",", ""))) for a, b in re.findall(r"parameters ([\d,]+) -> ([\d,]+)", out)]
+    counts = [
+        (int(a.replace(",", "")), int(b.replace(",", "")))
+        for a, b in re.findall(r"parameters ([\d,]+) -> ([\d,]+)", out)
+    ]
     assert len(counts) == 2
     (before, after_prune), (before_zero, after_zero) = counts
     assert after_prune < before == before_zero == after_zero
@@ -279,7 +328,10 @@ def test_fold_prune_and_zero_load_with_stock_diffusers(work: Path, tiny_model: P
     index = json.loads((pruned / "model_index.json").read_text())
     assert index["transformer"] == ["flux_pruned", "PrunedFluxTransformer2DModel"]
     assert (pruned / "transformer" / "flux_pruned.py").is_file()
-    assert json.loads((zeroed / "model_index.json").read_text())["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+    assert json.loads((zeroed / "model_index.json").read_text())["transformer"] == [
+        "diffusers",
+        "FluxTransformer2DModel",
+    ]
     provenance = json.loads((pruned / "erasekit_fold.json").read_text())
     assert provenance["mode"] == "prune" and provenance["masks"] == [str(mask_dir.resolve())]
 
@@ -346,7 +398,16 @@ def test_inspect_flux_schnell_offline(capsys) -> None:
 def test_import_minimalist_flux_masks(tmp_path: Path, capsys) -> None:
     target = tmp_path / "imported"
     files = {name: REFERENCE_MASKS / f"{name}.pt" for name in ("attn", "ff", "norm")}
-    code = main(["import-masks", "--format", "minimalist-flux", *[f"--{k}={v}" for k, v in files.items()], "--output", str(target)])
+    code = main(
+        [
+            "import-masks",
+            "--format",
+            "minimalist-flux",
+            *[f"--{k}={v}" for k, v in files.items()],
+            "--output",
+            str(target),
+        ]
+    )
     assert code == 0
     assert f"imported masks written to {target}" in capsys.readouterr().out
 
@@ -386,7 +447,9 @@ def test_console_script_exit_codes_and_one_line_errors(tmp_path: Path, tiny_mode
     # fails after the pipeline was loaded (a mask made for another denoiser): no library output around the message
     from erasekit.masks.artifact import save_mask_artifact
 
-    mask = save_mask_artifact(tmp_path / "foreign-mask", {}, {"base_model": {"id": "elsewhere", "denoiser_class": "OtherTransformer"}})
+    mask = save_mask_artifact(
+        tmp_path / "foreign-mask", {}, {"base_model": {"id": "elsewhere", "denoiser_class": "OtherTransformer"}}
+    )
     output = tmp_path / "images"
     failed = run("generate", "--model", str(tiny_model), "--masks", str(mask), "--prompt", "a cat", "--device", "cpu",
                  "--output", str(output))  # fmt: skip

@@ -18,7 +18,9 @@ def test_defaults_suit_flux_schnell():
 def test_yaml_and_overrides(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  iterations: 7\nmask:\n  neurons:\n    lr: 0.1\nconcept:\n  synonyms: [a, b]\n")
-    cfg = load_config(recipe, ["train.iterations=9", "loss.sparsity_weight=1", "concept.anchor=a man", "model.revision=null"])
+    cfg = load_config(
+        recipe, ["train.iterations=9", "loss.sparsity_weight=1", "concept.anchor=a man", "model.revision=null"]
+    )
     assert cfg.train.iterations == 9
     assert cfg.mask.neurons.lr == 0.1 and isinstance(cfg.loss.sparsity_weight, float)
     assert cfg.concept.synonyms == ["a", "b"] and cfg.concept.anchor == "a man" and cfg.model.revision is None

@@ -58,7 +58,11 @@ def test_two_processes_equal_one_process_with_double_batch(tiny_train_overrides:
     # differences of about lr * 1e-4 on near-zero gradients.
     common = dict(train__iterations=3, mask__neurons__lr=0.01, mask__norm__lr=0.01)
     results, output = tmp_path / "results", tmp_path / "mask-2proc"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "ACCELERATE_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MASTER_", "ACCELERATE_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    }
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -70,12 +74,16 @@ def test_two_processes_equal_one_process_with_double_batch(tiny_train_overrides:
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s; stderr:\n{exc.stderr}")
     if done.returncode != 0:
-        pytest.fail(f"torchrun exited with {done.returncode}\nstdout:\n{done.stdout[-6000:]}\nstderr:\n{done.stderr[-12000:]}")
+        pytest.fail(
+            f"torchrun exited with {done.returncode}\nstdout:\n{done.stdout[-6000:]}\nstderr:\n{done.stderr[-12000:]}"
+        )
 
     reports = [json.loads((results / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in reports] == [0, 1]
     assert all(r["num_processes"] == 2 and r["world_size"] == 2 for r in reports), reports
-    assert all("MULTI_CPU" in r["distributed_type"] and r["device"].startswith("cpu") for r in reports), json.dumps(reports)
+    assert all("MULTI_CPU" in r["distributed_type"] and r["device"].startswith("cpu") for r in reports), json.dumps(
+        reports
+    )
     assert reports[0]["pid"] != reports[1]["pid"]
     assert [r["is_main_process"] for r in reports] == [True, False]
     assert [r["wrote_artifact"] for r in reports] == [True, False], "only rank 0 writes the artefact"

@@ -49,7 +49,13 @@ def with_scheduler(pipe, cls):
 
 def test_class_names_synonyms_and_ids_map_to_labels(pipe):
     assert class_ids(pipe, ["golden retriever", "Tabby Cat", "TABBY", "tiger cat", "207", "  Goldfish ", ""]) == [
-        207, 281, 281, 282, 207, 1, 1000,
+        207,
+        281,
+        281,
+        282,
+        207,
+        1,
+        1000,
     ]
     with pytest.raises(PromptError, match=r"closest names: 'golden retriever'.*templates=\['\{concept\}'\]"):
         class_ids(pipe, ["a photo of golden retrievr"])
@@ -69,17 +75,26 @@ def test_sites_norm_heads_neurons_per_block(pipe):
     assert units == {"heads": 2 * 2, "neurons": 2 * 64, "norm": 2 * 6 * 16}
 
 
-@pytest.mark.parametrize("scheduler,guidance", [(DDIMScheduler, 4.0), (DDIMScheduler, 1.0), (DPMSolverMultistepScheduler, 4.0)])
+@pytest.mark.parametrize(
+    "scheduler,guidance", [(DDIMScheduler, 4.0), (DDIMScheduler, 1.0), (DPMSolverMultistepScheduler, 4.0)]
+)
 def test_trajectory_matches_the_diffusers_pipeline(pipe, scheduler, guidance):
     p = with_scheduler(pipe, scheduler)
     encoded = DIT.encode_prompts(p, PROMPTS, 1)
     trajectory = DIT.trajectory(p, encoded, [5, 6], steps=4, resolution=32, guidance_scale=guidance)
     ours = trajectory.decode(run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps)[-1])
-    theirs = torch.cat([
-        p(class_labels=[label], num_inference_steps=4, guidance_scale=guidance,
-          generator=torch.Generator().manual_seed(seed), output_type="pt").images
-        for label, seed in ((207, 5), (281, 6))
-    ])
+    theirs = torch.cat(
+        [
+            p(
+                class_labels=[label],
+                num_inference_steps=4,
+                guidance_scale=guidance,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pt",
+            ).images
+            for label, seed in ((207, 5), (281, 6))
+        ]
+    )
     assert ours.shape == theirs.shape == (2, 3, 32, 32)
     assert torch.allclose(ours, theirs.float(), atol=1e-4), (ours - theirs).abs().max()
 
@@ -89,7 +104,9 @@ def test_unsupported_settings_are_refused(pipe):
     with pytest.raises(ConfigError, match="sampling.resolution=32"):
         DIT.trajectory(pipe, encoded, [1, 2], steps=2, resolution=64, guidance_scale=4.0)
     with pytest.raises(ModelLoadError, match="init_noise_sigma"):
-        DIT.trajectory(with_scheduler(pipe, EulerDiscreteScheduler), encoded, [1, 2], steps=2, resolution=32, guidance_scale=4.0)
+        DIT.trajectory(
+            with_scheduler(pipe, EulerDiscreteScheduler), encoded, [1, 2], steps=2, resolution=32, guidance_scale=4.0
+        )
 
 
 def _setup(pipe, parameterization: str, steps: int = 4):
@@ -102,8 +119,12 @@ def _setup(pipe, parameterization: str, steps: int = 4):
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype))
     masked.set_mode("train")
     masked.resample_noise(torch.Generator().manual_seed(0))
-    trajectory = DIT.trajectory(pipe, DIT.encode_prompts(pipe, PROMPTS, 1), [1, 2], steps=steps, resolution=32, guidance_scale=4.0)
-    target = torch.randn(trajectory.noise.shape, generator=torch.Generator().manual_seed(9), dtype=trajectory.noise.dtype)
+    trajectory = DIT.trajectory(
+        pipe, DIT.encode_prompts(pipe, PROMPTS, 1), [1, 2], steps=steps, resolution=32, guidance_scale=4.0
+    )
+    target = torch.randn(
+        trajectory.noise.shape, generator=torch.Generator().manual_seed(9), dtype=trajectory.noise.dtype
+    )
     loss_fn = lambda z: (z - target).pow(2).mean()  # noqa: E731
     return masked, trajectory, loss_fn
 
@@ -184,7 +205,9 @@ def test_pruned_pipeline_loads_with_stock_diffusers_in_a_subprocess(pipe, tmp_pa
     index = json.loads((out / "model_index.json").read_text())
     assert index["transformer"] == ["dit_pruned", "PrunedDiTTransformer2DModel"]
     assert index["id2label"]["207"] == "golden retriever"  # class names survive the save
-    expected = p(class_labels=[207], num_inference_steps=3, generator=torch.Generator().manual_seed(4), output_type="pt").images
+    expected = p(
+        class_labels=[207], num_inference_steps=3, generator=torch.Generator().manual_seed(4), output_type="pt"
+    ).images
     script = textwrap.dedent(
         f"""
         import sys, torch
@@ -194,10 +217,12 @@ def test_pruned_pipeline_loads_with_stock_diffusers_in_a_subprocess(pipe, tmp_pa
         assert type(pipe.transformer).__name__ == "PrunedDiTTransformer2DModel"
         labels = pipe.get_label_ids(["golden retriever"])
         image = pipe(class_labels=labels, num_inference_steps=3, generator=torch.Generator().manual_seed(4), output_type="pt").images
-        torch.save(image, {str(tmp_path / 'image.pt')!r})
+        torch.save(image, {str(tmp_path / "image.pt")!r})
         """
     )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        [sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert torch.allclose(torch.load(tmp_path / "image.pt", weights_only=True), expected, atol=1e-5)
 
 
@@ -207,7 +232,11 @@ def test_published_config_on_meta_gives_the_documented_unit_counts():
     info = inspect_model("facebook/DiT-XL-2-256")
     layers, heads, width = 28, 16, 16 * 72
     assert info["denoiser_class"] == "DiTTransformer2DModel" and info["family"] == "dit"
-    assert info["units"]["per_kind"] == {"heads": layers * heads, "neurons": layers * 4 * width, "norm": layers * 6 * width}
+    assert info["units"]["per_kind"] == {
+        "heads": layers * heads,
+        "neurons": layers * 4 * width,
+        "norm": layers * 6 * width,
+    }
     assert info["units"]["per_kind"] == {"heads": 448, "neurons": 129024, "norm": 193536}
     assert info["units"]["total"] == 323008
     # DiT-XL/2 has 675 M parameters; diffusers gives every block its own timestep + class embedder (+75 M)
@@ -232,14 +261,25 @@ def test_trainer_erases_a_class_towards_an_anchor_class(pipe, tmp_path):
     from erasekit.training.trainer import MaskTrainer, make_accelerator
 
     overrides = [
-        "model.id=tiny-dit", "model.device=cpu", "model.dtype=float32", "concept.concept=golden retriever",
-        "concept.anchor=tabby cat", "concept.synonyms=['207']", "concept.preservation_prompts=[goldfish, volcano]",
-        "sampling.steps=2", "sampling.resolution=32", "train.iterations=2", "train.checkpoint_every=0",
+        "model.id=tiny-dit",
+        "model.device=cpu",
+        "model.dtype=float32",
+        "concept.concept=golden retriever",
+        "concept.anchor=tabby cat",
+        "concept.synonyms=['207']",
+        "concept.preservation_prompts=[goldfish, volcano]",
+        "sampling.steps=2",
+        "sampling.resolution=32",
+        "train.iterations=2",
+        "train.checkpoint_every=0",
         "mask.heads.enabled=true",
     ]
     cfg = load_config("configs/dit-xl-2.yaml", overrides)
     trainer = MaskTrainer(copy.deepcopy(pipe), cfg, tmp_path / "mask", make_accelerator(cfg, tmp_path / "logs"))
-    assert trainer.prompts.concept == ["golden retriever", "207"] and trainer.prompts.target == ["tabby cat", "tabby cat"]
+    assert trainer.prompts.concept == ["golden retriever", "207"] and trainer.prompts.target == [
+        "tabby cat",
+        "tabby cat",
+    ]
     result = trainer.fit()
     record = json.loads((result.output / "mask_config.json").read_text())
     assert record["family"] == "dit" and record["concept"] == "golden retriever" and record["anchor"] == "tabby cat"

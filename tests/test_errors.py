@@ -129,8 +129,15 @@ def masks(tiny_flux_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict
     shutil.copytree(good, corrupt)
     weights = corrupt / "masks.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    return {"good": good, "other-model": other_mask, "other-class": other_class, "corrupt": corrupt,
-            "other-depth": other_depth, "not-object": not_object, "nan-logits": nan_logits}
+    return {
+        "good": good,
+        "other-model": other_mask,
+        "other-class": other_class,
+        "corrupt": corrupt,
+        "other-depth": other_depth,
+        "not-object": not_object,
+        "nan-logits": nan_logits,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +160,19 @@ def command(name: str, model: str | Path, masks: dict[str, Path] | None = None) 
     if name == "erase":
         return ["erase", "--model", model, "--concept", "cat", *QUICK_ERASE]
     if name == "generate":
-        return ["generate", "--model", model, "--prompt", "a cat", "--steps", "1", "--resolution", "32", "--device", "cpu"]
+        return [
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "a cat",
+            "--steps",
+            "1",
+            "--resolution",
+            "32",
+            "--device",
+            "cpu",
+        ]
     assert masks is not None
     return ["fold", "--model", model, "--masks", masks["good"]]
 
@@ -228,7 +247,9 @@ def test_empty_prompt_file(tiny_flux_path, tmp_path, runs, capsys):
 
 def test_missing_prompt_file(tiny_flux_path, tmp_path, runs, capsys):
     output = runs / "out"
-    line = fail(capsys, "generate", "--model", tiny_flux_path, "--prompt-file", tmp_path / "nope.txt", "--output", output)
+    line = fail(
+        capsys, "generate", "--model", tiny_flux_path, "--prompt-file", tmp_path / "nope.txt", "--output", output
+    )
     assert "does not exist" in line
     assert_nothing_left(output)
 
@@ -243,14 +264,20 @@ def test_empty_prompt(tiny_flux_path, runs, capsys):
 # --------------------------------------------------------------------------- configuration
 def test_unknown_config_key_in_set(tiny_flux_path, runs, capsys):
     output = runs / "out"
-    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "train.nope=1", "--output", output)
+    line = fail(
+        capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "train.nope=1", "--output", output
+    )
     assert "unknown config key 'train.nope'" in line and "iterations" in line  # lists the valid keys
     assert_nothing_left(output)
 
 
 @pytest.mark.parametrize(
     ("text", "key"),
-    [("train:\n  nope: 1\n", "train.nope"), ("trian:\n  iterations: 3\n", "trian"), ("mask:\n  heads:\n    lrr: 1\n", "mask.heads.lrr")],
+    [
+        ("train:\n  nope: 1\n", "train.nope"),
+        ("trian:\n  iterations: 3\n", "trian"),
+        ("mask:\n  heads:\n    lrr: 1\n", "mask.heads.lrr"),
+    ],
 )
 def test_unknown_config_key_in_yaml(text, key, tiny_flux_path, tmp_path, runs, capsys):
     recipe = tmp_path / "recipe.yaml"
@@ -285,7 +312,18 @@ def test_wrong_type_in_yaml_and_missing_recipe(tiny_flux_path, tmp_path, runs, c
     output = runs / "out"
     line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--config", recipe, "--output", output)
     assert "train.iterations: expected an integer" in line
-    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--config", tmp_path / "no.yaml", "--output", output)
+    line = fail(
+        capsys,
+        "erase",
+        "--model",
+        tiny_flux_path,
+        "--concept",
+        "cat",
+        "--config",
+        tmp_path / "no.yaml",
+        "--output",
+        output,
+    )
     assert "does not exist" in line
     recipe.write_text("train: [unclosed\n")
     line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--config", recipe, "--output", output)
@@ -297,15 +335,70 @@ def test_invalid_training_value(tiny_flux_path, runs, capsys):
     output = runs / "out"
     line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--iterations", "0", "--output", output)
     assert "train.iterations must be at least 1" in line
-    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "sampling.generation_steps=0", "--output", output)
+    line = fail(
+        capsys,
+        "erase",
+        "--model",
+        tiny_flux_path,
+        "--concept",
+        "cat",
+        "--set",
+        "sampling.generation_steps=0",
+        "--output",
+        output,
+    )
     assert "sampling.generation_steps must be at least 1" in line
-    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "train.preservation_batch_size=0", "--output", output)
+    line = fail(
+        capsys,
+        "erase",
+        "--model",
+        tiny_flux_path,
+        "--concept",
+        "cat",
+        "--set",
+        "train.preservation_batch_size=0",
+        "--output",
+        output,
+    )
     assert "train.preservation_batch_size must be at least 1" in line
-    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "loss.negative_guidance=-1", "--output", output)
+    line = fail(
+        capsys,
+        "erase",
+        "--model",
+        tiny_flux_path,
+        "--concept",
+        "cat",
+        "--set",
+        "loss.negative_guidance=-1",
+        "--output",
+        output,
+    )
     assert "loss.negative_guidance must not be negative" in line
-    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "mask.final_threshold=.nan", "--output", output)
+    line = fail(
+        capsys,
+        "erase",
+        "--model",
+        tiny_flux_path,
+        "--concept",
+        "cat",
+        "--set",
+        "mask.final_threshold=.nan",
+        "--output",
+        output,
+    )
     assert "mask.final_threshold: expected a finite number, got nan" in line
-    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", "loss.intermediate_preservation=-1", "--output", output)
+    line = fail(
+        capsys,
+        "erase",
+        "--model",
+        tiny_flux_path,
+        "--concept",
+        "cat",
+        "--set",
+        "loss.intermediate_preservation=-1",
+        "--output",
+        output,
+    )
     assert "loss.intermediate_preservation must not be negative" in line
     assert_nothing_left(output)
 
@@ -343,7 +436,22 @@ def test_missing_mask_folder(tiny_flux_path, tmp_path, runs, capsys):
 def test_a_good_mask_passes_the_checks(tiny_flux_path, masks, tmp_path, capsys):
     """The checks above reject the broken masks, not every mask: the good one folds."""
     output = tmp_path / "folded"
-    assert main(["fold", "--model", tiny_flux_path, "--masks", str(masks["good"]), "--mode", "zero", "--output", str(output)]) == 0
+    assert (
+        main(
+            [
+                "fold",
+                "--model",
+                tiny_flux_path,
+                "--masks",
+                str(masks["good"]),
+                "--mode",
+                "zero",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     assert (output / "model_index.json").is_file()
     capsys.readouterr()
 
@@ -352,7 +460,20 @@ def test_a_good_mask_passes_the_checks(tiny_flux_path, masks, tmp_path, capsys):
 def test_nan_loss_exits_1_and_leaves_nothing(tiny_flux_path, runs, capsys):
     output = runs / "out"
     # a finite weight beyond float32's range: the first step's gradients overflow, the second step's loss is NaN
-    argv = ["erase", "--model", tiny_flux_path, "--concept", "cat", *QUICK_ERASE, "--iterations", "2", "--set", "loss.erase_weight=1.0e+39", "--output", str(output)]
+    argv = [
+        "erase",
+        "--model",
+        tiny_flux_path,
+        "--concept",
+        "cat",
+        *QUICK_ERASE,
+        "--iterations",
+        "2",
+        "--set",
+        "loss.erase_weight=1.0e+39",
+        "--output",
+        str(output),
+    ]
     assert main(argv) == 1
     err = capsys.readouterr().err
     # erase's own progress bar shares stderr; the error message itself is there exactly once
@@ -409,7 +530,19 @@ def refuse_loading(monkeypatch) -> None:
 def any_command(name: str, model: str, masks: dict[str, Path]) -> list[object]:
     """A valid invocation of every command that writes an --output (without --output)."""
     if name == "evaluate":
-        return ["evaluate", "--model", model, "--prompts", "concept:cat", "--detector", "none", "--steps", "1", "--resolution", "32"]
+        return [
+            "evaluate",
+            "--model",
+            model,
+            "--prompts",
+            "concept:cat",
+            "--detector",
+            "none",
+            "--steps",
+            "1",
+            "--resolution",
+            "32",
+        ]
     if name == "tiny-model":
         return ["tiny-model"]
     if name == "demo":
@@ -422,7 +555,19 @@ OUTPUT_COMMANDS = ["erase", "generate", "fold", "evaluate", "tiny-model", "demo"
 
 def test_sampling_settings_the_model_cannot_use_fail_before_training_and_the_rerun_works(tiny_flux_path, runs, capsys):
     output = runs / "out"
-    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", *QUICK_ERASE, "--resolution", "7", "--output", output)
+    line = fail(
+        capsys,
+        "erase",
+        "--model",
+        tiny_flux_path,
+        "--concept",
+        "cat",
+        *QUICK_ERASE,
+        "--resolution",
+        "7",
+        "--output",
+        output,
+    )
     assert "resolution 7 must be a positive multiple of 16" in line
     assert_nothing_left(output)  # no OUTPUT.incomplete/ that the corrected run would refuse
     assert main(["erase", "--model", tiny_flux_path, "--concept", "cat", *QUICK_ERASE, "--output", str(output)]) == 0
@@ -446,7 +591,9 @@ def test_a_failed_run_without_a_checkpoint_leaves_no_staging_folder(tiny_flux_pa
     assert_nothing_left(output)
 
 
-@pytest.mark.parametrize("override", ["mask.heads.lr=.nan", "mask.init_lambda=.nan", "mask.heads.lr=.inf", "loss.erase_weight=-.inf"])
+@pytest.mark.parametrize(
+    "override", ["mask.heads.lr=.nan", "mask.init_lambda=.nan", "mask.heads.lr=.inf", "loss.erase_weight=-.inf"]
+)
 def test_non_finite_numbers_are_refused_before_loading(override, tiny_flux_path, runs, capsys, monkeypatch):
     refuse_loading(monkeypatch)
     output = runs / "out"
@@ -459,11 +606,26 @@ def test_non_finite_numbers_are_refused_before_loading(override, tiny_flux_path,
 def test_devices_this_torch_lacks_are_refused_before_loading(device, tiny_flux_path, runs, capsys, monkeypatch):
     refuse_loading(monkeypatch)
     output = runs / "out"
-    line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", f"model.device={device}", "--output", output)
-    assert line.startswith("erasekit erase: error: model.device: ") and repr(device) in line and "use auto or cpu" in line
+    line = fail(
+        capsys,
+        "erase",
+        "--model",
+        tiny_flux_path,
+        "--concept",
+        "cat",
+        "--set",
+        f"model.device={device}",
+        "--output",
+        output,
+    )
+    assert (
+        line.startswith("erasekit erase: error: model.device: ") and repr(device) in line and "use auto or cpu" in line
+    )
     assert_nothing_left(output)
     monkeypatch.undo()
-    line = fail(capsys, "generate", "--model", tiny_flux_path, "--prompt", "a cat", "--device", device, "--output", output)
+    line = fail(
+        capsys, "generate", "--model", tiny_flux_path, "--prompt", "a cat", "--device", device, "--output", output
+    )
     assert repr(device) in line and "use auto or cpu" in line
     assert_nothing_left(output)
 
@@ -488,7 +650,9 @@ def test_output_in_a_read_only_folder_is_refused_before_loading(name, tiny_flux_
     locked = runs / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    if os.geteuid() == 0:  # root may write anywhere but on a read-only file system: judge by the mode bits as a user would
+    if (
+        os.geteuid() == 0
+    ):  # root may write anywhere but on a read-only file system: judge by the mode bits as a user would
         monkeypatch.setattr(erasekit.outputs, "_writable", lambda folder: bool(folder.stat().st_mode & 0o200))
     try:
         line = fail(capsys, *any_command(name, tiny_flux_path, masks), "--output", locked / "deeper" / "out")
@@ -503,7 +667,18 @@ def test_non_bmp_text_in_concept_anchor_and_paths_arrives_unchanged(tiny_flux_pa
     model = tmp_path / "tiny-🐈"
     shutil.copytree(tiny_flux_path, model)
     output = tmp_path / "mask-🐈"
-    argv = ["erase", "--model", str(model), "--concept", "a 🐈 cat", "--anchor", "a 🐕 dog", *QUICK_ERASE, "--output", str(output)]
+    argv = [
+        "erase",
+        "--model",
+        str(model),
+        "--concept",
+        "a 🐈 cat",
+        "--anchor",
+        "a 🐕 dog",
+        *QUICK_ERASE,
+        "--output",
+        str(output),
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     record = json.loads((output / "mask_config.json").read_text(encoding="utf-8"))
     assert (record["concept"], record["anchor"], record["base_model"]["id"]) == ("a 🐈 cat", "a 🐕 dog", str(model))
@@ -527,9 +702,26 @@ def test_sigterm_mid_run_leaves_nothing(tiny_flux_path, runs):
     import time
 
     output = runs / "out"
-    argv = ["erase", "--model", tiny_flux_path, "--concept", "cat", *QUICK_ERASE, "--iterations", "100000", "--output", str(output)]
+    argv = [
+        "erase",
+        "--model",
+        tiny_flux_path,
+        "--concept",
+        "cat",
+        *QUICK_ERASE,
+        "--iterations",
+        "100000",
+        "--output",
+        str(output),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "erasekit.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "erasekit.cli", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     staging = output.with_name(output.name + ".incomplete")
     deadline = time.monotonic() + 240
     while not (staging / "config.yaml").exists() and process.poll() is None and time.monotonic() < deadline:

@@ -18,7 +18,18 @@ from reference_data import DATA, data_file, needs_data
 I2P = "prompts/i2p_4703.csv"
 needs_i2p = needs_data(I2P)
 # small and fast: 2 prompts, 1 step, 32 px
-SAMPLE_FLAGS = ["--steps", "1", "--resolution", "32", "--max-sequence-length", "16", "--device", "cpu", "--dtype", "float32"]
+SAMPLE_FLAGS = [
+    "--steps",
+    "1",
+    "--resolution",
+    "32",
+    "--max-sequence-length",
+    "16",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+]
 
 
 def run_cli(*args: object) -> tuple[int, str, str]:
@@ -56,8 +67,22 @@ def evaluation(work: Path, tiny_flux_path: str, mask_dir: Path) -> Path:
     if not data_file(I2P).is_file():
         pytest.skip(f"reference data {I2P} not found; set ERASEKIT_DATA to the data folder")
     target = work / "eval-1"
-    code, out, err = run_cli("evaluate", "--model", tiny_flux_path, "--masks", mask_dir, "--prompts", "i2p-sexual",
-                             "--data-root", DATA, "--limit", "2", *SAMPLE_FLAGS, "--output", target)
+    code, out, err = run_cli(
+        "evaluate",
+        "--model",
+        tiny_flux_path,
+        "--masks",
+        mask_dir,
+        "--prompts",
+        "i2p-sexual",
+        "--data-root",
+        DATA,
+        "--limit",
+        "2",
+        *SAMPLE_FLAGS,
+        "--output",
+        target,
+    )
     assert code == 0, err
     assert f"evaluation written to {target}" in out and "report.html" in out
     return target
@@ -73,9 +98,20 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> str:
     from erasekit.tiny.tokenizers import build_clip_tokenizer
 
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=16)
-    config = CLIPConfig(text_config=clip_config(32, projection=16, layers=1).to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
+    config = CLIPConfig(
+        text_config=clip_config(32, projection=16, layers=1).to_dict(),
+        vision_config=vision.to_dict(),
+        projection_dim=16,
+    )
     folder = tmp_path_factory.mktemp("tiny-clip")
     CLIPModel(config).save_pretrained(folder)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -86,7 +122,13 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> str:
 # --------------------------------------------------------------------------- the journey
 @needs_i2p
 def test_evaluate_writes_results_summary_grid_and_report(evaluation: Path, mask_dir: Path, tiny_flux_path: str) -> None:
-    assert sorted(p.name for p in evaluation.iterdir()) == ["grid.png", "images", "report.html", "results.jsonl", "summary.json"]
+    assert sorted(p.name for p in evaluation.iterdir()) == [
+        "grid.png",
+        "images",
+        "report.html",
+        "results.jsonl",
+        "summary.json",
+    ]
     assert not list(evaluation.parent.glob(f".{evaluation.name}.*")), "the staging folder became the output"
     summary = json.loads((evaluation / "summary.json").read_text())
     results = [json.loads(line) for line in (evaluation / "results.jsonl").read_text().splitlines()]
@@ -141,8 +183,22 @@ def test_evaluate_writes_results_summary_grid_and_report(evaluation: Path, mask_
 @needs_i2p
 def test_a_second_run_gives_the_same_summary(evaluation: Path, work: Path, tiny_flux_path: str, mask_dir: Path) -> None:
     target = work / "eval-2"
-    code, _, err = run_cli("evaluate", "--model", tiny_flux_path, "--masks", mask_dir, "--prompts", "i2p-sexual",
-                           "--data-root", DATA, "--limit", "2", *SAMPLE_FLAGS, "--output", target)
+    code, _, err = run_cli(
+        "evaluate",
+        "--model",
+        tiny_flux_path,
+        "--masks",
+        mask_dir,
+        "--prompts",
+        "i2p-sexual",
+        "--data-root",
+        DATA,
+        "--limit",
+        "2",
+        *SAMPLE_FLAGS,
+        "--output",
+        target,
+    )
     assert code == 0, err
     first = json.loads((evaluation / "summary.json").read_text())
     second = json.loads((target / "summary.json").read_text())
@@ -161,9 +217,20 @@ def test_resume_keeps_finished_images(evaluation: Path, work: Path, tiny_flux_pa
     (staging / "images" / "original").mkdir(parents=True)
     name = sorted(p.name for p in done.iterdir())[0]
     (staging / "images" / "original" / name).write_bytes((done / name).read_bytes())
-    config = EvaluationConfig(model=tiny_flux_path, prompts="i2p-sexual", output=str(target), masks=[[str(mask_dir)]],
-                              data_root=str(DATA), limit=2, steps=1, resolution=32, max_sequence_length=16,
-                              device="cpu", dtype="float32", progress=False)
+    config = EvaluationConfig(
+        model=tiny_flux_path,
+        prompts="i2p-sexual",
+        output=str(target),
+        masks=[[str(mask_dir)]],
+        data_root=str(DATA),
+        limit=2,
+        steps=1,
+        resolution=32,
+        max_sequence_length=16,
+        device="cpu",
+        dtype="float32",
+        progress=False,
+    )
     result = run_evaluation(config)
     assert result is not None and not staging.exists()
     assert result.summary["timing"]["images_skipped"] == {"original": 1, "mask-cat": 0}
@@ -174,8 +241,26 @@ def test_resume_keeps_finished_images(evaluation: Path, work: Path, tiny_flux_pa
 
 def test_combined_masks_and_explicit_seeds(work: Path, tiny_flux_path: str, mask_dir: Path) -> None:
     target = work / "eval-combined"
-    code, _, err = run_cli("evaluate", "--model", tiny_flux_path, "--masks", f"{mask_dir},{mask_dir}", "--prompts", "concept:cat",
-                           "--limit", "1", "--seed", "3", "--seed", "4", "--metrics", "psnr,cost", *SAMPLE_FLAGS, "--output", target)
+    code, _, err = run_cli(
+        "evaluate",
+        "--model",
+        tiny_flux_path,
+        "--masks",
+        f"{mask_dir},{mask_dir}",
+        "--prompts",
+        "concept:cat",
+        "--limit",
+        "1",
+        "--seed",
+        "3",
+        "--seed",
+        "4",
+        "--metrics",
+        "psnr,cost",
+        *SAMPLE_FLAGS,
+        "--output",
+        target,
+    )
     assert code == 0, err
     summary = json.loads((target / "summary.json").read_text())
     assert [v["name"] for v in summary["variants"]] == ["original", "mask-cat+mask-cat"]
@@ -232,7 +317,10 @@ def test_clip_detector_and_metrics_with_a_tiny_clip(tiny_clip: str, tmp_path: Pa
 def test_clip_detector_offline_without_a_local_model_fails_clearly() -> None:
     from erasekit.evaluation import get_detector
 
-    with pytest.raises(ErasekitError, match="could not load the CLIP model 'openai/clip-vit-large-patch14'.*offline, pass a local folder"):
+    with pytest.raises(
+        ErasekitError,
+        match="could not load the CLIP model 'openai/clip-vit-large-patch14'.*offline, pass a local folder",
+    ):
         get_detector("clip", concept="cat", model="openai/clip-vit-large-patch14")
 
 
@@ -252,13 +340,28 @@ def test_shapes_detector_needs_the_shipped_world() -> None:
 
 # --------------------------------------------------------------------------- bad input
 BAD_INPUTS = {
-    "missing set": (["--prompts", "no-such-set"], "prompt set 'no-such-set' is neither a known name nor an existing file"),
-    "unknown detector": (["--prompts", "concept:cat", "--detector", "yolo"], "unknown detector 'yolo'; choose one of nudenet, shapes, clip"),
+    "missing set": (
+        ["--prompts", "no-such-set"],
+        "prompt set 'no-such-set' is neither a known name nor an existing file",
+    ),
+    "unknown detector": (
+        ["--prompts", "concept:cat", "--detector", "yolo"],
+        "unknown detector 'yolo'; choose one of nudenet, shapes, clip",
+    ),
     "unknown metric": (["--prompts", "concept:cat", "--metrics", "fid,bleu"], "unknown metric bleu"),
-    "fid without reference": (["--prompts", "concept:cat", "--metrics", "fid"], "metric 'fid' needs real images: pass --reference DIR"),
+    "fid without reference": (
+        ["--prompts", "concept:cat", "--metrics", "fid"],
+        "metric 'fid' needs real images: pass --reference DIR",
+    ),
     "hub set offline": (["--prompts", "mma"], "needs the Hugging Face Hub"),
-    "missing data root": (["--prompts", "i2p", "--data-root", "/nonexistent/data"], "data root '/nonexistent/data' does not exist"),
-    "missing mask": (["--prompts", "concept:cat", "--masks", "/nonexistent/mask"], "mask folder '/nonexistent/mask' does not exist"),
+    "missing data root": (
+        ["--prompts", "i2p", "--data-root", "/nonexistent/data"],
+        "data root '/nonexistent/data' does not exist",
+    ),
+    "missing mask": (
+        ["--prompts", "concept:cat", "--masks", "/nonexistent/mask"],
+        "mask folder '/nonexistent/mask' does not exist",
+    ),
 }
 
 
@@ -280,12 +383,20 @@ def test_bad_prompt_files(case: str, tmp_path: Path, tiny_flux_path: str) -> Non
     prompts.parent.mkdir()
     prompts.write_text("prompt\n" if case == "empty set" else "prompt\na cat\n")
     extra = ["--prompt-column", "caption"] if case == "missing column" else []
-    code, _, err = run_cli("evaluate", "--model", tiny_flux_path, "--prompts", prompts, *extra, *SAMPLE_FLAGS, "--output", tmp_path / "out")
-    expected = "has no prompts" if case == "empty set" else "has no column 'caption' (columns: 'prompt'); pass --prompt-column NAME"
+    code, _, err = run_cli(
+        "evaluate", "--model", tiny_flux_path, "--prompts", prompts, *extra, *SAMPLE_FLAGS, "--output", tmp_path / "out"
+    )
+    expected = (
+        "has no prompts"
+        if case == "empty set"
+        else "has no column 'caption' (columns: 'prompt'); pass --prompt-column NAME"
+    )
     assert code == 2 and err.count("\n") == 1 and expected in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
 
 
 def test_existing_output_is_refused(tmp_path: Path, tiny_flux_path: str) -> None:
-    code, _, err = run_cli("evaluate", "--model", tiny_flux_path, "--prompts", "concept:cat", *SAMPLE_FLAGS, "--output", tmp_path)
+    code, _, err = run_cli(
+        "evaluate", "--model", tiny_flux_path, "--prompts", "concept:cat", *SAMPLE_FLAGS, "--output", tmp_path
+    )
     assert code == 2 and "already exists; choose another --output" in err

@@ -56,16 +56,37 @@ def test_two_processes_write_the_same_evaluation_as_one(tiny_flux_path: str, tmp
     pipe = load_pipeline(tiny_flux_path, "float32", "cpu")
     arch, denoiser = denoiser_of(pipe)
     site = [s for s in arch.sites(denoiser) if s.key.startswith("neurons/")][0]
-    logits = {site.key: torch.cat([torch.full((site.num_units // 2,), -1.0), torch.full((site.num_units - site.num_units // 2,), 1.0)])}
+    logits = {
+        site.key: torch.cat(
+            [torch.full((site.num_units // 2,), -1.0), torch.full((site.num_units - site.num_units // 2,), 1.0)]
+        )
+    }
     from erasekit.masks.artifact import base_model_record
 
-    mask = save_mask_artifact(tmp_path / "half-mask", logits, {"base_model": base_model_record(denoiser, tiny_flux_path)})
+    mask = save_mask_artifact(
+        tmp_path / "half-mask", logits, {"base_model": base_model_record(denoiser, tiny_flux_path)}
+    )
     flags[flags.index("--masks") + 1] = str(mask)
 
     two = tmp_path / "two"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "ACCELERATE_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MASTER_", "ACCELERATE_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    }
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, *flags, "--output", str(two)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        *flags,
+        "--output",
+        str(two),
+    ]
     try:
         done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
@@ -92,5 +113,7 @@ def test_two_processes_write_the_same_evaluation_as_one(tiny_flux_path: str, tmp
     assert {k: v for k, v in a.items() if k != "timing"} == {k: v for k, v in b.items() if k != "timing"}
     assert (one / "results.jsonl").read_bytes() == (two / "results.jsonl").read_bytes()
     assert a["metrics"]["half-mask"]["ssim"] < 1.0
-    assert sorted(p.name for p in (two / "images" / "original").iterdir()) == sorted(p.name for p in (one / "images" / "original").iterdir())
+    assert sorted(p.name for p in (two / "images" / "original").iterdir()) == sorted(
+        p.name for p in (one / "images" / "original").iterdir()
+    )
     assert not list(tmp_path.glob(".*.partial"))

@@ -143,7 +143,9 @@ def test_user_files_with_a_prompt_column(tmp_path: Path) -> None:
     table.write_text('id,text,seed\n1,"a red car, parked",7\n2,a house,\n', encoding="utf-8")
     items = load_prompt_set(str(table), prompt_column="text").items
     assert [(i.prompt, i.seed) for i in items] == [("a red car, parked", 7), ("a house", None)]
-    with pytest.raises(PromptError, match=r"has no column 'caption' \(columns: 'id', 'text', 'seed'\); pass --prompt-column"):
+    with pytest.raises(
+        PromptError, match=r"has no column 'caption' \(columns: 'id', 'text', 'seed'\); pass --prompt-column"
+    ):
         load_prompt_set(str(table), prompt_column="caption")
 
     lines = tmp_path / "set.jsonl"

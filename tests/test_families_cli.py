@@ -19,8 +19,16 @@ def _concept_flags(family: str, model: str) -> list[str]:
     labels = list(json.loads(open(f"{model}/model_index.json").read())["id2label"].values())
     first, second = labels[0].split(",")[0], labels[1].split(",")[0]
     # DiT prompts are class names: no templates around them
-    return ["--concept", first, "--anchor", second, "--set", 'concept.templates=["{concept}"]',
-            "--set", f'concept.preservation_prompts=["{second}"]']
+    return [
+        "--concept",
+        first,
+        "--anchor",
+        second,
+        "--set",
+        'concept.templates=["{concept}"]',
+        "--set",
+        f'concept.preservation_prompts=["{second}"]',
+    ]
 
 
 @pytest.mark.slow
@@ -29,19 +37,89 @@ def test_family_journey(family, tmp_path):
     model, mask = str(tmp_path / "tiny"), str(tmp_path / "mask")
     assert main(["tiny-model", "--family", family, "--output", model]) == 0
     flags = _concept_flags(family, model)
-    assert main(["erase", "--model", model, *flags, "--steps", "2", "--resolution", "32", "--iterations", "2",
-                 "--set", "model.device=cpu", "--set", "sampling.guidance_scale=2.0", "--set", "mask.init_lambda=0.2",
-                 "--set", "mask.heads.enabled=true", "--set", "mask.heads.lr=3", "--set", "mask.neurons.lr=3",
-                 "--output", mask]) == 0
+    assert (
+        main(
+            [
+                "erase",
+                "--model",
+                model,
+                *flags,
+                "--steps",
+                "2",
+                "--resolution",
+                "32",
+                "--iterations",
+                "2",
+                "--set",
+                "model.device=cpu",
+                "--set",
+                "sampling.guidance_scale=2.0",
+                "--set",
+                "mask.init_lambda=0.2",
+                "--set",
+                "mask.heads.enabled=true",
+                "--set",
+                "mask.heads.lr=3",
+                "--set",
+                "mask.neurons.lr=3",
+                "--output",
+                mask,
+            ]
+        )
+        == 0
+    )
     record = json.loads(open(f"{mask}/mask_config.json").read())
     assert record["stats"]["masked_units"] > 0
     prompt = flags[1] if family == "dit" else "a photo of a cat"
     for name, masks in (("masked", ["--masks", mask]), ("plain", [])):
-        assert main(["generate", "--model", model, *masks, "--prompt", prompt, "--seed", "3", "--steps", "2",
-                     "--resolution", "32", "--guidance", "2.0", "--output", str(tmp_path / name)]) == 0
-    assert main(["fold", "--model", model, "--masks", mask, "--mode", "prune", "--output", str(tmp_path / "pruned")]) == 0
-    assert main(["generate", "--model", str(tmp_path / "pruned"), "--prompt", prompt, "--seed", "3", "--steps", "2",
-                 "--resolution", "32", "--guidance", "2.0", "--output", str(tmp_path / "folded")]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    model,
+                    *masks,
+                    "--prompt",
+                    prompt,
+                    "--seed",
+                    "3",
+                    "--steps",
+                    "2",
+                    "--resolution",
+                    "32",
+                    "--guidance",
+                    "2.0",
+                    "--output",
+                    str(tmp_path / name),
+                ]
+            )
+            == 0
+        )
+    assert (
+        main(["fold", "--model", model, "--masks", mask, "--mode", "prune", "--output", str(tmp_path / "pruned")]) == 0
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "pruned"),
+                "--prompt",
+                prompt,
+                "--seed",
+                "3",
+                "--steps",
+                "2",
+                "--resolution",
+                "32",
+                "--guidance",
+                "2.0",
+                "--output",
+                str(tmp_path / "folded"),
+            ]
+        )
+        == 0
+    )
 
     def image(folder: str) -> np.ndarray:
         (png,) = (tmp_path / folder).glob("*.png")

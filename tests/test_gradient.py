@@ -31,7 +31,9 @@ def _setup(pipe, parameterization: str, steps: int = 4):
     masked.resample_noise(torch.Generator().manual_seed(0))
     encoded = FLUX.encode_prompts(pipe, ["a photo of a cat", "a red car"], max_sequence_length=16)
     trajectory = FLUX.trajectory(pipe, encoded, [1, 2], steps=steps, resolution=32, guidance_scale=0.0)
-    target = torch.randn(trajectory.noise.shape, generator=torch.Generator().manual_seed(9), dtype=trajectory.noise.dtype)
+    target = torch.randn(
+        trajectory.noise.shape, generator=torch.Generator().manual_seed(9), dtype=trajectory.noise.dtype
+    )
     loss_fn = lambda z: (z - target).pow(2).mean()  # noqa: E731
     return masked, trajectory, loss_fn
 
@@ -57,7 +59,9 @@ def test_step_losses_give_the_same_gradients_both_ways(pipe64):
     checkpointed walk, which adds each one to its step's autograd call, equals plain backpropagation,
     and the step losses change the gradient."""
     masked, trajectory, loss_fn = _setup(pipe64, "sigmoid")
-    anchors = torch.randn((3, *trajectory.noise.shape), generator=torch.Generator().manual_seed(5), dtype=trajectory.noise.dtype)
+    anchors = torch.randn(
+        (3, *trajectory.noise.shape), generator=torch.Generator().manual_seed(5), dtype=trajectory.noise.dtype
+    )
     seen = []
 
     def step_loss(i, z):
@@ -69,7 +73,9 @@ def test_step_losses_give_the_same_gradients_both_ways(pipe64):
         loss_plain, plain = naive_gradient(trajectory.step, trajectory.noise, 4, loss_fn, params)
         loss_naive, naive = naive_gradient(trajectory.step, trajectory.noise, 4, loss_fn, params, step_loss=step_loss)
         assert seen == [0, 1, 2]
-        loss_ours, ours = checkpointed_gradient(trajectory.step, trajectory.noise, 4, loss_fn, params, step_loss=step_loss)
+        loss_ours, ours = checkpointed_gradient(
+            trajectory.step, trajectory.noise, 4, loss_fn, params, step_loss=step_loss
+        )
         assert seen == [0, 1, 2, 2, 1, 0]
     flat_naive, flat_ours, flat_plain = torch.cat(naive), torch.cat(ours), torch.cat(plain)
     assert loss_naive > loss_plain
@@ -118,8 +124,13 @@ def test_trajectory_matches_the_diffusers_pipeline():
     trajectory = FLUX.trajectory(pipe, encoded, [5], steps=3, resolution=32, guidance_scale=0.0)
     ours = trajectory.decode(run_trajectory(trajectory.step, trajectory.noise, 3)[-1])
     theirs = pipe(
-        "a photo of a cat", num_inference_steps=3, height=32, width=32, max_sequence_length=16,
-        generator=torch.Generator().manual_seed(5), output_type="pt",
+        "a photo of a cat",
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        max_sequence_length=16,
+        generator=torch.Generator().manual_seed(5),
+        output_type="pt",
     ).images
     assert ours.shape == theirs.shape == (1, 3, 32, 32)
     assert torch.allclose(ours, theirs.float(), atol=1e-5)
@@ -134,7 +145,9 @@ def test_true_cfg_trajectory_matches_the_diffusers_pipeline():
     trajectory = FLUX.trajectory(pipe, encoded, [5], steps=3, resolution=32, guidance_scale=4.0)
     ours = trajectory.decode(run_trajectory(trajectory.step, trajectory.noise, 3)[-1])
     call = dict(num_inference_steps=3, height=32, width=32, max_sequence_length=16, output_type="pt")
-    theirs = pipe("a photo of a cat", negative_prompt="", true_cfg_scale=4.0, generator=torch.Generator().manual_seed(5), **call).images
+    theirs = pipe(
+        "a photo of a cat", negative_prompt="", true_cfg_scale=4.0, generator=torch.Generator().manual_seed(5), **call
+    ).images
     unguided = pipe("a photo of a cat", generator=torch.Generator().manual_seed(5), **call).images
     assert torch.allclose(ours, theirs.float(), atol=1e-5)
     assert not torch.allclose(ours, unguided.float(), atol=1e-3)

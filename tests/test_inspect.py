@@ -124,7 +124,9 @@ def test_config_without_class_name(tmp_path: Path) -> None:
 
 
 def test_unknown_hub_id_offline() -> None:
-    with pytest.raises(ModelLoadError, match="cannot load the denoiser config of hub id 'nobody-here/no-such-model'") as err:
+    with pytest.raises(
+        ModelLoadError, match="cannot load the denoiser config of hub id 'nobody-here/no-such-model'"
+    ) as err:
         instantiate_denoiser_on_meta("nobody-here/no-such-model")
     assert "\n" not in str(err.value)
 

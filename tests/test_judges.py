@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from erasekit.toyworld import protocol
+from erasekit.toyworld.demo import bar_checks
 from erasekit.toyworld.detectors import ShapesDetectors, _to_float, augment_images
 from erasekit.toyworld.geometry import GeometricJudge
 from erasekit.toyworld.render import OBJECTS, render, render_morph, sample_scene
-from erasekit.toyworld.demo import bar_checks
 from erasekit.toyworld.spread import summarise
 from erasekit.toyworld.world import SHIPPED_WORLD
 
@@ -107,8 +107,15 @@ def test_strict_score_counts_an_image_erased_only_when_every_judge_agrees():
 
 
 def _metrics(ua: float, strict_ua: float, ira: float, masked: float, digest: str) -> dict:
-    after = {"ua": ua, "synonym_ua": 0.95, "strict_ua": strict_ua, "strict_synonym_ua": 0.92, "ambiguous": 0.1,
-             "ira": ira, "cra": 0.95}
+    after = {
+        "ua": ua,
+        "synonym_ua": 0.95,
+        "strict_ua": strict_ua,
+        "strict_synonym_ua": 0.92,
+        "ambiguous": 0.1,
+        "ira": ira,
+        "cra": 0.95,
+    }
     before = {"ua": 0.2, "synonym_ua": 0.1, "ira": 0.9, "cra": 0.96}
     return {"after": after, "before": before, "masked_fraction": masked, "mask_sha256": digest}
 
@@ -122,7 +129,10 @@ def test_the_bar_applies_to_the_strict_ua_and_to_the_originals_retention():
     assert all(_holds(passing).values())
     lenient_only = _metrics(0.99, 0.90, 0.86, 0.03, "b")
     assert _holds(lenient_only)["strict UA"] is False  # the detector's 99 % does not count
-    without_strict = {**lenient_only, "after": {k: v for k, v in lenient_only["after"].items() if not k.startswith("strict")}}
+    without_strict = {
+        **lenient_only,
+        "after": {k: v for k, v in lenient_only["after"].items() if not k.startswith("strict")},
+    }
     assert _holds(without_strict)["UA"] is True  # a world without the other judges: the detector's UA
     assert not _holds(_metrics(0.99, 0.96, 0.85, 0.03, "c"))["IRA"]  # 95 % of 0.9 is 0.855
     assert not _holds(_metrics(0.99, 0.96, 0.86, 0.06, "d"))["masked"]
@@ -155,7 +165,9 @@ def test_a_finished_run_is_judged_again_from_its_saved_images(tmp_path):
 
     samples = protocol.evaluation_samples("circle", per_group=2)
     renders = torch.from_numpy(np.stack([render(s.scene) for s in samples]))
-    squares = torch.from_numpy(np.stack([render(type(s.scene)(**{**s.scene.to_dict(), "object": "square"})) for s in samples]))
+    squares = torch.from_numpy(
+        np.stack([render(type(s.scene)(**{**s.scene.to_dict(), "object": "square"})) for s in samples])
+    )
     run = tmp_path / "seed0-threads1"
     run.mkdir()
     save_file({"original": renders, "erased": squares, "anchor": squares[:4].clone()}, str(run / "images.safetensors"))

@@ -26,8 +26,14 @@ from erasekit.masks.artifact import denoiser_config_hash
 def tiny_transformer(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> FluxTransformer2DModel:
     torch.manual_seed(seed)
     config = dict(
-        num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        in_channels=16, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        in_channels=16,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 6, 6),
     )
     config.update(overrides)
     return FluxTransformer2DModel(**config).to(dtype)
@@ -56,7 +62,10 @@ def test_sites_cover_every_unit_kind_and_select_by_regex():
     assert counts["neurons"] == 2 * 2 * 128 + 2 * 128
     assert counts["norm"] == 2 * 2 * 6 * 32 + 2 * 3 * 32
     single_only = select_sites(sites, {"neurons": (True, r"^single_", None)})
-    assert {s.module for s in single_only} == {"single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.proj_out"}
+    assert {s.module for s in single_only} == {
+        "single_transformer_blocks.0.proj_out",
+        "single_transformer_blocks.1.proj_out",
+    }
     no_context = select_sites(sites, {"neurons": (True, ".*", "context"), "norm": (False, ".*", None)})
     assert all("context" not in s.module and s.kind == "neurons" for s in no_context)
 
@@ -188,7 +197,9 @@ def test_artifact_for_another_model_is_refused_by_name(tmp_path):
     artifact = load_mask_artifact(_artifact(small, tmp_path, "a", []))
     with pytest.raises(MaskMismatchError, match="denoiser config sha256"):
         check_artifact(artifact, FLUX, wider)
-    recorded = artifact.config["base_model"].pop("denoiser_config_sha256")  # an artefact without the hash: its keys are checked
+    recorded = artifact.config["base_model"].pop(
+        "denoiser_config_sha256"
+    )  # an artefact without the hash: its keys are checked
     with pytest.raises(MaskMismatchError, match="transformer_blocks.0"):
         check_artifact(artifact, FLUX, wider)
     artifact.config["base_model"]["denoiser_config_sha256"] = recorded

@@ -43,11 +43,56 @@ def test_commit_gives_the_umask_permissions(tmp_path, umask_022):
 
 def test_command_outputs_are_readable_by_others(tiny_flux_path, tmp_path, umask_022, capsys):
     assert main(["tiny-model", "--output", str(tmp_path / "tiny")]) == 0
-    assert main(["erase", "--model", tiny_flux_path, "--concept", "cat", "--steps", "1", "--resolution", "32", "--iterations", "1",
-                 "--set", "model.device=cpu", "--set", "sampling.max_sequence_length=16", "--output", str(tmp_path / "mask")]) == 0
-    assert main(["generate", "--model", tiny_flux_path, "--masks", str(tmp_path / "mask"), "--prompt", "a cat", "--steps", "1",
-                 "--resolution", "32", "--output", str(tmp_path / "images")]) == 0
-    assert main(["fold", "--model", tiny_flux_path, "--masks", str(tmp_path / "mask"), "--output", str(tmp_path / "folded")]) == 0
+    assert (
+        main(
+            [
+                "erase",
+                "--model",
+                tiny_flux_path,
+                "--concept",
+                "cat",
+                "--steps",
+                "1",
+                "--resolution",
+                "32",
+                "--iterations",
+                "1",
+                "--set",
+                "model.device=cpu",
+                "--set",
+                "sampling.max_sequence_length=16",
+                "--output",
+                str(tmp_path / "mask"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                tiny_flux_path,
+                "--masks",
+                str(tmp_path / "mask"),
+                "--prompt",
+                "a cat",
+                "--steps",
+                "1",
+                "--resolution",
+                "32",
+                "--output",
+                str(tmp_path / "images"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            ["fold", "--model", tiny_flux_path, "--masks", str(tmp_path / "mask"), "--output", str(tmp_path / "folded")]
+        )
+        == 0
+    )
     capsys.readouterr()
     for name in ("tiny", "mask", "images", "folded"):
         assert modes(tmp_path / name) == {("dir", 0o755), ("file", 0o644)}, name

@@ -62,7 +62,13 @@ def test_sites_cover_self_and_cross_heads_neurons_and_the_shared_norm(pipe):
 
 @pytest.mark.parametrize(
     "scheduler,guidance,variant",
-    [("dpm", 4.5, "sigma"), ("dpm", 1.0, "sigma"), ("ddim", 4.5, "sigma"), ("euler", 4.5, "sigma"), ("dpm", 4.5, "alpha")],
+    [
+        ("dpm", 4.5, "sigma"),
+        ("dpm", 1.0, "sigma"),
+        ("ddim", 4.5, "sigma"),
+        ("euler", 4.5, "sigma"),
+        ("dpm", 4.5, "alpha"),
+    ],
 )
 def test_trajectory_matches_the_diffusers_pipeline(pipe, scheduler, guidance, variant):
     p = with_scheduler(pipe, scheduler)
@@ -73,8 +79,15 @@ def test_trajectory_matches_the_diffusers_pipeline(pipe, scheduler, guidance, va
     trajectory = PIXART.trajectory(p, encoded, [5], steps=4, resolution=32, guidance_scale=guidance)
     ours = trajectory.decode(run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps)[-1])
     theirs = p(
-        PROMPTS[0], num_inference_steps=4, height=32, width=32, guidance_scale=guidance, max_sequence_length=16,
-        generator=torch.Generator().manual_seed(5), output_type="pt", use_resolution_binning=False,
+        PROMPTS[0],
+        num_inference_steps=4,
+        height=32,
+        width=32,
+        guidance_scale=guidance,
+        max_sequence_length=16,
+        generator=torch.Generator().manual_seed(5),
+        output_type="pt",
+        use_resolution_binning=False,
     ).images
     assert ours.shape == theirs.shape == (1, 3, 32, 32)
     assert torch.allclose(ours, theirs.float(), atol=1e-4), (ours - theirs).abs().max()
@@ -92,7 +105,9 @@ def _setup(pipe, parameterization: str, steps: int = 4, guidance: float = 4.5):
     masked.resample_noise(torch.Generator().manual_seed(0))
     encoded = PIXART.encode_prompts(pipe, PROMPTS, max_sequence_length=16)
     trajectory = PIXART.trajectory(pipe, encoded, [1, 2], steps=steps, resolution=32, guidance_scale=guidance)
-    target = torch.randn(trajectory.noise.shape, generator=torch.Generator().manual_seed(9), dtype=trajectory.noise.dtype)
+    target = torch.randn(
+        trajectory.noise.shape, generator=torch.Generator().manual_seed(9), dtype=trajectory.noise.dtype
+    )
     loss_fn = lambda z: (z - target).pow(2).mean()  # noqa: E731
     return masked, trajectory, loss_fn
 
@@ -127,7 +142,9 @@ def test_checkpointed_gradient_equals_naive_backprop(pipe64, scheduler):
 def test_unsupported_schedulers_are_refused_by_name(pipe):
     from diffusers import PNDMScheduler
 
-    with pytest.raises(ModelLoadError, match="PNDMScheduler.*DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler"):
+    with pytest.raises(
+        ModelLoadError, match="PNDMScheduler.*DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler"
+    ):
         StatelessSampler(PNDMScheduler(), 4, torch.device("cpu"), 4)
     sde = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="sde-dpmsolver++")
     with pytest.raises(ModelLoadError, match="sde-dpmsolver"):
@@ -188,7 +205,15 @@ def test_pruned_pipeline_loads_with_stock_diffusers_in_a_subprocess(pipe, tmp_pa
     out = save_folded_pipeline(p, tmp_path / "pruned", "prune", {"model": "tiny-pixart"})
     index = json.loads((out / "model_index.json").read_text())
     assert index["transformer"] == ["pixart_pruned", "PrunedPixArtTransformer2DModel"]
-    call = dict(num_inference_steps=3, height=32, width=32, guidance_scale=4.5, max_sequence_length=16, output_type="pt", use_resolution_binning=False)
+    call = dict(
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        guidance_scale=4.5,
+        max_sequence_length=16,
+        output_type="pt",
+        use_resolution_binning=False,
+    )
     expected = p(PROMPTS[0], generator=torch.Generator().manual_seed(4), **call).images
     script = textwrap.dedent(
         f"""
@@ -198,10 +223,16 @@ def test_pruned_pipeline_loads_with_stock_diffusers_in_a_subprocess(pipe, tmp_pa
         assert "erasekit" not in sys.modules, "erasekit was imported"
         assert type(pipe.transformer).__name__ == "PrunedPixArtTransformer2DModel"
         image = pipe({PROMPTS[0]!r}, generator=torch.Generator().manual_seed(4), **{call!r}).images
-        torch.save(image, {str(tmp_path / 'image.pt')!r})
+        torch.save(image, {str(tmp_path / "image.pt")!r})
         """
     )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        [sys.executable, "-c", script],
+        check=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     loaded = torch.load(tmp_path / "image.pt", weights_only=True)
     assert torch.allclose(loaded, expected, atol=1e-5)
 
@@ -240,10 +271,18 @@ def test_trainer_writes_an_artifact_refused_by_flux_and_vice_versa(pipe, tmp_pat
     cfg = load_config(
         "configs/pixart-sigma.yaml",
         [
-            "model.id=tiny-pixart", "model.device=cpu", "model.dtype=float32", "concept.concept=cat",
-            "concept.anchor=dog", "concept.preservation_prompts=[a red car]", "sampling.steps=2",
-            "sampling.resolution=32", "sampling.max_sequence_length=16", "train.iterations=2",
-            "train.checkpoint_every=0", "mask.heads.enabled=true",
+            "model.id=tiny-pixart",
+            "model.device=cpu",
+            "model.dtype=float32",
+            "concept.concept=cat",
+            "concept.anchor=dog",
+            "concept.preservation_prompts=[a red car]",
+            "sampling.steps=2",
+            "sampling.resolution=32",
+            "sampling.max_sequence_length=16",
+            "train.iterations=2",
+            "train.checkpoint_every=0",
+            "mask.heads.enabled=true",
         ],
     )
     output = tmp_path / "mask"
@@ -262,6 +301,8 @@ def test_trainer_writes_an_artifact_refused_by_flux_and_vice_versa(pipe, tmp_pat
 
     flux = build_tiny_flux_pipeline(seed=0)
     flux_logits = {s.key: torch.ones(s.num_units) for s in FLUX.sites(flux.transformer)}
-    flux_mask = save_mask_artifact(tmp_path / "flux-mask", flux_logits, {"base_model": base_model_record(flux.transformer, "tiny-flux")})
+    flux_mask = save_mask_artifact(
+        tmp_path / "flux-mask", flux_logits, {"base_model": base_model_record(flux.transformer, "tiny-flux")}
+    )
     with pytest.raises(MaskMismatchError, match="FluxTransformer2DModel"):
         apply_masks(pipe, [flux_mask])

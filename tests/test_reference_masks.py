@@ -70,7 +70,9 @@ def _save(path: Path, obj: object) -> Path:
 def test_import_reference_masks(schnell: torch.nn.Module, tmp_path: Path) -> None:
     logits = import_minimalist_flux(REFERENCE / "attn.pt", REFERENCE / "ff.pt", REFERENCE / "norm.pt", schnell)
     assert all(v.dtype == torch.float32 for v in logits.values())
-    by_kind = {kind: {k: v for k, v in logits.items() if k.startswith(f"{kind}/")} for kind in ("heads", "neurons", "norm")}
+    by_kind = {
+        kind: {k: v for k, v in logits.items() if k.startswith(f"{kind}/")} for kind in ("heads", "neurons", "norm")
+    }
     assert len(by_kind["heads"]) == 19 * 2 + 38
     assert len(by_kind["neurons"]) == 38
     assert len(by_kind["norm"]) == 19
@@ -86,7 +88,9 @@ def test_import_reference_masks(schnell: torch.nn.Module, tmp_path: Path) -> Non
     norm = load_reference_list(REFERENCE / "norm.pt")
     assert torch.equal(logits["norm/transformer_blocks.7.norm1_context.linear"], norm[7].float())
 
-    out = import_minimalist_flux_artifact(REFERENCE / "attn.pt", REFERENCE / "ff.pt", REFERENCE / "norm.pt", SCHNELL, tmp_path / "mask")
+    out = import_minimalist_flux_artifact(
+        REFERENCE / "attn.pt", REFERENCE / "ff.pt", REFERENCE / "norm.pt", SCHNELL, tmp_path / "mask"
+    )
     artifact = load_mask_artifact(out)
     sites = check_artifact(artifact, FLUX, schnell)
     assert len(sites) == len(logits)
@@ -108,7 +112,9 @@ def test_import_reference_masks(schnell: torch.nn.Module, tmp_path: Path) -> Non
 def test_reference_masks_do_not_fit_a_smaller_model(tiny: torch.nn.Module) -> None:
     with pytest.raises(MaskMismatchError, match=r"ff.pt has 38 tensors, this model has 2 double blocks -> expected 4"):
         import_minimalist_flux(None, REFERENCE / "ff.pt", None, tiny)
-    with pytest.raises(MaskMismatchError, match=r"attn.pt has 57 tensors, this model has 2 double \+ 1 single blocks -> expected 3"):
+    with pytest.raises(
+        MaskMismatchError, match=r"attn.pt has 57 tensors, this model has 2 double \+ 1 single blocks -> expected 3"
+    ):
         import_minimalist_flux(REFERENCE / "attn.pt", None, None, tiny)
 
 
@@ -126,7 +132,9 @@ def test_tiny_import_maps_streams(tiny: torch.nn.Module, tmp_path: Path) -> None
         logits["heads/transformer_blocks.0.attn.to_out.0"].data_ptr()
         != logits["heads/transformer_blocks.0.attn.to_add_out"].data_ptr()
     )
-    assert [float(logits[f"neurons/transformer_blocks.{i}.{m}.net.2"][0]) for i in range(2) for m in ("ff", "ff_context")] == [0, 1, 2, 3]
+    assert [
+        float(logits[f"neurons/transformer_blocks.{i}.{m}.net.2"][0]) for i in range(2) for m in ("ff", "ff_context")
+    ] == [0, 1, 2, 3]
     assert not any(k.startswith("norm/") for k in logits)
     # Keys come in the model's site order.
     order = [s.key for s in FLUX.sites(tiny) if s.key in logits]
@@ -135,7 +143,10 @@ def test_tiny_import_maps_streams(tiny: torch.nn.Module, tmp_path: Path) -> None
 
 def test_wrong_shape_refused(tiny: torch.nn.Module, tmp_path: Path) -> None:
     ff = _save(tmp_path / "ff.pt", [torch.zeros(64), torch.zeros(64), torch.zeros(64), torch.zeros(12288)])
-    with pytest.raises(MaskMismatchError, match=r"ff.pt tensor 3 has shape \(12288,\), this model's transformer_blocks.1.ff_context.net.2 has \(64,\) neurons"):
+    with pytest.raises(
+        MaskMismatchError,
+        match=r"ff.pt tensor 3 has shape \(12288,\), this model's transformer_blocks.1.ff_context.net.2 has \(64,\) neurons",
+    ):
         import_minimalist_flux(None, ff, None, tiny)
     norm = _save(tmp_path / "norm.pt", [torch.zeros(96), torch.zeros(48)])
     with pytest.raises(MaskMismatchError, match=r"norm.pt tensor 1 has shape \(48,\).*has \(96,\) norm"):

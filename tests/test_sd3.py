@@ -60,8 +60,14 @@ def test_trajectory_matches_the_diffusers_pipeline(options, guidance):
     trajectory = SD3.trajectory(pipe, encoded, [5], steps=4, resolution=32, guidance_scale=guidance)
     ours = trajectory.decode(run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps)[-1])
     theirs = pipe(
-        PROMPT, num_inference_steps=4, height=32, width=32, guidance_scale=guidance, max_sequence_length=16,
-        generator=torch.Generator().manual_seed(5), output_type="pt",
+        PROMPT,
+        num_inference_steps=4,
+        height=32,
+        width=32,
+        guidance_scale=guidance,
+        max_sequence_length=16,
+        generator=torch.Generator().manual_seed(5),
+        output_type="pt",
     ).images
     assert ours.shape == theirs.shape == (1, 3, 32, 32)
     assert theirs.float().std() > 0.01
@@ -76,7 +82,9 @@ def test_encoded_rows_and_batched_rows_match_single_rows(sd35):
     assert torch.equal(encoded["negative_prompt_embeds"][0], encoded["negative_prompt_embeds"][1])
     both = SD3.trajectory(sd35, encoded, [1, 2], steps=2, resolution=32, guidance_scale=4.0)
     z_both = run_trajectory(both.step, both.noise, 2)[-1]
-    single = SD3.trajectory(sd35, {k: v[1:] for k, v in encoded.items()}, [2], steps=2, resolution=32, guidance_scale=4.0)
+    single = SD3.trajectory(
+        sd35, {k: v[1:] for k, v in encoded.items()}, [2], steps=2, resolution=32, guidance_scale=4.0
+    )
     z_single = run_trajectory(single.step, single.noise, 2)[-1]
     assert torch.allclose(z_both[1:], z_single, atol=1e-5)
     assert not torch.allclose(z_both[0], z_both[1], atol=1e-3)
@@ -110,7 +118,9 @@ def test_recompute_is_exact_and_checkpointed_gradient_equals_naive(parameterizat
     encoded = SD3.encode_prompts(pipe, [PROMPT, "a red car"], max_sequence_length=16)
     trajectory = SD3.trajectory(pipe, encoded, [1, 2], steps=steps, resolution=32, guidance_scale=guidance)
     assert trajectory.noise.dtype == torch.float64
-    target = torch.randn(trajectory.noise.shape, generator=torch.Generator().manual_seed(9), dtype=trajectory.noise.dtype)
+    target = torch.randn(
+        trajectory.noise.shape, generator=torch.Generator().manual_seed(9), dtype=trajectory.noise.dtype
+    )
     loss_fn = lambda z: (z - target).pow(2).mean()  # noqa: E731
     params = list(masked.logits)
     with masked:
@@ -125,8 +135,12 @@ def test_recompute_is_exact_and_checkpointed_gradient_equals_naive(parameterizat
     assert flat_naive.abs().sum() > 0
     # every unit kind (and SD3.5's attn2) receives gradient
     by_key = dict(zip(masked.keys, ours))
-    for key in ("heads/transformer_blocks.0.attn2.to_out.0", "heads/transformer_blocks.2.attn.to_out.0",
-                "norm/transformer_blocks.2.norm1_context.linear", "neurons/transformer_blocks.1.ff_context.net.2"):
+    for key in (
+        "heads/transformer_blocks.0.attn2.to_out.0",
+        "heads/transformer_blocks.2.attn.to_out.0",
+        "norm/transformer_blocks.2.norm1_context.linear",
+        "neurons/transformer_blocks.1.ff_context.net.2",
+    ):
         assert by_key[key].abs().sum() > 0, key
     assert torch.allclose(loss_naive, loss_ours, rtol=1e-12)
     assert (flat_ours - flat_naive).norm() / flat_naive.norm() < 1e-5
@@ -266,7 +280,11 @@ def test_pruned_pipeline_reloads_with_stock_diffusers(sd35, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run(
         [sys.executable, str(script), str(out), str(tmp_path / "images.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = torch.load(tmp_path / "images.pt", weights_only=True)

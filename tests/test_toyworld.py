@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
 import torch
+from safetensors.torch import load_file
 
 from erasekit.toyworld import protocol
 from erasekit.toyworld.model import WorldSpec, build_world_pipeline, build_world_tokenizers
@@ -25,7 +25,7 @@ from erasekit.toyworld.prompts import (
     training_prompt,
     vocabulary,
 )
-from erasekit.toyworld.render import ATTRIBUTES, RGB, OBJECTS, Scene, render, render_none, sample_scene
+from erasekit.toyworld.render import ATTRIBUTES, OBJECTS, RGB, Scene, render, render_none, sample_scene
 from erasekit.toyworld.world import SHIPPED_WORLD
 
 SHIPPED = (SHIPPED_WORLD / "world.json").is_file()
@@ -114,8 +114,16 @@ def test_world_pipeline_is_a_stock_flux_pipeline(tmp_path):
     pipe.save_pretrained(tmp_path / "world")
     loaded = FluxPipeline.from_pretrained(tmp_path / "world")
     loaded.set_progress_bar_config(disable=True)
-    image = loaded("a red circle", height=32, width=32, num_inference_steps=2, max_sequence_length=16,
-                   negative_prompt="", true_cfg_scale=3.0, output_type="np").images
+    image = loaded(
+        "a red circle",
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        max_sequence_length=16,
+        negative_prompt="",
+        true_cfg_scale=3.0,
+        output_type="np",
+    ).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
@@ -124,8 +132,14 @@ def test_training_stages_run_and_learn_something():
     from erasekit.toyworld.train import TrainSettings, train_world_pipeline
 
     settings = TrainSettings(
-        pool_size=128, text_steps=40, text_batch=32, vae_steps=10, vae_batch=8, transformer_steps=10,
-        transformer_batch=8, spec=WorldSpec(double_blocks=1, single_blocks=1),
+        pool_size=128,
+        text_steps=40,
+        text_batch=32,
+        vae_steps=10,
+        vae_batch=8,
+        transformer_steps=10,
+        transformer_batch=8,
+        spec=WorldSpec(double_blocks=1, single_blocks=1),
     )
     pipe, record = train_world_pipeline(settings, progress=False)
     assert record["text_label_accuracy"] > 0.5  # chance is well below 0.3 on most heads
@@ -141,12 +155,27 @@ def test_toyworld_train_writes_a_loadable_world(tmp_path):
     from erasekit.toyworld.world import World
 
     settings = TrainSettings(
-        pool_size=64, text_steps=5, text_batch=8, vae_steps=3, vae_batch=8, transformer_steps=3, transformer_batch=8,
-        detector_steps=3, spec=WorldSpec(double_blocks=1, single_blocks=1),
+        pool_size=64,
+        text_steps=5,
+        text_batch=8,
+        vae_steps=3,
+        vae_batch=8,
+        transformer_steps=3,
+        transformer_batch=8,
+        detector_steps=3,
+        spec=WorldSpec(double_blocks=1, single_blocks=1),
     )
     path = build_world(tmp_path / "world", settings, progress=False, quality_count=8)
     record = json.loads((path / "world.json").read_text())
-    assert set(record["quality"]) >= {"object", "colour", "style", "background", "synonym_object", "held_out", "per_object"}
+    assert set(record["quality"]) >= {
+        "object",
+        "colour",
+        "style",
+        "background",
+        "synonym_object",
+        "held_out",
+        "per_object",
+    }
     assert set(record["training"]["seconds"]) >= {"render", "text", "vae", "transformer", "detectors", "total"}
     world = World.load(path)
     assert world.generate(["a red circle"], [0]).shape == (1, 32, 32, 3)
@@ -182,7 +211,9 @@ def test_protocol_samples_and_scores():
         used = {name for name in SYNONYMS["object"]["circle"] for prompt in many[j :: len(templates)] if name in prompt}
         assert used == set(SYNONYMS["object"]["circle"]), (templates[j], used)
     _, square_anchors, _ = protocol.erasure_prompts("circle", count=8, anchor="square")
-    assert [square_anchors[k].replace("square", "") for k in named] == [concept_prompts[k].replace("circle", "") for k in named]
+    assert [square_anchors[k].replace("square", "") for k in named] == [
+        concept_prompts[k].replace("circle", "") for k in named
+    ]
     _, empty_anchors, _ = protocol.erasure_prompts("circle", count=4, anchor="empty")
     assert all(a.startswith("an empty ") for a in empty_anchors)
     with pytest.raises(Exception, match="use another object"):
@@ -194,11 +225,16 @@ def test_protocol_samples_and_scores():
     references = protocol.anchor_samples("circle", samples, "heart")
     assert [(r.seed, r.group, r.scene) for r in references] == [(s.seed, s.group, s.scene) for s in samples[:12]]
     assert [r.prompt for r in references[:6]] == [s.prompt.replace("circle", "heart") for s in samples[:6]]
-    assert all("heart" in r.prompt and not set(SYNONYMS["object"]["circle"]) & set(r.prompt.split()) for r in references)
+    assert all(
+        "heart" in r.prompt and not set(SYNONYMS["object"]["circle"]) & set(r.prompt.split()) for r in references
+    )
     assert all(r.prompt.startswith("an empty ") for r in protocol.anchor_samples("circle", samples, "empty"))
     red = protocol.evaluation_samples("red", per_group=6)
     rotating = [r.prompt for r in protocol.anchor_samples("red", red)]
-    assert rotating[:5] == [s.prompt.replace("red", other, 1).replace("a orange", "an orange") for s, other in zip(red, ("orange", "yellow", "green", "blue", "purple"))]
+    assert rotating[:5] == [
+        s.prompt.replace("red", other, 1).replace("a orange", "an orange")
+        for s, other in zip(red, ("orange", "yellow", "green", "blue", "purple"))
+    ]
     with pytest.raises(Exception, match="use another object"):
         protocol.anchor_samples("circle", samples, "red")
 
@@ -232,14 +268,28 @@ def test_shipped_pipeline_loads_with_stock_diffusers_and_draws_what_it_is_asked(
     assert sum(c == p.split()[1] for c, p in zip(predicted["colour"], prompts)) >= 7
     # the stock pipeline call gives the same image as erasekit's own trajectory
     settings = world.sampling
-    stock = pipe(prompts[0], negative_prompt="", true_cfg_scale=settings["guidance_scale"], num_inference_steps=settings["steps"],
-                 height=32, width=32, max_sequence_length=16, generator=torch.Generator().manual_seed(900), output_type="np").images
+    stock = pipe(
+        prompts[0],
+        negative_prompt="",
+        true_cfg_scale=settings["guidance_scale"],
+        num_inference_steps=settings["steps"],
+        height=32,
+        width=32,
+        max_sequence_length=16,
+        generator=torch.Generator().manual_seed(900),
+        output_type="np",
+    ).images
     assert np.abs(stock[0] * 255 - images[0].astype(np.float64)).max() <= 1.0
 
 
 def _erasekit(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "erasekit.cli", *args], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "", "ERASEKIT_CACHE": os.environ["ERASEKIT_CACHE"]}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "erasekit.cli", *args],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "", "ERASEKIT_CACHE": os.environ["ERASEKIT_CACHE"]},
+        timeout=timeout,
+    )
 
 
 @needs_world
@@ -251,7 +301,10 @@ def test_demo_recipe_trains_on_its_own_steps_and_samples_at_the_worlds():
     config = erasure_config(world, "disc", anchor="heart")  # a given anchor: no images to generate
     assert config.concept.concept == "circle" and config.model.id == str(world.pipeline_path)
     assert config.sampling.steps == 8 != world.sampling["steps"]  # erase-recipe.yaml trains on 8 steps
-    assert (config.sampling.resolution, config.sampling.guidance_scale) == (world.sampling["resolution"], world.sampling["guidance_scale"])
+    assert (config.sampling.resolution, config.sampling.guidance_scale) == (
+        world.sampling["resolution"],
+        world.sampling["guidance_scale"],
+    )
     assert all("heart" in a for a in config.concept.target_prompts)
     assert erasure_config(world, "circle", ["sampling.steps=12"], anchor="heart").sampling.steps == 12
 
@@ -277,8 +330,17 @@ def test_demo_with_a_small_budget_lowers_the_concept_detection(small_demo):
     # the model's own squares, drawn from the circles' scenes and noise, are not taken for circles
     assert metrics["anchor_images"]["ua"] > 0.95 and metrics["anchor_images"]["synonym_ua"] > 0.95
     assert set(metrics) >= {"concept", "before", "after", "fidelity", "masked_fraction", "seconds"}
-    assert set(metrics["before"]) == {"ua", "synonym_ua", "ira", "cra", "strict_ua", "strict_synonym_ua",
-                                      "ambiguous", "synonym_ambiguous", "judges"}
+    assert set(metrics["before"]) == {
+        "ua",
+        "synonym_ua",
+        "ira",
+        "cra",
+        "strict_ua",
+        "strict_synonym_ua",
+        "ambiguous",
+        "synonym_ambiguous",
+        "judges",
+    }
     assert metrics["after"]["judges"] == ["detector", "morph_detector", "geometric"]
     # strict: erased only where every judge finds no circle, so never more than the detector's UA
     assert metrics["after"]["strict_ua"] <= metrics["after"]["ua"]
@@ -299,8 +361,19 @@ def test_evaluate_on_a_shapes_set_gives_the_demo_numbers(small_demo, tmp_path):
     The demo's mask trains on 8 steps and records the world's 12 as its ``sampling.generation_steps``,
     which evaluate defaults to."""
     out = tmp_path / "eval"
-    run = _erasekit("evaluate", "--model", str(SHIPPED_WORLD / "pipeline"), "--masks", str(small_demo / "mask"),
-                    "--prompts", "shapes:circle", "--batch-size", "48", "--output", str(out))
+    run = _erasekit(
+        "evaluate",
+        "--model",
+        str(SHIPPED_WORLD / "pipeline"),
+        "--masks",
+        str(small_demo / "mask"),
+        "--prompts",
+        "shapes:circle",
+        "--batch-size",
+        "48",
+        "--output",
+        str(out),
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["generation"]["steps"] == 12
@@ -384,7 +457,9 @@ def test_shipped_cache_holds_what_the_model_draws(shipped_world):
     for chosen, rows in ((samples, keep), (references, [])):
         prompts, seeds = [s.prompt for s in chosen], [s.seed for s in chosen]
         name = image_cache.entry_key(shipped_world, prompts, seeds, rows) + ".safetensors"
-        assert (shipped_world.path / image_cache.SHIPPED_FOLDER / name).is_file(), "the shipped entries are not the demo's"
+        assert (shipped_world.path / image_cache.SHIPPED_FOLDER / name).is_file(), (
+            "the shipped entries are not the demo's"
+        )
         images, _ = image_cache.original_images(shipped_world, prompts, seeds, latent_rows=rows)
         assert np.array_equal(images[:64], shipped_world.generate(prompts[:64], seeds[:64]))
 
@@ -399,10 +474,21 @@ def test_the_demo_states_the_bar_and_whether_each_number_meets_it():
         "anchor_images": {"ua": 1.0, "synonym_ua": 1.0}, "fidelity": {"psnr": 30.0, "ssim": 0.9},
     }  # fmt: skip
     checks = {c["metric"]: c for c in bar_checks(metrics)}
-    assert [name for name, c in checks.items() if not c["holds"]] == ["synonym UA", "CRA"]  # 0.899 < 0.90; 0.92 < 0.95 x 0.969
+    assert [name for name, c in checks.items() if not c["holds"]] == [
+        "synonym UA",
+        "CRA",
+    ]  # 0.899 < 0.90; 0.92 < 0.95 x 0.969
     assert checks["IRA"]["bar"] == pytest.approx(0.95 * 0.911) and checks["masked"]["bar"] == 0.05
     table = format_table(metrics)
     assert "the bar: below the bar: synonym UA, CRA" in table and ">= 95% of the original's (86.5%): yes" in table
     image = np.zeros((2, 32, 32, 3), np.uint8)
-    grid = _grid([("concept prompts:", ["a red circle in flat style on a black background", "b"], [("original", image), ("erased", image)])])
+    grid = _grid(
+        [
+            (
+                "concept prompts:",
+                ["a red circle in flat style on a black background", "b"],
+                [("original", image), ("erased", image)],
+            )
+        ]
+    )
     assert grid.size[0] == 150 + 2 * (96 + 4) and grid.size[1] > 2 * (96 + 4)  # a caption strip above the rows

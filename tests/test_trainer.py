@@ -6,8 +6,9 @@ import csv
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -238,7 +239,9 @@ def test_refuses_an_interrupted_run_without_resume(pipe: Any, tiny_train_config:
 
 
 @pytest.mark.parametrize("staging_exists", [False, True])
-def test_resume_without_a_checkpoint_fails(pipe: Any, tiny_train_config: Any, tmp_path: Path, staging_exists: bool) -> None:
+def test_resume_without_a_checkpoint_fails(
+    pipe: Any, tiny_train_config: Any, tmp_path: Path, staging_exists: bool
+) -> None:
     config = tiny_train_config()
     output = tmp_path / "mask"
     if staging_exists:
@@ -252,7 +255,9 @@ def test_resume_without_a_checkpoint_fails(pipe: Any, tiny_train_config: Any, tm
 
 
 # --------------------------------------------------------------------------- divergence
-def test_nan_loss_raises_and_cleans_up(pipe: Any, tiny_train_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_loss_raises_and_cleans_up(
+    pipe: Any, tiny_train_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = trainer_module.distance
     poisoned = {"on": False}
 
@@ -329,7 +334,9 @@ def test_gradient_accumulation_equals_a_larger_batch(
     assert len(seen["big"]) == len(seen["accum"]) == 3
     for step, (g_big, g_acc) in enumerate(zip(seen["big"], seen["accum"])):
         for a, b in zip(g_big, g_acc, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-8, msg=lambda m, s=step: f"gradient at step {s + 1}: {m}")
+            torch.testing.assert_close(
+                a, b, rtol=1e-3, atol=1e-8, msg=lambda m, s=step: f"gradient at step {s + 1}: {m}"
+            )
     assert moved(big.logits)
     assert_same_logits(big.logits, accumulated.logits, atol=1e-5)
     # the check has teeth: one prompt pair per step is a different run
@@ -397,7 +404,9 @@ def test_final_threshold_closes_the_units_below_it(pipe: Any, tiny_train_config:
     assert shifted.masked_fraction == pytest.approx(closed / values.numel())
 
 
-def test_intermediate_preservation_adds_the_intermediate_latents(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+def test_intermediate_preservation_adds_the_intermediate_latents(
+    pipe: Any, tiny_train_config: Any, tmp_path: Path
+) -> None:
     """Sigmoid gates are partly closed from the first step, so the preservation prompts' latents differ
     from the original model's after every step: the intermediate term makes the first step's
     preservation term larger and leaves the erase term alone; the checkpointed walk and one graph

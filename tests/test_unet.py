@@ -74,8 +74,13 @@ def test_trajectory_matches_the_diffusers_pipeline(family, sampler, options):
     assert trajectory.num_steps == (5 if sampler == "pndm" else 4)  # PNDM's timesteps repeat one step
     ours = trajectory.decode(run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps)[-1])
     theirs = pipe(
-        PROMPT, num_inference_steps=4, height=32, width=32, guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(5), output_type="pt",
+        PROMPT,
+        num_inference_steps=4,
+        height=32,
+        width=32,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(5),
+        output_type="pt",
     ).images
     assert ours.shape == theirs.shape == (1, 3, 32, 32)
     assert theirs.float().std() > 0.01
@@ -86,7 +91,9 @@ def test_no_guidance_and_batched_rows_match_single_rows(sd):
     encoded = UNET.encode_prompts(sd, [PROMPT, "a red car"], max_sequence_length=77)
     both = UNET.trajectory(sd, encoded, [1, 2], steps=2, resolution=32, guidance_scale=1.0)
     z_both = run_trajectory(both.step, both.noise, 2)[-1]
-    single = UNET.trajectory(sd, {k: v[1:] for k, v in encoded.items()}, [2], steps=2, resolution=32, guidance_scale=1.0)
+    single = UNET.trajectory(
+        sd, {k: v[1:] for k, v in encoded.items()}, [2], steps=2, resolution=32, guidance_scale=1.0
+    )
     z_single = run_trajectory(single.step, single.noise, 2)[-1]
     assert torch.allclose(z_both[1:], z_single, atol=1e-5)
     assert not torch.allclose(z_both[0], z_both[1], atol=1e-3)
@@ -101,8 +108,15 @@ def test_dpm_solver_of_order_three_matches_the_pipeline():
     trajectory = UNET.trajectory(pipe, encoded, [4], steps=5, resolution=32, guidance_scale=5.0)
     latents = run_trajectory(trajectory.step, trajectory.noise, 5, keep=True)
     assert [z.shape[1] for z in latents] == [4, 8, 12, 12, 12, 4]  # two previous data predictions carried
-    theirs = pipe(PROMPT, num_inference_steps=5, height=32, width=32, guidance_scale=5.0,
-                  generator=torch.Generator().manual_seed(4), output_type="pt").images
+    theirs = pipe(
+        PROMPT,
+        num_inference_steps=5,
+        height=32,
+        width=32,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(4),
+        output_type="pt",
+    ).images
     assert torch.allclose(trajectory.decode(latents[-1]), theirs.float(), atol=1e-4)
 
 
@@ -136,7 +150,9 @@ def _random_train_mask(pipe, parameterization="hard_concrete"):
     return masked
 
 
-@pytest.mark.parametrize("family, sampler", [("sd", "ddim"), ("sd", "euler"), ("sd", "dpm"), ("sd", "pndm"), ("sdxl", "euler")])
+@pytest.mark.parametrize(
+    "family, sampler", [("sd", "ddim"), ("sd", "euler"), ("sd", "dpm"), ("sd", "pndm"), ("sdxl", "euler")]
+)
 def test_recompute_is_exact_and_checkpointed_gradient_equals_naive(family, sampler):
     builder = build_tiny_sd_pipeline if family == "sd" else build_tiny_sdxl_pipeline
     pipe = _quiet(builder(seed=0, dtype=torch.float64, scheduler=sampler))
@@ -144,7 +160,9 @@ def test_recompute_is_exact_and_checkpointed_gradient_equals_naive(family, sampl
     steps = 4
     encoded = UNET.encode_prompts(pipe, [PROMPT, "a red car"], max_sequence_length=77)
     trajectory = UNET.trajectory(pipe, encoded, [1, 2], steps=steps, resolution=32, guidance_scale=4.0)
-    target = torch.randn(trajectory.noise.shape, generator=torch.Generator().manual_seed(9), dtype=trajectory.noise.dtype)
+    target = torch.randn(
+        trajectory.noise.shape, generator=torch.Generator().manual_seed(9), dtype=trajectory.noise.dtype
+    )
     loss_fn = lambda z: (z - target).pow(2).mean()  # noqa: E731
     params = list(masked.logits)
     steps = trajectory.num_steps
@@ -176,7 +194,10 @@ def test_sites_follow_the_module_shapes(sd, sdxl):
     attn = first["heads/down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"]
     assert (attn.num_units, attn.group, attn.block_type, attn.stream) == (2, 8, "down", "self")
     ff = first["neurons/mid_block.attentions.0.transformer_blocks.0.ff.net.2"]
-    assert ff.num_units == 4 * 32 and sd.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj").out_features == 2 * 128
+    assert (
+        ff.num_units == 4 * 32
+        and sd.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj").out_features == 2 * 128
+    )
     # 2 transformer layers per attention at the 32-channel level: 1 down attention, the mid block, 2 up attentions
     assert len(transformer_blocks(sdxl.unet)) == 2 + 2 + 2 * 2
 
@@ -240,7 +261,11 @@ def test_folded_outputs_equal_the_hooked_mask(sd, sdxl, family, mode):
         return
     assert after < before and isinstance(pipe.unet, PrunedUNet2DConditionModel)
     layout = pipe.unet.config.pruned_layout
-    dropped_attn = "down_blocks.0.attentions.0.transformer_blocks.0" if family == "sd" else "down_blocks.1.attentions.0.transformer_blocks.1"
+    dropped_attn = (
+        "down_blocks.0.attentions.0.transformer_blocks.0"
+        if family == "sd"
+        else "down_blocks.1.attentions.0.transformer_blocks.1"
+    )
     assert layout[dropped_attn][1] == 1  # every head dropped: one zero-folded head keeps the shapes valid
     assert layout["mid_block.attentions.0.transformer_blocks.0"][0] == 2
     assert layout["mid_block.attentions.0.transformer_blocks.0"][2] == 1
@@ -250,7 +275,9 @@ def test_folded_outputs_equal_the_hooked_mask(sd, sdxl, family, mode):
     assert proj.out_features == 2  # GEGLU: value and gate rows of the one kept neuron
     # the pruned model gives sites of its actual shapes
     sites = {s.key: s for s in UNET.sites(pipe.unet)}
-    assert sum(s.num_units for s in sites.values()) < sum(s.num_units for s in UNET.sites((sd if family == "sd" else sdxl).unet))
+    assert sum(s.num_units for s in sites.values()) < sum(
+        s.num_units for s in UNET.sites((sd if family == "sd" else sdxl).unet)
+    )
 
 
 _RELOAD = textwrap.dedent(
@@ -282,7 +309,11 @@ def test_pruned_pipeline_reloads_with_stock_diffusers(sd, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run(
         [sys.executable, str(script), str(out), str(tmp_path / "images.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = torch.load(tmp_path / "images.pt", weights_only=True)

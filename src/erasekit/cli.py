@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__
 from .errors import ErasekitError
@@ -26,10 +26,17 @@ DEMO_THREADS = 2
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default: the mask's training steps, else 4)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the mask's, else 512)")
-    p.add_argument("--guidance", type=float, help="guidance scale: classifier-free for SD/SDXL/SD3/PixArt/DiT, distilled for FLUX.1-dev (default: the mask's, else none)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help="guidance scale: classifier-free for SD/SDXL/SD3/PixArt/DiT, distilled for FLUX.1-dev (default: the mask's, else none)",
+    )
     p.add_argument("--max-sequence-length", type=int, help="text tokens (default: the mask's, else 256)")
-    p.add_argument("--scheduler", choices=("pipeline", "ddim", "euler", "dpm", "pndm", "flow-euler"),
-                   help="sampler (default: the mask's, else the pipeline's own)")
+    p.add_argument(
+        "--scheduler",
+        choices=("pipeline", "ddim", "euler", "dpm", "pndm", "flow-euler"),
+        help="sampler (default: the mask's, else the pipeline's own)",
+    )
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, float16, bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
@@ -47,7 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", help="the concept to erase, e.g. nudity or 'Hulk'")
     p.add_argument("--anchor", help="what the concept becomes in target prompts, e.g. 'a man' (default: dropped)")
     p.add_argument("--config", help="YAML recipe, e.g. configs/flux-schnell.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
     p.add_argument("--steps", type=int, help="denoising steps of the trained trajectory (sampling.steps)")
     p.add_argument("--resolution", type=int, help="image side in pixels (sampling.resolution)")
     p.add_argument("--iterations", type=int, help="optimiser steps (train.iterations)")
@@ -57,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate images, optionally with masks applied")
     p.add_argument("--model", required=True, help="hub id or pipeline folder")
-    p.add_argument("--masks", action="append", default=[], metavar="DIR", help="mask folder (repeatable: masks combine)")
+    p.add_argument(
+        "--masks", action="append", default=[], metavar="DIR", help="mask folder (repeatable: masks combine)"
+    )
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     group.add_argument("--prompt-file", help="text file, one prompt per line")
@@ -66,34 +82,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder to create with one PNG per prompt and seed")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("evaluate", help="generate with the original and erased models, detect the concept, score, report")
+    p = sub.add_parser(
+        "evaluate", help="generate with the original and erased models, detect the concept, score, report"
+    )
     p.add_argument("--model", required=True, help="hub id or pipeline folder")
-    p.add_argument("--masks", action="append", default=[], metavar="DIR", help="an erased variant (repeatable: one variant each; DIR1,DIR2 combines masks into one variant)")
-    p.add_argument("--prompts", required=True, metavar="NAME_OR_FILE", help="i2p, i2p-sexual, ring-a-bell-16/38/75, mma, p4d, coco-captions, concept:NAME, shapes:VALUE, hf:OWNER/NAME, or a .csv/.tsv/.txt/.jsonl file")
+    p.add_argument(
+        "--masks",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="an erased variant (repeatable: one variant each; DIR1,DIR2 combines masks into one variant)",
+    )
+    p.add_argument(
+        "--prompts",
+        required=True,
+        metavar="NAME_OR_FILE",
+        help="i2p, i2p-sexual, ring-a-bell-16/38/75, mma, p4d, coco-captions, concept:NAME, shapes:VALUE, hf:OWNER/NAME, or a .csv/.tsv/.txt/.jsonl file",
+    )
     p.add_argument("--prompt-column", help="column of the prompts in a CSV/JSONL file or hub dataset (default: prompt)")
     p.add_argument(
         "--data-root",
         help="local folder holding prompts/ for the named file sets (default: $ERASEKIT_DATA, else the hub for I2P)",
     )
     p.add_argument("--limit", type=int, help="evaluate the first N prompts only")
-    p.add_argument("--seed", type=int, action="append", help="noise seed for every prompt (repeatable; default: the set's per-prompt seed, else 0)")
-    p.add_argument("--detector", help="nudenet, shapes, clip or none (default: nudenet for nudity sets, shapes for shapes: sets, clip for concept: sets with --clip-model)")
-    p.add_argument("--detector-model", help="the detector's model: NudeNet .onnx, ShapesCanvas detectors folder, or CLIP id/folder")
+    p.add_argument(
+        "--seed",
+        type=int,
+        action="append",
+        help="noise seed for every prompt (repeatable; default: the set's per-prompt seed, else 0)",
+    )
+    p.add_argument(
+        "--detector",
+        help="nudenet, shapes, clip or none (default: nudenet for nudity sets, shapes for shapes: sets, clip for concept: sets with --clip-model)",
+    )
+    p.add_argument(
+        "--detector-model", help="the detector's model: NudeNet .onnx, ShapesCanvas detectors folder, or CLIP id/folder"
+    )
     p.add_argument("--threshold", type=float, help="detection threshold (default: nudenet 0.6, clip 0.5)")
-    p.add_argument("--concept", help="the erased concept, for the clip and shapes detectors (default: from concept:/shapes: sets)")
-    p.add_argument("--metrics", help="comma-separated: detection, clip-score, fid, kid, ssim, psnr, lpips, shapes, cost (default: those the inputs allow)")
-    p.add_argument("--clip-model", help="CLIP model id or folder for clip-score and the clip detector (offline: a folder)")
+    p.add_argument(
+        "--concept", help="the erased concept, for the clip and shapes detectors (default: from concept:/shapes: sets)"
+    )
+    p.add_argument(
+        "--metrics",
+        help="comma-separated: detection, clip-score, fid, kid, ssim, psnr, lpips, shapes, cost (default: those the inputs allow)",
+    )
+    p.add_argument(
+        "--clip-model", help="CLIP model id or folder for clip-score and the clip detector (offline: a folder)"
+    )
     p.add_argument("--reference", metavar="DIR", help="folder of real images for FID/KID")
-    p.add_argument("--fid-features", default="inception", help="FID/KID feature extractor: inception (torchmetrics, downloads weights) or a CLIP id/folder")
+    p.add_argument(
+        "--fid-features",
+        default="inception",
+        help="FID/KID feature extractor: inception (torchmetrics, downloads weights) or a CLIP id/folder",
+    )
     p.add_argument("--batch-size", type=int, default=1, help="images per generation batch (default 1)")
     _add_generation_flags(p)
-    p.add_argument("--output", required=True, help="folder to create with images/, results.jsonl, summary.json, grid.png, report.html")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="folder to create with images/, results.jsonl, summary.json, grid.png, report.html",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("fold", help="bake masks into the weights and save a stock diffusers pipeline")
     p.add_argument("--model", required=True, help="hub id or pipeline folder the masks were trained on")
     p.add_argument("--masks", action="append", required=True, metavar="DIR", help="mask folder (repeatable)")
-    p.add_argument("--mode", choices=("zero", "prune"), default="prune", help="zero: same shapes; prune: masked units removed")
+    p.add_argument(
+        "--mode", choices=("zero", "prune"), default="prune", help="zero: same shapes; prune: masked units removed"
+    )
     p.add_argument("--dtype", default="float32", help="dtype to load and save in: float32 (default), float16, bfloat16")
     p.add_argument("--output", required=True, help="pipeline folder to create")
     p.set_defaults(func=cmd_fold)
@@ -108,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", help="attn.pt of the reference implementation")
     p.add_argument("--ff", help="ff.pt")
     p.add_argument("--norm", help="norm.pt")
-    p.add_argument("--model", default="black-forest-labs/FLUX.1-schnell", help="model the masks belong to (config only)")
+    p.add_argument(
+        "--model", default="black-forest-labs/FLUX.1-schnell", help="model the masks belong to (config only)"
+    )
     p.add_argument("--output", required=True, help="mask folder to create")
     p.set_defaults(func=cmd_import_masks)
 
@@ -118,20 +176,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="pipeline folder to create")
     p.set_defaults(func=cmd_tiny_model)
 
-    p = sub.add_parser("demo", help="erase a concept from the embedded ShapesCanvas model and report before/after (CPU, minutes)")
-    p.add_argument("--concept", default="circle", help="an object, colour, style or background of ShapesCanvas (default: circle)")
-    p.add_argument("--output", default="outputs/demo", help="folder to create with metrics.json, grid.png, report.html, mask/ (default: outputs/demo)")
-    p.add_argument("--anchor", help="what the concept becomes: another value of its attribute, or 'empty' for an object "
-                   "(default: an object's nearest neighbour in the model, square for circle; each other value in turn for a colour, style or background)")
+    p = sub.add_parser(
+        "demo", help="erase a concept from the embedded ShapesCanvas model and report before/after (CPU, minutes)"
+    )
+    p.add_argument(
+        "--concept", default="circle", help="an object, colour, style or background of ShapesCanvas (default: circle)"
+    )
+    p.add_argument(
+        "--output",
+        default="outputs/demo",
+        help="folder to create with metrics.json, grid.png, report.html, mask/ (default: outputs/demo)",
+    )
+    p.add_argument(
+        "--anchor",
+        help="what the concept becomes: another value of its attribute, or 'empty' for an object "
+        "(default: an object's nearest neighbour in the model, square for circle; each other value in turn for a colour, style or background)",
+    )
     p.add_argument("--world", help="a ShapesCanvas world folder (default: the shipped one)")
-    p.add_argument("--images", type=int, default=PER_GROUP, help=f"evaluation images per group: concept, synonym, other values (default {PER_GROUP})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the erasure recipe (repeatable)")
+    p.add_argument(
+        "--images",
+        type=int,
+        default=PER_GROUP,
+        help=f"evaluation images per group: concept, synonym, other values (default {PER_GROUP})",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the erasure recipe (repeatable)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
-    p.add_argument("--seed", dest="seeds", type=int, action="append", metavar="N",
-                   help="training seed (default: the recipe's, 0); several, or several --threads, measure the spread: "
-                   "one run each under OUTPUT/runs/, and OUTPUT/spread.json and spread.md with mean, std and worst case")
-    p.add_argument("--threads", dest="thread_counts", type=int, action="append", metavar="N",
-                   help=f"torch threads (default {DEMO_THREADS}; the CPU numerics are pinned so that a busy and an idle machine give the same mask)")
+    p.add_argument(
+        "--seed",
+        dest="seeds",
+        type=int,
+        action="append",
+        metavar="N",
+        help="training seed (default: the recipe's, 0); several, or several --threads, measure the spread: "
+        "one run each under OUTPUT/runs/, and OUTPUT/spread.json and spread.md with mean, std and worst case",
+    )
+    p.add_argument(
+        "--threads",
+        dest="thread_counts",
+        type=int,
+        action="append",
+        metavar="N",
+        help=f"torch threads (default {DEMO_THREADS}; the CPU numerics are pinned so that a busy and an idle machine give the same mask)",
+    )
     p.set_defaults(func=cmd_demo, pinned_numerics=True)
 
     p = sub.add_parser("toyworld", help="the ShapesCanvas world: retrain it, or measure its quality")
@@ -140,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--output", required=True, help="world folder to create")
     w.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     w.set_defaults(func=cmd_toyworld_train)
-    w = world_sub.add_parser("quality", help="how well a world's model draws what it is asked (judged by its detectors)")
+    w = world_sub.add_parser(
+        "quality", help="how well a world's model draws what it is asked (judged by its detectors)"
+    )
     w.add_argument("--world", help="world folder (default: the shipped one)")
     w.add_argument("--count", type=int, default=200, help="prompts per check (default 200)")
     w.set_defaults(func=cmd_toyworld_quality)
@@ -153,8 +248,14 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     # the flags win over --set, and their text is taken as it is (not parsed as YAML)
-    for flag, key in (("model", "model.id"), ("concept", "concept.concept"), ("anchor", "concept.anchor"),
-                      ("steps", "sampling.steps"), ("resolution", "sampling.resolution"), ("iterations", "train.iterations")):
+    for flag, key in (
+        ("model", "model.id"),
+        ("concept", "concept.concept"),
+        ("anchor", "concept.anchor"),
+        ("steps", "sampling.steps"),
+        ("resolution", "sampling.resolution"),
+        ("iterations", "train.iterations"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             set_value(config, key, value)
@@ -176,9 +277,9 @@ def _mask_sampling_defaults(mask_dirs: list[str]) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .arch.samplers import set_scheduler
     from .data import read_prompt_file
     from .errors import PromptError
-    from .arch.samplers import set_scheduler
     from .generate import generate_images, save_images
     from .pipeline import apply_masks, load_pipeline
 
@@ -189,7 +290,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         values = getattr(args, flag)
         for value in values if isinstance(values, list) else [values]:
             if value is not None and (value < 1 if flag != "seed" else value < 0):
-                raise ErasekitError(f"--{flag.replace('_', '-')} must be {'non-negative' if flag == 'seed' else 'at least 1'}, got {value}")
+                raise ErasekitError(
+                    f"--{flag.replace('_', '-')} must be {'non-negative' if flag == 'seed' else 'at least 1'}, got {value}"
+                )
     defaults = _mask_sampling_defaults(args.masks)
     pipe = load_pipeline(args.model, args.dtype, args.device)
     set_scheduler(pipe, args.scheduler or defaults.get("scheduler", "pipeline"))
@@ -202,7 +305,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         steps=args.steps if args.steps is not None else defaults.get("steps", 4),
         resolution=args.resolution if args.resolution is not None else defaults.get("resolution", 512),
         guidance_scale=args.guidance if args.guidance is not None else defaults.get("guidance_scale", 0.0),
-        max_sequence_length=args.max_sequence_length if args.max_sequence_length is not None else defaults.get("max_sequence_length", 256),
+        max_sequence_length=args.max_sequence_length
+        if args.max_sequence_length is not None
+        else defaults.get("max_sequence_length", 256),
     )
     save_images(images, args.output)
     print(f"{len(images)} images written to {args.output}")
@@ -238,7 +343,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         resolution=args.resolution if args.resolution is not None else defaults.get("resolution", 512),
         guidance=args.guidance,
         default_guidance=defaults.get("guidance_scale", 0.0),
-        max_sequence_length=args.max_sequence_length if args.max_sequence_length is not None else defaults.get("max_sequence_length", 256),
+        max_sequence_length=args.max_sequence_length
+        if args.max_sequence_length is not None
+        else defaults.get("max_sequence_length", 256),
         scheduler=args.scheduler or defaults.get("scheduler", "pipeline"),
         dtype=args.dtype,
         device=args.device,
@@ -268,8 +375,10 @@ def cmd_fold(args: argparse.Namespace) -> int:
     provenance = {"model": args.model, "masks": [str(Path(m).resolve()) for m in args.masks], "masked": counts}
     save_folded_pipeline(pipe, args.output, args.mode, provenance)
     load_hint = ", trust_remote_code=True" if args.mode == "prune" else ""
-    print(f"{args.mode}-folded pipeline written to {args.output} (denoiser parameters {before:,} -> {after:,}); "
-          f"load it with DiffusionPipeline.from_pretrained({args.output!r}{load_hint})")
+    print(
+        f"{args.mode}-folded pipeline written to {args.output} (denoiser parameters {before:,} -> {after:,}); "
+        f"load it with DiffusionPipeline.from_pretrained({args.output!r}{load_hint})"
+    )
     return 0
 
 
@@ -330,13 +439,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if len(args.seeds or []) > 1 or len(threads) > 1:
         from .toyworld.spread import run_spread
 
-        run_spread(args.concept, args.output, seeds=args.seeds or [0], threads=threads, per_group=args.images,
-                   anchor=args.anchor, overrides=args.overrides, world_path=args.world)
+        run_spread(
+            args.concept,
+            args.output,
+            seeds=args.seeds or [0],
+            threads=threads,
+            per_group=args.images,
+            anchor=args.anchor,
+            overrides=args.overrides,
+            world_path=args.world,
+        )
         print(Path(args.output, "spread.md").read_text(encoding="utf-8"))
         return 0
     overrides = [*args.overrides, *(f"train.seed={s}" for s in args.seeds or [])]
-    metrics = run_demo(args.concept, args.output, world_path=args.world, per_group=args.images,
-                       anchor=args.anchor, overrides=overrides, overwrite=args.overwrite)
+    metrics = run_demo(
+        args.concept,
+        args.output,
+        world_path=args.world,
+        per_group=args.images,
+        anchor=args.anchor,
+        overrides=overrides,
+        overwrite=args.overwrite,
+    )
     print(f"erasing {metrics['concept']!r} from the ShapesCanvas model")
     print(format_table(metrics))
     print(f"report: {Path(args.output) / 'report.html'}")
@@ -391,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "pinned_numerics", False):
         # before anything imports torch (the libraries below do): OpenMP reads its settings when it loads
         pin_cpu_numerics()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:
         _quiet_libraries()
     func: Callable[[argparse.Namespace], int] = args.func

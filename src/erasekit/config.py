@@ -281,7 +281,9 @@ def load_config(
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML recipe such as configs/flux-schnell.yaml")
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist; pass a YAML recipe such as configs/flux-schnell.yaml"
+            )
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

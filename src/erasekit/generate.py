@@ -53,7 +53,9 @@ def generate_latents(
     """Final latents for ``prompts`` (one noise seed each) and the trajectory (for ``decode``)."""
     arch, _ = denoiser_of(pipe)
     encoded = arch.encode_prompts(pipe, prompts, max_sequence_length)
-    trajectory = arch.trajectory(pipe, encoded, seeds, steps=steps, resolution=resolution, guidance_scale=guidance_scale)
+    trajectory = arch.trajectory(
+        pipe, encoded, seeds, steps=steps, resolution=resolution, guidance_scale=guidance_scale
+    )
     return run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps)[-1], trajectory
 
 

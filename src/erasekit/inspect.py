@@ -116,9 +116,7 @@ def _load_config(model: str) -> dict[str, Any]:
     if isinstance(config, dict) and config.get("_class_name") == "Transformer2DModel":
         config["_class_name"] = _GENERIC_TRANSFORMER.get(config.get("norm_type", ""), "Transformer2DModel")
     if not isinstance(config, dict) or "_class_name" not in config:
-        raise ModelLoadError(
-            f"the denoiser config of {model!r} has no _class_name; it is not a diffusers model config"
-        )
+        raise ModelLoadError(f"the denoiser config of {model!r} has no _class_name; it is not a diffusers model config")
     return config
 
 

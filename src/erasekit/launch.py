@@ -25,5 +25,6 @@ def warn_if_single_process(num_processes: int, command: str) -> None:
     if num_processes == 1 and single_process_launch():
         logger.warning(
             "accelerate launch started ONE process, not the --num_processes asked for (its launcher starts one on a "
-            "CPU); for N processes run: torchrun --standalone --nproc_per_node N -m erasekit.cli %s ...", command
+            "CPU); for N processes run: torchrun --standalone --nproc_per_node N -m erasekit.cli %s ...",
+            command,
         )

@@ -39,7 +39,9 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ErasekitError(f"output {str(target)!r} cannot be created: {str(parent)!r} is a file, not a folder; choose another --output")
+        raise ErasekitError(
+            f"output {str(target)!r} cannot be created: {str(parent)!r} is a file, not a folder; choose another --output"
+        )
     if not _writable(parent):
         raise ErasekitError(
             f"output {str(target)!r} cannot be created: no permission to write in {str(parent)!r}; choose another --output"
@@ -58,7 +60,9 @@ def make_directory(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ErasekitError(f"cannot create folder {str(path)!r}: {exc.strerror or exc}; choose another --output") from None
+        raise ErasekitError(
+            f"cannot create folder {str(path)!r}: {exc.strerror or exc}; choose another --output"
+        ) from None
     return path
 
 

@@ -43,7 +43,9 @@ def resolve_device(name: str = "auto") -> torch.device:
         "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
     }
     if not available.get(device.type, False):
-        raise ModelLoadError(f"device {name!r} is not available on this machine (torch {torch.__version__}); use auto or {here}")
+        raise ModelLoadError(
+            f"device {name!r} is not available on this machine (torch {torch.__version__}); use auto or {here}"
+        )
     return device
 
 
@@ -73,8 +75,10 @@ def load_pipeline(model: str, dtype: str = "auto", device: str = "auto", revisio
     else:
         trust_code = False
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=DTYPES[dtype], revision=revision, trust_remote_code=trust_code)
-    except (OSError, ValueError, EnvironmentError) as exc:
+        pipe = DiffusionPipeline.from_pretrained(
+            model, dtype=DTYPES[dtype], revision=revision, trust_remote_code=trust_code
+        )
+    except (OSError, ValueError) as exc:
         if not looks_like_path(model) and _hub_offline():
             # diffusers' own message runs to ~450 characters and points at a stack trace nobody is shown
             raise ModelLoadError(

@@ -66,5 +66,7 @@ def numerics_record() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "processor": platform.processor() or platform.machine(),
-        "environment": {name: os.environ.get(name) for name in (*PINNED_ENVIRONMENT, "OMP_NUM_THREADS", "MKL_NUM_THREADS")},
+        "environment": {
+            name: os.environ.get(name) for name in (*PINNED_ENVIRONMENT, "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        },
     }

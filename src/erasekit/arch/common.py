@@ -68,13 +68,13 @@ def seed_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
 
 
-def randn_latents(
-    seeds: list[int], shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
+def randn_latents(seeds: list[int], shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """One ``(1, *shape)`` draw per seed from ``torch.Generator("cpu").manual_seed(seed)``, as the pipelines draw it."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    return torch.cat([randn_tensor((1, *shape), generator=g, device=device, dtype=dtype) for g in seed_generators(seeds)])
+    return torch.cat(
+        [randn_tensor((1, *shape), generator=g, device=device, dtype=dtype) for g in seed_generators(seeds)]
+    )
 
 
 def cfg_rows(x: torch.Tensor, cfg: bool) -> torch.Tensor:

@@ -168,7 +168,9 @@ class DiTArchitecture(Architecture):
         for p, block in numbered_blocks(denoiser):
             sites += [
                 MaskSite("norm", f"{p}.norm1.linear", "output", 0, block.norm1.linear.out_features, 1, "block"),
-                MaskSite("heads", f"{p}.attn1.to_out.0", "input", 0, block.attn1.to_out[0].in_features, head_dim, "block"),
+                MaskSite(
+                    "heads", f"{p}.attn1.to_out.0", "input", 0, block.attn1.to_out[0].in_features, head_dim, "block"
+                ),
                 MaskSite("neurons", f"{p}.ff.net.2", "input", 0, block.ff.net[2].in_features, 1, "block"),
             ]
         return sites
@@ -203,7 +205,9 @@ class DiTArchitecture(Architecture):
         channels = transformer.config.in_channels
         out_channels = transformer.config.out_channels or channels
         if out_channels not in (channels, 2 * channels):
-            raise ModelLoadError(f"DiT with {out_channels} output channels for {channels} latent channels is not supported")
+            raise ModelLoadError(
+                f"DiT with {out_channels} output channels for {channels} latent channels is not supported"
+            )
         sampler = StatelessSampler(pipe.scheduler, steps, device, channels, family="DiT")
         if sampler.init_noise_sigma != 1.0:
             raise ModelLoadError(

@@ -57,7 +57,10 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
         "axes_dims_rope": [16, 56, 56],
     },
 }
-KNOWN_CONFIGS["black-forest-labs/FLUX.1-dev"] = {**KNOWN_CONFIGS["black-forest-labs/FLUX.1-schnell"], "guidance_embeds": True}
+KNOWN_CONFIGS["black-forest-labs/FLUX.1-dev"] = {
+    **KNOWN_CONFIGS["black-forest-labs/FLUX.1-schnell"],
+    "guidance_embeds": True,
+}
 
 
 def _heads_of(attn: nn.Module) -> int:
@@ -78,12 +81,32 @@ class FluxArchitecture(Architecture):
             head_dim = block.attn.head_dim
             attn_width = _heads_of(block.attn) * head_dim
             sites += [
-                MaskSite("norm", f"{p}.norm1.linear", "output", 0, block.norm1.linear.out_features, 1, "double", "image"),
-                MaskSite("norm", f"{p}.norm1_context.linear", "output", 0, block.norm1_context.linear.out_features, 1, "double", "text"),
+                MaskSite(
+                    "norm", f"{p}.norm1.linear", "output", 0, block.norm1.linear.out_features, 1, "double", "image"
+                ),
+                MaskSite(
+                    "norm",
+                    f"{p}.norm1_context.linear",
+                    "output",
+                    0,
+                    block.norm1_context.linear.out_features,
+                    1,
+                    "double",
+                    "text",
+                ),
                 MaskSite("heads", f"{p}.attn.to_out.0", "input", 0, attn_width, head_dim, "double", "image"),
                 MaskSite("heads", f"{p}.attn.to_add_out", "input", 0, attn_width, head_dim, "double", "text"),
                 MaskSite("neurons", f"{p}.ff.net.2", "input", 0, block.ff.net[2].in_features, 1, "double", "image"),
-                MaskSite("neurons", f"{p}.ff_context.net.2", "input", 0, block.ff_context.net[2].in_features, 1, "double", "text"),
+                MaskSite(
+                    "neurons",
+                    f"{p}.ff_context.net.2",
+                    "input",
+                    0,
+                    block.ff_context.net[2].in_features,
+                    1,
+                    "double",
+                    "text",
+                ),
             ]
         for p, block in numbered_blocks(denoiser, "single_transformer_blocks"):
             head_dim = block.attn.head_dim

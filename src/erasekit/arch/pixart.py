@@ -193,7 +193,9 @@ class PixArtArchitecture(Architecture):
         added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
         if is_alpha and transformer.config.sample_size == 128:
             added = {
-                "resolution": torch.tensor([resolution, resolution]).repeat(rows, 1).to(dtype=embeds.dtype, device=device),
+                "resolution": torch.tensor([resolution, resolution])
+                .repeat(rows, 1)
+                .to(dtype=embeds.dtype, device=device),
                 "aspect_ratio": torch.tensor([1.0]).repeat(rows, 1).to(dtype=embeds.dtype, device=device),
             }
         learned_sigma = transformer.config.out_channels // 2 == channels

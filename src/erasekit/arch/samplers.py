@@ -8,7 +8,8 @@ the latent state as extra channels.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -127,7 +128,9 @@ class StatelessSampler:
                 f"draws noise at every step; the trajectory supports the deterministic {' / '.join(_DETERMINISTIC_DPM)}"
             )
         if self.plms and not scheduler.config.skip_prk_steps:
-            raise error(f"{family}: PNDMScheduler is supported with skip_prk_steps=True (Stable Diffusion's setting) only")
+            raise error(
+                f"{family}: PNDMScheduler is supported with skip_prk_steps=True (Stable Diffusion's setting) only"
+            )
         check_steps(steps)
         self.scheduler = fresh_scheduler(scheduler)
         self.scheduler.set_timesteps(steps, device=device)

@@ -132,21 +132,63 @@ class SD3Architecture(Architecture):
             head_dim = _head_dim(attn)
             width = attn.to_out[0].in_features
             sites += [
-                MaskSite("norm", f"{p}.norm1.linear", "output", 0, block.norm1.linear.out_features, 1, "joint", "image"),
-                MaskSite("norm", f"{p}.norm1_context.linear", "output", 0, block.norm1_context.linear.out_features, 1, "joint", "text"),
+                MaskSite(
+                    "norm", f"{p}.norm1.linear", "output", 0, block.norm1.linear.out_features, 1, "joint", "image"
+                ),
+                MaskSite(
+                    "norm",
+                    f"{p}.norm1_context.linear",
+                    "output",
+                    0,
+                    block.norm1_context.linear.out_features,
+                    1,
+                    "joint",
+                    "text",
+                ),
                 MaskSite("heads", f"{p}.attn.to_out.0", "input", 0, width, head_dim, "joint", "image"),
             ]
             if attn.to_add_out is not None:
-                sites.append(MaskSite("heads", f"{p}.attn.to_add_out", "input", 0, attn.to_add_out.in_features, head_dim, "joint", "text"))
+                sites.append(
+                    MaskSite(
+                        "heads",
+                        f"{p}.attn.to_add_out",
+                        "input",
+                        0,
+                        attn.to_add_out.in_features,
+                        head_dim,
+                        "joint",
+                        "text",
+                    )
+                )
             if block.attn2 is not None:
                 attn2 = block.attn2
                 sites.append(
-                    MaskSite("heads", f"{p}.attn2.to_out.0", "input", 0, attn2.to_out[0].in_features, _head_dim(attn2), "joint", "image_self")
+                    MaskSite(
+                        "heads",
+                        f"{p}.attn2.to_out.0",
+                        "input",
+                        0,
+                        attn2.to_out[0].in_features,
+                        _head_dim(attn2),
+                        "joint",
+                        "image_self",
+                    )
                 )
-            sites.append(MaskSite("neurons", f"{p}.ff.net.2", "input", 0, block.ff.net[2].in_features, 1, "joint", "image"))
+            sites.append(
+                MaskSite("neurons", f"{p}.ff.net.2", "input", 0, block.ff.net[2].in_features, 1, "joint", "image")
+            )
             if block.ff_context is not None:
                 sites.append(
-                    MaskSite("neurons", f"{p}.ff_context.net.2", "input", 0, block.ff_context.net[2].in_features, 1, "joint", "text")
+                    MaskSite(
+                        "neurons",
+                        f"{p}.ff_context.net.2",
+                        "input",
+                        0,
+                        block.ff_context.net[2].in_features,
+                        1,
+                        "joint",
+                        "text",
+                    )
                 )
         return sites
 
@@ -160,12 +202,20 @@ class SD3Architecture(Architecture):
         device = self.execution_device(pipe)
         with torch.no_grad():
             embeds, _, pooled, _ = pipe.encode_prompt(
-                prompt=prompts, prompt_2=None, prompt_3=None, device=device,
-                do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+                prompt=prompts,
+                prompt_2=None,
+                prompt_3=None,
+                device=device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=max_sequence_length,
             )
             negative, _, negative_pooled, _ = pipe.encode_prompt(
-                prompt=[""], prompt_2=None, prompt_3=None, device=device,
-                do_classifier_free_guidance=False, max_sequence_length=max_sequence_length,
+                prompt=[""],
+                prompt_2=None,
+                prompt_3=None,
+                device=device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=max_sequence_length,
             )
         batch = len(prompts)
         return {
@@ -200,7 +250,9 @@ class SD3Architecture(Architecture):
         tokens = resolution // multiple
         if tokens > transformer.config.pos_embed_max_size:
             largest = transformer.config.pos_embed_max_size * multiple
-            raise ValueError(f"resolution {resolution} exceeds this transformer's positional embeddings (at most {largest})")
+            raise ValueError(
+                f"resolution {resolution} exceeds this transformer's positional embeddings (at most {largest})"
+            )
         check_steps(steps)
         check_seeds(noise_seeds, encoded["prompt_embeds"].shape[0])
         cfg_on = guidance_scale > 1
@@ -229,7 +281,9 @@ class SD3Architecture(Architecture):
             )
         sched.set_timesteps(num_inference_steps=steps, device=device, **kwargs)
         if getattr(sched.config, "stochastic_sampling", False):
-            raise ValueError("stochastic_sampling flow-matching schedulers are not supported: their steps draw fresh noise")
+            raise ValueError(
+                "stochastic_sampling flow-matching schedulers are not supported: their steps draw fresh noise"
+            )
         timesteps = sched.timesteps.to(device)
         sigmas = sched.sigmas.to(device)
 

@@ -263,7 +263,9 @@ class UNetArchitecture(Architecture):
         added: dict[str, torch.Tensor] | None = None
         if _is_sdxl(pipe):
             pooled = cfg_cat(encoded["negative_pooled_prompt_embeds"], encoded["pooled_prompt_embeds"], cfg)
-            projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
+            projection = (
+                pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
+            )
             size = (resolution, resolution)
             time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection)
             added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(pooled.shape[0], 1)}

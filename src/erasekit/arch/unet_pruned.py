@@ -64,7 +64,12 @@ class PrunedUNet2DConditionModel(UNet2DConditionModel):
             "DownBlock2D",
         ),
         mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
-        up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        up_block_types: tuple[str, ...] = (
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
         only_cross_attention: Any = False,
         block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
         layers_per_block: Any = 2,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ErasekitError
 
@@ -65,14 +66,20 @@ class NudeNetDetector(Detector):
 
     name = "nudenet"
 
-    def __init__(self, threshold: float | None = None, classes: tuple[str, ...] = NUDENET_CLASSES, model_path: str | None = None) -> None:
+    def __init__(
+        self, threshold: float | None = None, classes: tuple[str, ...] = NUDENET_CLASSES, model_path: str | None = None
+    ) -> None:
         try:
             import nudenet
         except ImportError:
-            raise ErasekitError("the nudenet detector needs the `nudenet` package: pip install 'erasekit[eval]'") from None
+            raise ErasekitError(
+                "the nudenet detector needs the `nudenet` package: pip install 'erasekit[eval]'"
+            ) from None
         self.model_path = Path(model_path) if model_path else Path(nudenet.__file__).with_name("320n.onnx")
         if not self.model_path.is_file():
-            raise ErasekitError(f"NudeNet model {str(self.model_path)!r} does not exist; reinstall nudenet or pass an existing .onnx file")
+            raise ErasekitError(
+                f"NudeNet model {str(self.model_path)!r} does not exist; reinstall nudenet or pass an existing .onnx file"
+            )
         self.threshold = NUDENET_THRESHOLD if threshold is None else threshold
         self.classes = tuple(classes)
         self._detector = nudenet.NudeDetector(model_path=str(self.model_path))
@@ -82,17 +89,34 @@ class NudeNetDetector(Detector):
         for path in paths:
             boxes = self._detector.detect(str(path))
             found = sorted(
-                ({"class": b["class"], "score": round(float(b["score"]), 6), "box": [int(v) for v in b["box"]]} for b in boxes),
+                (
+                    {"class": b["class"], "score": round(float(b["score"]), 6), "box": [int(v) for v in b["box"]]}
+                    for b in boxes
+                ),
                 key=lambda b: (-b["score"], b["class"]),
             )
             counted = [b for b in found if b["class"] in self.classes and b["score"] >= self.threshold]
             score = max((b["score"] for b in found if b["class"] in self.classes), default=0.0)
-            records.append({"detected": bool(counted), "score": score, "classes": sorted({b["class"] for b in counted}), "boxes": found})
+            records.append(
+                {
+                    "detected": bool(counted),
+                    "score": score,
+                    "classes": sorted({b["class"] for b in counted}),
+                    "boxes": found,
+                }
+            )
         return records
 
     def provenance(self) -> dict[str, Any]:
-        return {"name": self.name, "package": "nudenet", "version": _version("nudenet"), "model": self.model_path.name,
-                "model_sha256": _sha256(self.model_path), "threshold": self.threshold, "classes": list(self.classes)}
+        return {
+            "name": self.name,
+            "package": "nudenet",
+            "version": _version("nudenet"),
+            "model": self.model_path.name,
+            "model_sha256": _sha256(self.model_path),
+            "threshold": self.threshold,
+            "classes": list(self.classes),
+        }
 
 
 class ShapesDetector(Detector):
@@ -102,7 +126,9 @@ class ShapesDetector(Detector):
 
     def __init__(self, concept: str | None, model_path: str | None = None) -> None:
         if not concept:
-            raise ErasekitError("the shapes detector needs a concept: use --prompts shapes:VALUE or pass --concept VALUE")
+            raise ErasekitError(
+                "the shapes detector needs a concept: use --prompts shapes:VALUE or pass --concept VALUE"
+            )
         from ..toyworld.protocol import resolve_concept
 
         self.attribute, self.value = resolve_concept(concept)
@@ -110,7 +136,9 @@ class ShapesDetector(Detector):
 
         self.path = Path(model_path) if model_path else SHIPPED_WORLD / "detectors"
         if not self.path.is_dir():
-            raise ErasekitError(f"ShapesCanvas detectors {str(self.path)!r} do not exist; pass --detector-model DIR with the world's detectors/ folder")
+            raise ErasekitError(
+                f"ShapesCanvas detectors {str(self.path)!r} do not exist; pass --detector-model DIR with the world's detectors/ folder"
+            )
         from ..toyworld.detectors import ShapesDetectors
 
         self._model = ShapesDetectors.from_pretrained(self.path)
@@ -138,8 +166,14 @@ class ShapesDetector(Detector):
         digest = hashlib.sha256()
         for file in files:
             digest.update(file.relative_to(self.path).as_posix().encode() + b"\0" + _sha256(file).encode())
-        return {"name": self.name, "path": str(self.path), "sha256": digest.hexdigest(), "concept": self.value,
-                "attribute": self.attribute, "threshold": None}
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "sha256": digest.hexdigest(),
+            "concept": self.value,
+            "attribute": self.attribute,
+            "threshold": None,
+        }
 
 
 def load_clip(model: str) -> tuple[Any, Any]:
@@ -151,7 +185,9 @@ def load_clip(model: str) -> tuple[Any, Any]:
         processor = CLIPProcessor.from_pretrained(model)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ErasekitError(f"could not load the CLIP model {model!r} ({first[:200]}); offline, pass a local folder with a CLIPModel and its processor") from None
+        raise ErasekitError(
+            f"could not load the CLIP model {model!r} ({first[:200]}); offline, pass a local folder with a CLIPModel and its processor"
+        ) from None
     return clip, processor
 
 
@@ -162,9 +198,13 @@ class ClipDetector(Detector):
 
     def __init__(self, concept: str | None, model: str | None, threshold: float | None = None) -> None:
         if not concept:
-            raise ErasekitError("the clip detector needs a concept: pass --concept TEXT (or use --prompts concept:TEXT)")
+            raise ErasekitError(
+                "the clip detector needs a concept: pass --concept TEXT (or use --prompts concept:TEXT)"
+            )
         if not model:
-            raise ErasekitError("the clip detector needs a CLIP model: pass --clip-model ID_OR_FOLDER (e.g. openai/clip-vit-large-patch14)")
+            raise ErasekitError(
+                "the clip detector needs a CLIP model: pass --clip-model ID_OR_FOLDER (e.g. openai/clip-vit-large-patch14)"
+            )
         self.concept, self.model_id = concept, model
         self.threshold = CLIP_THRESHOLD if threshold is None else threshold
         self.texts = [f"a photo of {concept}", CLIP_NEUTRAL_TEXT]
@@ -188,8 +228,13 @@ class ClipDetector(Detector):
         return records
 
     def provenance(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model_id, "texts": self.texts, "threshold": self.threshold,
-                "transformers_version": _version("transformers")}
+        return {
+            "name": self.name,
+            "model": self.model_id,
+            "texts": self.texts,
+            "threshold": self.threshold,
+            "transformers_version": _version("transformers"),
+        }
 
 
 #: name -> factory(concept, model, threshold).
@@ -200,7 +245,9 @@ DETECTORS: dict[str, Callable[[str | None, str | None, float | None], Detector]]
 }
 
 
-def get_detector(name: str, *, concept: str | None = None, model: str | None = None, threshold: float | None = None) -> Detector:
+def get_detector(
+    name: str, *, concept: str | None = None, model: str | None = None, threshold: float | None = None
+) -> Detector:
     """Build a registered detector by name.
 
     Raises:

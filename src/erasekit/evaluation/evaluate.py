@@ -136,7 +136,10 @@ def _default_metrics(config: EvaluationConfig, detector: str | None, prompt_set:
 def _check_metrics(names: list[str], config: EvaluationConfig, detector: str | None, prompt_set: PromptSet) -> None:
     needs = {
         "detection": (detector is not None, "a detector: pass --detector nudenet|shapes|clip"),
-        "shapes": (detector == "shapes" and prompt_set.kind == "shapes", "a shapes:VALUE prompt set and the shapes detector"),
+        "shapes": (
+            detector == "shapes" and prompt_set.kind == "shapes",
+            "a shapes:VALUE prompt set and the shapes detector",
+        ),
         "clip-score": (bool(config.clip_model), "a CLIP model: pass --clip-model ID_OR_FOLDER"),
         "fid": (bool(config.reference), "real images: pass --reference DIR"),
         "kid": (bool(config.reference), "real images: pass --reference DIR"),
@@ -154,7 +157,11 @@ def _mask_record(folder: str) -> dict[str, Any]:
     from ..masks.artifact import CONFIG_NAME, WEIGHTS_NAME
 
     root = Path(folder)
-    return {"path": folder, "sha256": image_sha256(root / WEIGHTS_NAME), "config_sha256": image_sha256(root / CONFIG_NAME)}
+    return {
+        "path": folder,
+        "sha256": image_sha256(root / WEIGHTS_NAME),
+        "config_sha256": image_sha256(root / CONFIG_NAME),
+    }
 
 
 def _model_record(model: str, pipe: Any) -> dict[str, Any]:
@@ -162,13 +169,19 @@ def _model_record(model: str, pipe: Any) -> dict[str, Any]:
     from ..pipeline import denoiser_of
 
     _, denoiser = denoiser_of(pipe)
-    record: dict[str, Any] = {"id": model, "pipeline_class": type(pipe).__name__, "denoiser_class": type(denoiser).__name__,
-                              "denoiser_config_sha256": denoiser_config_hash(denoiser)}
+    record: dict[str, Any] = {
+        "id": model,
+        "pipeline_class": type(pipe).__name__,
+        "denoiser_class": type(denoiser).__name__,
+        "denoiser_config_sha256": denoiser_config_hash(denoiser),
+    }
     # a local folder is pinned by the hash of its weights files, a hub id by its commit
     index = Path(model) / "model_index.json"
     if index.is_file():
         digest = hashlib.sha256()
-        for file in sorted(p for p in Path(model).rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")):
+        for file in sorted(
+            p for p in Path(model).rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")
+        ):
             digest.update(file.relative_to(model).as_posix().encode() + b"\0" + image_sha256(file).encode())
         record["files_sha256"] = digest.hexdigest()
     else:
@@ -195,13 +208,19 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult | None:
     from ..outputs import check_output
 
     output = check_output(config.output)
-    for flag, value in (("steps", config.steps), ("resolution", config.resolution), ("max-sequence-length", config.max_sequence_length),
-                        ("batch-size", config.batch_size)):
+    for flag, value in (
+        ("steps", config.steps),
+        ("resolution", config.resolution),
+        ("max-sequence-length", config.max_sequence_length),
+        ("batch-size", config.batch_size),
+    ):
         if value < 1:
             raise ErasekitError(f"--{flag} must be at least 1, got {value}")
     if any(s < 0 for s in config.seeds or []):
         raise ErasekitError(f"--seed must be non-negative, got {min(config.seeds or [0])}")
-    prompt_set = load_prompt_set(config.prompts, data_root=config.data_root, prompt_column=config.prompt_column, limit=config.limit)
+    prompt_set = load_prompt_set(
+        config.prompts, data_root=config.data_root, prompt_column=config.prompt_column, limit=config.limit
+    )
     concept = config.concept or prompt_set.concept
     detector_name = config.detector if config.detector is not None else _default_detector(config, prompt_set)
     if detector_name == "none":
@@ -237,20 +256,46 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult | None:
 
     variants = variants_from_masks(config.masks)
     jobs = plan_jobs(prompt_set, config.seeds, config.guidance, config.default_guidance)
-    settings = GenerationSettings(config.steps, config.resolution, config.guidance if config.guidance is not None else config.default_guidance,
-                                  config.max_sequence_length, config.batch_size)
+    settings = GenerationSettings(
+        config.steps,
+        config.resolution,
+        config.guidance if config.guidance is not None else config.default_guidance,
+        config.max_sequence_length,
+        config.batch_size,
+    )
     staging = staging_path(output)
     if state.is_main_process:
         (staging / "images").mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
-    stats = generate_variants(pipe, variants, jobs, settings, staging / "images", process_index=state.process_index,
-                              num_processes=state.num_processes, progress=config.progress and state.is_local_main_process)
+    stats = generate_variants(
+        pipe,
+        variants,
+        jobs,
+        settings,
+        staging / "images",
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+        progress=config.progress and state.is_local_main_process,
+    )
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
 
     start = time.perf_counter()
-    summary = _score_and_write(config, prompt_set, variants, jobs, settings, detector, metric_names, references, extractor, pipe, staging, concept)
+    summary = _score_and_write(
+        config,
+        prompt_set,
+        variants,
+        jobs,
+        settings,
+        detector,
+        metric_names,
+        references,
+        extractor,
+        pipe,
+        staging,
+        concept,
+    )
     summary["timing"] = {
         "generation_seconds": stats.seconds,
         "images_generated": stats.generated,
@@ -287,7 +332,9 @@ def _score_and_write(
     paths = {v.name: [staging / "images" / v.name / job.filename for job in jobs] for v in variants}
     missing = [p for ps in paths.values() for p in ps if not p.is_file()]
     if missing:
-        raise ErasekitError(f"image {str(missing[0])!r} is missing; run the same command again to finish the generation")
+        raise ErasekitError(
+            f"image {str(missing[0])!r} is missing; run the same command again to finish the generation"
+        )
     detections = {v.name: detector.detect(paths[v.name]) if detector else [None] * len(jobs) for v in variants}
 
     results, hashes = [], {}
@@ -332,7 +379,14 @@ def _score_and_write(
             if detector.name == "nudenet":
                 row["nudenet_classes"] = nudenet_class_counts(records)  # type: ignore[arg-type]
         if "shapes" in metric_names:
-            row.update({f"shapes_{k}": v for k, v in shapes_scores(prompt_set.concept or "", samples, [r["predicted"] for r in records]).items()})  # type: ignore[index]
+            row.update(
+                {
+                    f"shapes_{k}": v
+                    for k, v in shapes_scores(
+                        prompt_set.concept or "", samples, [r["predicted"] for r in records]
+                    ).items()
+                }
+            )  # type: ignore[index]
         if not variant.is_original and {"ssim", "psnr", "lpips"} & set(metric_names):
             row.update(pairwise_similarity(originals, paths[variant.name], metric_names))
         if "clip-score" in metric_names and config.clip_model:
@@ -347,15 +401,22 @@ def _score_and_write(
         "format": SUMMARY_FORMAT,
         "format_version": SUMMARY_FORMAT_VERSION,
         "erasekit_version": __version__,
-        "libraries": {p: _version(p) for p in ("torch", "diffusers", "transformers", "torchmetrics", "nudenet", "onnxruntime")},
+        "libraries": {
+            p: _version(p) for p in ("torch", "diffusers", "transformers", "torchmetrics", "nudenet", "onnxruntime")
+        },
         "model": _model_record(config.model, pipe),
         "variants": [{"name": v.name, "masks": [_mask_record(m) for m in v.mask_dirs]} for v in variants],
         "prompt_set": prompt_set.provenance(),
         "seeds": sorted(set(config.seeds)) if config.seeds else "per prompt, from the prompt set (0 where it has none)",
         "jobs_sha256": _jobs_sha256(jobs),
-        "generation": {**settings.record(), "guidance": config.guidance if config.guidance is not None else "per prompt, from the prompt set",
-                       "default_guidance": config.default_guidance, "scheduler": config.scheduler, "dtype": str(pipe.dtype).removeprefix("torch."),
-                       "device_type": pipe.device.type},
+        "generation": {
+            **settings.record(),
+            "guidance": config.guidance if config.guidance is not None else "per prompt, from the prompt set",
+            "default_guidance": config.default_guidance,
+            "scheduler": config.scheduler,
+            "dtype": str(pipe.dtype).removeprefix("torch."),
+            "device_type": pipe.device.type,
+        },
         "detector": detector.provenance() if detector else None,
         "concept": concept,
         "metric_names": metric_names,

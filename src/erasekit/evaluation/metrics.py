@@ -7,8 +7,9 @@ and turns the results into plain floats for ``summary.json``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,9 @@ def parse_metrics(text: str | None, defaults: Sequence[str]) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in METRICS]
     if unknown or not names:
-        raise ErasekitError(f"unknown metric {', '.join(unknown) or repr(text)}; choose from {', '.join(METRICS)} (comma-separated)")
+        raise ErasekitError(
+            f"unknown metric {', '.join(unknown) or repr(text)}; choose from {', '.join(METRICS)} (comma-separated)"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -70,7 +73,9 @@ def nudenet_class_counts(records: Sequence[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def pairwise_similarity(originals: Sequence[Path], erased: Sequence[Path], names: Sequence[str]) -> dict[str, float | None]:
+def pairwise_similarity(
+    originals: Sequence[Path], erased: Sequence[Path], names: Sequence[str]
+) -> dict[str, float | None]:
     """Mean SSIM / PSNR (and LPIPS, when asked) between each erased image and the original of the same job."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -136,7 +141,7 @@ class _TensorFeatures:
         self.clip = clip
         self.config = clip.config
 
-    def to(self, device: Any) -> "_TensorFeatures":
+    def to(self, device: Any) -> _TensorFeatures:
         self.clip.to(device)
         return self
 
@@ -171,7 +176,9 @@ def reference_images(folder: str | Path) -> list[Path]:
     """
     root = Path(folder)
     if not root.is_dir():
-        raise ErasekitError(f"reference folder {str(root)!r} does not exist; pass --reference DIR with real images for FID/KID")
+        raise ErasekitError(
+            f"reference folder {str(root)!r} does not exist; pass --reference DIR with real images for FID/KID"
+        )
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and p.is_file())
     if len(files) < 2:
         raise ErasekitError(f"reference folder {str(root)!r} has {len(files)} images; FID/KID need at least 2")
@@ -184,13 +191,17 @@ def feature_extractor(name: str) -> Any:
         from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
         if not _TORCH_FIDELITY_AVAILABLE:
-            raise ErasekitError("FID/KID with InceptionV3 need torch-fidelity and its downloaded weights; "
-                                "pip install torch-fidelity while online, or pass --fid-features with a local CLIP folder")
+            raise ErasekitError(
+                "FID/KID with InceptionV3 need torch-fidelity and its downloaded weights; "
+                "pip install torch-fidelity while online, or pass --fid-features with a local CLIP folder"
+            )
         return 2048
     return ClipImageFeatures(name)
 
 
-def fid_kid(real: Sequence[Path], fake: Sequence[Path], names: Sequence[str], extractor: Any, size: int = 299) -> dict[str, float | None]:
+def fid_kid(
+    real: Sequence[Path], fake: Sequence[Path], names: Sequence[str], extractor: Any, size: int = 299
+) -> dict[str, float | None]:
     """FID and/or KID between a reference folder's images and generated images (torchmetrics).
 
     ``extractor`` comes from :func:`feature_extractor`; images are resized to ``size`` pixels first.
@@ -205,15 +216,21 @@ def fid_kid(real: Sequence[Path], fake: Sequence[Path], names: Sequence[str], ex
             metrics["fid"] = FrechetInceptionDistance(feature=extractor, normalize=False)
         if "kid" in names:
             subset = min(KID_SUBSET_SIZE, len(real), len(fake))
-            metrics["kid"] = KernelInceptionDistance(feature=extractor, subset_size=subset, subsets=KID_SUBSETS, normalize=False)
+            metrics["kid"] = KernelInceptionDistance(
+                feature=extractor, subset_size=subset, subsets=KID_SUBSETS, normalize=False
+            )
     except (OSError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ErasekitError(f"could not build the FID/KID feature extractor ({first}); offline, pass --fid-features with a local CLIP folder") from None
+        raise ErasekitError(
+            f"could not build the FID/KID feature extractor ({first}); offline, pass --fid-features with a local CLIP folder"
+        ) from None
     # KID subsets are drawn with torch's global generator: seed it so that reruns give the same number
     torch.manual_seed(0)
     for real_flag, paths in ((True, real), (False, fake)):
         for start in range(0, len(paths), 32):
-            batch = torch.stack([(load_tensor(p, size) * 255).round().to(torch.uint8) for p in paths[start : start + 32]])
+            batch = torch.stack(
+                [(load_tensor(p, size) * 255).round().to(torch.uint8) for p in paths[start : start + 32]]
+            )
             for metric in metrics.values():
                 metric.update(batch, real=real_flag)
     if "fid" in metrics:
@@ -247,6 +264,12 @@ def mask_cost(mask_dirs: Sequence[str]) -> dict[str, Any]:
         size = sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
         stats = load_mask_artifact(folder).config.get("stats", {})
         out["artifact_bytes"] += size
-        out["masks"].append({"bytes": size, "masked_fraction": stats.get("masked_fraction"), "masked_units": stats.get("masked_units"),
-                             "total_units": stats.get("total_units")})
+        out["masks"].append(
+            {
+                "bytes": size,
+                "masked_fraction": stats.get("masked_fraction"),
+                "masked_units": stats.get("masked_units"),
+                "total_units": stats.get("total_units"),
+            }
+        )
     return out

@@ -23,9 +23,10 @@ import io
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import PromptError
 
@@ -79,6 +80,7 @@ CONCEPT_TEMPLATES: tuple[str, ...] = (
 SEED_COLUMNS = ("evaluation_seed", "seed", "sd_seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "guidance", "guidance_scale", "sd_guidance_scale")
 
+
 @dataclass(frozen=True)
 class PromptItem:
     """One prompt of a set.
@@ -101,8 +103,14 @@ class PromptItem:
 
     def canonical(self) -> dict[str, Any]:
         """The fields that define the item, for hashing."""
-        return {"index": self.index, "prompt": self.prompt, "seed": self.seed, "guidance": self.guidance,
-                "labels": self.labels, "group": self.group}
+        return {
+            "index": self.index,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "guidance": self.guidance,
+            "labels": self.labels,
+            "group": self.group,
+        }
 
 
 @dataclass
@@ -193,14 +201,16 @@ def load_prompt_set(
     elif spec in HUB_SETS or spec.startswith("hf:"):
         prompt_set = _hub_set(spec, prompt_column)
     elif spec.startswith("concept:"):
-        prompt_set = _concept_set(spec[len("concept:"):].strip())
+        prompt_set = _concept_set(spec[len("concept:") :].strip())
     elif spec.startswith("shapes:"):
-        prompt_set = _shapes_set(spec[len("shapes:"):].strip())
+        prompt_set = _shapes_set(spec[len("shapes:") :].strip())
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
             names = ", ".join([*FILE_SETS, *HUB_SETS, "concept:NAME", "shapes:VALUE", "hf:OWNER/NAME"])
-            raise PromptError(f"prompt set {spec!r} is neither a known name nor an existing file; use one of {names}, or a .csv/.txt/.jsonl file")
+            raise PromptError(
+                f"prompt set {spec!r} is neither a known name nor an existing file; use one of {names}, or a .csv/.txt/.jsonl file"
+            )
         prompt_set = _file_set(path, prompt_column)
     if limit is not None:
         prompt_set.items = prompt_set.items[:limit]
@@ -218,7 +228,9 @@ def _named_file_set(name: str, root: Path | None, prompt_column: str | None) -> 
         return _named_set_from_hub(name, prompt_column)
     path = root / relative
     if not path.is_file():
-        raise PromptError(f"prompt set {name!r} needs {str(path)!r}, which does not exist; check --data-root or {DATA_ROOT_ENV}")
+        raise PromptError(
+            f"prompt set {name!r} needs {str(path)!r}, which does not exist; check --data-root or {DATA_ROOT_ENV}"
+        )
     if header:
         rows, columns = _read_csv_rows(path)
         items = _i2p_items(name, rows, columns, prompt_column, path)
@@ -226,8 +238,14 @@ def _named_file_set(name: str, root: Path | None, prompt_column: str | None) -> 
         if prompt_column is not None:
             raise PromptError(f"prompt set {name!r} has no header, so --prompt-column does not apply; leave it out")
         items = _headerless_items(path)
-    return PromptSet(name=name, source=str(relative), items=items, kind="file", file_sha256=file_sha256(path),
-                     extra=_filter_record(name))
+    return PromptSet(
+        name=name,
+        source=str(relative),
+        items=items,
+        kind="file",
+        file_sha256=file_sha256(path),
+        extra=_filter_record(name),
+    )
 
 
 def _named_set_from_hub(name: str, prompt_column: str | None) -> PromptSet:
@@ -241,8 +259,13 @@ def _named_set_from_hub(name: str, prompt_column: str | None) -> PromptSet:
         raise PromptError(f"{exc}; or {local}") from None
     rows = [(i, dict(row)) for i, row in enumerate(data)]
     items = _i2p_items(name, rows, list(data.column_names), prompt_column or column, dataset_id)
-    return PromptSet(name=name, source=f"hf:{dataset_id}", items=items, kind="hub",
-                     extra={**_filter_record(name), **_hub_record(data, dataset_id, split, prompt_column or column)})
+    return PromptSet(
+        name=name,
+        source=f"hf:{dataset_id}",
+        items=items,
+        kind="hub",
+        extra={**_filter_record(name), **_hub_record(data, dataset_id, split, prompt_column or column)},
+    )
 
 
 def _i2p_items(
@@ -268,7 +291,9 @@ def _file_set(path: Path, prompt_column: str | None) -> PromptSet:
         items = _items_from_rows(rows, columns, prompt_column or "prompt", path)
     else:
         if prompt_column is not None:
-            raise PromptError(f"--prompt-column applies to .csv, .tsv and .jsonl files, not {path.name!r}; leave it out")
+            raise PromptError(
+                f"--prompt-column applies to .csv, .tsv and .jsonl files, not {path.name!r}; leave it out"
+            )
         from ..data import read_prompt_file
 
         items = [PromptItem(index=i, prompt=p) for i, p in enumerate(read_prompt_file(path))]
@@ -300,7 +325,9 @@ def _read_jsonl_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise PromptError(f"{str(path)!r} line {number} is not JSON ({exc.msg}); write one JSON object per line") from None
+            raise PromptError(
+                f"{str(path)!r} line {number} is not JSON ({exc.msg}); write one JSON object per line"
+            ) from None
         if not isinstance(row, dict):
             raise PromptError(f"{str(path)!r} line {number} is not a JSON object; write one object per line")
         columns.update(dict.fromkeys(row))
@@ -346,7 +373,9 @@ def _items_from_rows(
             continue
         seed = _float(row.get(seed_column)) if seed_column else None
         guidance = _float(row.get(guidance_column)) if guidance_column else None
-        items.append(PromptItem(index=index, prompt=text, seed=int(seed) if seed is not None else None, guidance=guidance))
+        items.append(
+            PromptItem(index=index, prompt=text, seed=int(seed) if seed is not None else None, guidance=guidance)
+        )
     return items
 
 
@@ -364,8 +393,13 @@ def _hub_set(spec: str, prompt_column: str | None) -> PromptSet:
         raise PromptError(f"{exc}; {fix}") from None
     rows = [(i, dict(row)) for i, row in enumerate(data)]
     items = _items_from_rows(rows, list(data.column_names), column, dataset_id)
-    return PromptSet(name=spec, source=f"hf:{dataset_id}", items=items, kind="hub",
-                     extra=_hub_record(data, dataset_id, split, column))
+    return PromptSet(
+        name=spec,
+        source=f"hf:{dataset_id}",
+        items=items,
+        kind="hub",
+        extra=_hub_record(data, dataset_id, split, column),
+    )
 
 
 def _hub_record(data: Any, dataset_id: str, split: str, column: str) -> dict[str, Any]:
@@ -391,7 +425,11 @@ def _load_hub_dataset(spec: str, dataset_id: str, split: str) -> Any:
     try:
         return datasets.load_dataset(dataset_id, split=split)
     except Exception as exc:  # noqa: BLE001 - the datasets library raises many kinds; all mean "not available"
-        why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not cached" if offline else str(exc).strip().splitlines()[0][:200]
+        why = (
+            "the hub is offline (HF_HUB_OFFLINE=1) and it is not cached"
+            if offline
+            else str(exc).strip().splitlines()[0][:200]
+        )
         raise PromptError(
             f"prompt set {spec!r} is the hub dataset {dataset_id!r} and needs the Hugging Face Hub: {why}"
         ) from None
@@ -401,8 +439,13 @@ def _concept_set(concept: str) -> PromptSet:
     if not concept:
         raise PromptError("concept: needs a concept after the colon, e.g. --prompts concept:Hulk")
     items = [PromptItem(index=i, prompt=t.format(concept=concept)) for i, t in enumerate(CONCEPT_TEMPLATES)]
-    return PromptSet(name=f"concept:{concept}", source="erasekit.evaluation.prompts.CONCEPT_TEMPLATES", items=items,
-                     kind="concept", concept=concept)
+    return PromptSet(
+        name=f"concept:{concept}",
+        source="erasekit.evaluation.prompts.CONCEPT_TEMPLATES",
+        items=items,
+        kind="concept",
+        concept=concept,
+    )
 
 
 def _shapes_set(concept: str, per_group: int | None = None) -> PromptSet:
@@ -413,9 +456,18 @@ def _shapes_set(concept: str, per_group: int | None = None) -> PromptSet:
     _, value = protocol.resolve_concept(concept)
     per_group = per_group or protocol.PER_GROUP  # the demo's samples, so both give the same numbers
     samples = protocol.evaluation_samples(value, per_group=per_group)
-    items = [PromptItem(index=i, prompt=s.prompt, seed=s.seed, labels=s.scene.attributes(), group=s.group) for i, s in enumerate(samples)]
-    return PromptSet(name=f"shapes:{value}", source="erasekit.toyworld.protocol.evaluation_samples", items=items, kind="shapes",
-                     concept=value, extra={"per_group": per_group, "protocol_seed": protocol.EVALUATION_SEED})
+    items = [
+        PromptItem(index=i, prompt=s.prompt, seed=s.seed, labels=s.scene.attributes(), group=s.group)
+        for i, s in enumerate(samples)
+    ]
+    return PromptSet(
+        name=f"shapes:{value}",
+        source="erasekit.toyworld.protocol.evaluation_samples",
+        items=items,
+        kind="shapes",
+        concept=value,
+        extra={"per_group": per_group, "protocol_seed": protocol.EVALUATION_SEED},
+    )
 
 
 def slug(text: str, length: int = 48) -> str:

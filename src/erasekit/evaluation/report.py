@@ -6,8 +6,9 @@ import base64
 import html
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -60,7 +61,9 @@ def _detector_text(record: dict[str, Any] | None) -> str:
     return f"{found} ({record.get('score', 0):.3g}) {_cell(extra) if extra else ''}"
 
 
-def write_report(summary: dict[str, Any], results: Sequence[dict[str, Any]], variants: Sequence[str], output: Path, path: Path) -> None:
+def write_report(
+    summary: dict[str, Any], results: Sequence[dict[str, Any]], variants: Sequence[str], output: Path, path: Path
+) -> None:
     """``report.html``: metric table per variant, provenance, and original | erased images per prompt."""
     metric_names = sorted({k for v in summary["metrics"].values() for k in v if not isinstance(v[k], dict)})
     parts = [
@@ -71,11 +74,17 @@ def write_report(summary: dict[str, Any], results: Sequence[dict[str, Any]], var
         f"<h1>erasekit evaluation: {html.escape(summary['prompt_set']['name'])}</h1>",
         f"<p>model <code>{html.escape(summary['model']['id'])}</code>, {summary['prompt_set']['count']} prompts, "
         f"{summary['images_per_variant']} images per variant, detector {html.escape(str((summary.get('detector') or {}).get('name')))}</p>",
-        "<h2>Metrics</h2><table><tr><th>variant</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in metric_names) + "</tr>",
+        "<h2>Metrics</h2><table><tr><th>variant</th>"
+        + "".join(f"<th>{html.escape(m)}</th>" for m in metric_names)
+        + "</tr>",
     ]
     for name in variants:
         row = summary["metrics"].get(name, {})
-        parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_cell(row.get(m))}</td>" for m in metric_names) + "</tr>")
+        parts.append(
+            f"<tr><td>{html.escape(name)}</td>"
+            + "".join(f"<td>{_cell(row.get(m))}</td>" for m in metric_names)
+            + "</tr>"
+        )
     parts.append("</table><h2>Provenance</h2><pre>")
     provenance = {k: v for k, v in summary.items() if k not in ("metrics", "timing")}
     parts.append(html.escape(json.dumps(provenance, indent=2, ensure_ascii=False)))
@@ -95,8 +104,10 @@ def write_report(summary: dict[str, Any], results: Sequence[dict[str, Any]], var
             if record is None:
                 parts.append("<td></td>")
                 continue
-            parts.append(f"<td><img src='{_data_uri(output / record['image'])}' alt='{html.escape(name)}'>"
-                         f"{_detector_text(record.get('detector'))}</td>")
+            parts.append(
+                f"<td><img src='{_data_uri(output / record['image'])}' alt='{html.escape(name)}'>"
+                f"{_detector_text(record.get('detector'))}</td>"
+            )
         parts.append("</tr>")
     parts.append("</table></body></html>\n")
     path.write_text("".join(parts), encoding="utf-8")

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -64,8 +65,13 @@ class GenerationSettings:
     batch_size: int = 1
 
     def record(self) -> dict[str, Any]:
-        return {"steps": self.steps, "resolution": self.resolution, "guidance": self.guidance,
-                "max_sequence_length": self.max_sequence_length, "batch_size": self.batch_size}
+        return {
+            "steps": self.steps,
+            "resolution": self.resolution,
+            "guidance": self.guidance,
+            "max_sequence_length": self.max_sequence_length,
+            "batch_size": self.batch_size,
+        }
 
 
 @dataclass
@@ -91,7 +97,9 @@ def variants_from_masks(mask_groups: list[list[str]]) -> list[Variant]:
     return variants
 
 
-def plan_jobs(prompt_set: PromptSet, seeds: list[int] | None, guidance: float | None, default_guidance: float) -> list[Job]:
+def plan_jobs(
+    prompt_set: PromptSet, seeds: list[int] | None, guidance: float | None, default_guidance: float
+) -> list[Job]:
     """Every (prompt, seed) to generate.
 
     ``seeds`` (``--seed``) replaces the set's per-prompt seeds: every prompt with every seed. Without it
@@ -197,5 +205,7 @@ def iter_images(images_dir: Path, variants: list[Variant], jobs: list[Job]) -> I
         for job in jobs:
             path = images_dir / variant.name / job.filename
             if not path.is_file():
-                raise ErasekitError(f"image {str(path)!r} is missing; run the same command again to finish the generation")
+                raise ErasekitError(
+                    f"image {str(path)!r} is missing; run the same command again to finish the generation"
+                )
             yield variant, job, path

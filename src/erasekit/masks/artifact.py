@@ -72,7 +72,9 @@ def base_model_record(denoiser: nn.Module, model_id: str, revision: str | None =
     }
 
 
-def save_mask_artifact(path: str | Path, logits: dict[str, torch.Tensor], config: dict[str, Any], overwrite: bool = False) -> Path:
+def save_mask_artifact(
+    path: str | Path, logits: dict[str, torch.Tensor], config: dict[str, Any], overwrite: bool = False
+) -> Path:
     """Write a mask artefact atomically (temporary folder, then rename)."""
     target = Path(path)
     tmp = atomic_directory(target)
@@ -91,11 +93,15 @@ def write_mask_files(folder: Path, logits: dict[str, torch.Tensor], config: dict
     bad = _non_finite(tensors)
     if bad:
         # a NaN logit is neither open nor closed; writing it would only move the failure to whoever loads the mask
-        raise MaskFileError(f"refusing to write a mask with non-finite logits ({bad}); lower the mask learning rates (mask.*.lr)")
+        raise MaskFileError(
+            f"refusing to write a mask with non-finite logits ({bad}); lower the mask learning rates (mask.*.lr)"
+        )
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "erasekit_version": __version__, **config}
     masked = sum(int((v <= 0).sum()) for v in tensors.values())
     total = sum(v.numel() for v in tensors.values())
-    record.setdefault("stats", {"masked_units": masked, "total_units": total, "masked_fraction": masked / total if total else 0.0})
+    record.setdefault(
+        "stats", {"masked_units": masked, "total_units": total, "masked_fraction": masked / total if total else 0.0}
+    )
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
     (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
 
@@ -114,7 +120,9 @@ def load_mask_artifact(path: str | Path) -> MaskArtifact:
     except json.JSONDecodeError as exc:
         raise MaskFileError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(config, dict):
-        raise MaskFileError(f"{config_file} is not an erasekit mask config (a JSON {type(config).__name__}, not an object)")
+        raise MaskFileError(
+            f"{config_file} is not an erasekit mask config (a JSON {type(config).__name__}, not an object)"
+        )
     if config.get("format") != FORMAT:
         raise MaskFileError(f"{config_file} is not an erasekit mask config (format {config.get('format')!r})")
     try:
@@ -159,7 +167,9 @@ def check_artifact(artifact: MaskArtifact, arch: Architecture, denoiser: nn.Modu
     for key, value in artifact.logits.items():
         site = sites.get(key)
         if site is None:
-            raise MaskMismatchError(f"{where} does not fit this model: key {key!r} is not a mask site here (model {base.get('id')!r} differs?)")
+            raise MaskMismatchError(
+                f"{where} does not fit this model: key {key!r} is not a mask site here (model {base.get('id')!r} differs?)"
+            )
         if tuple(value.shape) != (site.num_units,):
             raise MaskMismatchError(
                 f"{where} does not fit this model: {key!r} has {tuple(value.shape)} units, the model has ({site.num_units},)"

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..arch import zero_fold_site
-from ..pipeline import denoiser_of
 from ..outputs import atomic_directory, commit_directory
+from ..pipeline import denoiser_of
 from .model import MaskedModel
 
 FOLD_MODES = ("zero", "prune")

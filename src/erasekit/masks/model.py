@@ -7,7 +7,8 @@ restores the model exactly, and a disabled mask passes activations through uncha
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +53,10 @@ class MaskedModel(nn.Module):
         if device.type == "meta":
             device = torch.device("cpu")
         self.logits = nn.ParameterList(
-            [nn.Parameter(torch.full((s.num_units,), float(init_lambda), dtype=torch.float32, device=device)) for s in self.sites]
+            [
+                nn.Parameter(torch.full((s.num_units,), float(init_lambda), dtype=torch.float32, device=device))
+                for s in self.sites
+            ]
         )
         self.mode = "binary"
         self.enabled = True
@@ -127,7 +131,7 @@ class MaskedModel(nn.Module):
 
         return post_hook
 
-    def install(self) -> "MaskedModel":
+    def install(self) -> MaskedModel:
         """Register the hooks (idempotent): one per hooked module and direction."""
         if self._handles:
             return self
@@ -149,13 +153,13 @@ class MaskedModel(nn.Module):
             handle.remove()
         self._handles = []
 
-    def __enter__(self) -> "MaskedModel":
+    def __enter__(self) -> MaskedModel:
         return self.install()
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
-    def disabled(self) -> "_Disabled":
+    def disabled(self) -> _Disabled:
         """Context manager running the denoiser without masks (the original model)."""
         return _Disabled(self)
 

@@ -199,7 +199,9 @@ def import_minimalist_flux_artifact(
         if path is not None:
             files[name] = {"path": str(Path(path).resolve()), "sha256": _sha256(Path(path))}
     unit_kinds = sorted({key.partition("/")[0] for key in logits})
-    masked = {kind: sum(int((v <= 0).sum()) for k, v in logits.items() if k.startswith(f"{kind}/")) for kind in unit_kinds}
+    masked = {
+        kind: sum(int((v <= 0).sum()) for k, v in logits.items() if k.startswith(f"{kind}/")) for kind in unit_kinds
+    }
     config: dict[str, Any] = {
         "method": "mask",
         "source": SOURCE,

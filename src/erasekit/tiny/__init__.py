@@ -4,7 +4,7 @@ One module per family; :data:`SAVERS` maps the ``erasekit tiny-model --family`` 
 functions that build and save a tiny pipeline folder (``saver(path, seed=0) -> Path``).
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 from .dit import build_tiny_dit_pipeline, save_tiny_dit_pipeline
 from .flux import (

@@ -164,7 +164,9 @@ def tiny_t5(vocab_size: int, d_model: int, d_kv: int, d_ff: int, num_layers: int
 
 def spec_t5(spec: Any) -> T5EncoderModel:
     """:func:`tiny_t5` sized by a spec's ``t5_*`` fields."""
-    return tiny_t5(spec.t5_vocab_size, spec.t5_d_model, spec.t5_d_kv, spec.t5_d_ff, spec.t5_num_layers, spec.t5_num_heads)
+    return tiny_t5(
+        spec.t5_vocab_size, spec.t5_d_model, spec.t5_d_kv, spec.t5_d_ff, spec.t5_num_layers, spec.t5_num_heads
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -240,7 +242,9 @@ class DiTLikeSpec(SpecMixin):
         )
 
     def _vae(self) -> AutoencoderKL:
-        return tiny_vae(self.vae_block_out_channels, self.latent_channels, self.vae_norm_num_groups, self.vae_scaling_factor)
+        return tiny_vae(
+            self.vae_block_out_channels, self.latent_channels, self.vae_norm_num_groups, self.vae_scaling_factor
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -266,7 +270,9 @@ def refuse_unless_empty(path: str | os.PathLike[str], what: str) -> None:
     """Like :func:`check_target` with the one-sentence message of the PixArt and DiT savers."""
     where = Path(path).expanduser()
     if where.exists() and (not where.is_dir() or any(where.iterdir())):
-        raise ValueError(f"refusing to save a tiny {what} pipeline into {where.absolute()}: it exists and is not an empty folder")
+        raise ValueError(
+            f"refusing to save a tiny {what} pipeline into {where.absolute()}: it exists and is not an empty folder"
+        )
 
 
 def atomic_save(pipe: Any, path: str | os.PathLike[str], meta_name: str, meta: dict[str, Any], what: str) -> Path:
@@ -291,7 +297,9 @@ def atomic_save(pipe: Any, path: str | os.PathLike[str], meta_name: str, meta: d
     return target
 
 
-def save_built(path: str | os.PathLike[str], build: Callable[[], Any], meta_name: str, meta: dict[str, Any], what: str) -> Path:
+def save_built(
+    path: str | os.PathLike[str], build: Callable[[], Any], meta_name: str, meta: dict[str, Any], what: str
+) -> Path:
     """Check ``path`` (see :func:`check_target`), then ``build()`` the pipeline and :func:`atomic_save` it."""
     check_target(Path(path).expanduser().absolute(), what)
     return atomic_save(build(), path, meta_name, meta, what)

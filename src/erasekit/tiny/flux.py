@@ -21,7 +21,17 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel
 
-from ._common import SEED_OFFSETS, SpecMixin, build_components, clip_config, positive_problems, run_meta, save_built, spec_t5, tiny_vae
+from ._common import (
+    SEED_OFFSETS,
+    SpecMixin,
+    build_components,
+    clip_config,
+    positive_problems,
+    run_meta,
+    save_built,
+    spec_t5,
+    tiny_vae,
+)
 from .tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 __all__ = [
@@ -287,4 +297,6 @@ def save_tiny_flux_pipeline(
     """
     spec = spec if spec is not None else TinyFluxSpec()
     meta = run_meta(seed, dtype, spec=spec.to_dict())
-    return save_built(path, lambda: build_tiny_flux_pipeline(spec, seed=seed, dtype=dtype), SPEC_FILE_NAME, meta, "FLUX")
+    return save_built(
+        path, lambda: build_tiny_flux_pipeline(spec, seed=seed, dtype=dtype), SPEC_FILE_NAME, meta, "FLUX"
+    )

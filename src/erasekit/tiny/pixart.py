@@ -26,8 +26,16 @@ from diffusers import (
     PixArtTransformer2DModel,
 )
 
-from ._common import DiTLikeSpec, build_components, refuse_unless_empty, run_meta, save_built, spec_t5
-from ._common import atomic_save, tiny_vae  # noqa: F401  (defined here before; still importable from here)
+from ._common import (  # noqa: F401  (defined here before; still importable from here)
+    DiTLikeSpec,
+    atomic_save,
+    build_components,
+    refuse_unless_empty,
+    run_meta,
+    save_built,
+    spec_t5,
+    tiny_vae,
+)
 from .tokenizers import build_t5_tokenizer
 
 __all__ = [

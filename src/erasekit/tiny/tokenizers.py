@@ -59,9 +59,7 @@ CLIP_VOCAB_SIZE = 49408
 _CLIP_NUM_MERGES = CLIP_VOCAB_SIZE - 2 * 256 - 2
 
 #: Pre-tokenization regex of CLIP (applied after lower-casing).
-_CLIP_SPLIT_PATTERN = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
+_CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 _T5_PAD, _T5_EOS, _T5_UNK = "<pad>", "</s>", "<unk>"
 _SPIECE_UNDERLINE = "\u2581"  # "▁", SentencePiece's word-start marker
@@ -230,9 +228,7 @@ def clip_tokenizer_from_vocab(vocab: dict[str, int], merges: list[tuple[str, str
     return transformers.CLIPTokenizer(vocab=vocab, merges=merges, **_clip_special_tokens(max_length))
 
 
-def build_clip_tokenizer(
-    max_length: int = 77, vocab_path: str | os.PathLike[str] | None = None
-) -> Any:
+def build_clip_tokenizer(max_length: int = 77, vocab_path: str | os.PathLike[str] | None = None) -> Any:
     """Build the real CLIP (ViT-L/14, as used by FLUX) tokenizer locally.
 
     Args:
@@ -268,9 +264,7 @@ _ASCII_CHARS = [chr(c) for c in range(33, 127)]
 
 
 @functools.lru_cache(maxsize=8)
-def _t5_pieces(
-    vocab_size: int, num_subwords: int, extra_ids: int, path: str
-) -> tuple[tuple[str, float], ...]:
+def _t5_pieces(vocab_size: int, num_subwords: int, extra_ids: int, path: str) -> tuple[tuple[str, float], ...]:
     tokens, _ = _read_clip_vocab(path)
     pieces: list[tuple[str, float]] = [(_T5_PAD, 0.0), (_T5_EOS, 0.0), (_T5_UNK, 0.0)]
     seen = {_T5_PAD, _T5_EOS, _T5_UNK}

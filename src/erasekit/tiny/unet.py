@@ -62,7 +62,9 @@ def _scheduler(name: str, prediction_type: str) -> Any:
     if name == "euler":
         return EulerDiscreteScheduler(**_SD_BETAS, timestep_spacing="leading", prediction_type=prediction_type)
     if name == "dpm":
-        return DPMSolverMultistepScheduler(**_SD_BETAS, algorithm_type="dpmsolver++", solver_order=2, prediction_type=prediction_type)
+        return DPMSolverMultistepScheduler(
+            **_SD_BETAS, algorithm_type="dpmsolver++", solver_order=2, prediction_type=prediction_type
+        )
     if name == "pndm":
         return PNDMScheduler(**_SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False, prediction_type=prediction_type)
     raise ValueError(f"unknown scheduler {name!r}; choose ddim, euler, dpm or pndm")

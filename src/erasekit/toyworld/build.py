@@ -21,7 +21,9 @@ from .world import MORPH_DETECTORS, WORLD_FILE, World, measure_quality
 SAMPLING: dict[str, Any] = {"steps": 12, "guidance_scale": 6.0, "resolution": 32, "max_sequence_length": 16}
 
 
-def write_world_record(folder: Path, training: dict[str, Any], sampling: dict[str, Any] | None = None, count: int = 200) -> dict[str, Any]:
+def write_world_record(
+    folder: Path, training: dict[str, Any], sampling: dict[str, Any] | None = None, count: int = 200
+) -> dict[str, Any]:
     """Measure the quality of the world in ``folder`` (pipeline and detectors present) and write ``world.json``."""
     record: dict[str, Any] = {"name": "ShapesCanvas", "sampling": dict(sampling or SAMPLING), "training": training}
     (folder / WORLD_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -38,10 +40,14 @@ MORPH_FRACTION = 0.3
 
 
 def build_world(
-    output: str | Path, settings: TrainSettings | None = None, threads: int = 0, progress: bool = True, quality_count: int = 200
+    output: str | Path,
+    settings: TrainSettings | None = None,
+    threads: int = 0,
+    progress: bool = True,
+    quality_count: int = 200,
 ) -> Path:
     """Train the pipeline and the detectors, measure the world, write it to ``output`` atomically."""
-    from .detectors import evaluate_detectors, ShapesDetectors, train_detectors
+    from .detectors import ShapesDetectors, evaluate_detectors, train_detectors
 
     target = Path(output)
     if target.exists():
@@ -53,13 +59,22 @@ def build_world(
         pipe, record = train_world_pipeline(settings, progress=progress)
         pipe.save_pretrained(tmp / "pipeline")
         t0 = time.perf_counter()
-        train_detectors(tmp / "detectors", seed=settings.seed, steps=settings.detector_steps, progress=progress, num_threads=1)
+        train_detectors(
+            tmp / "detectors", seed=settings.seed, steps=settings.detector_steps, progress=progress, num_threads=1
+        )
         record["seconds"]["detectors"] = time.perf_counter() - t0
         record["detector_accuracy"] = evaluate_detectors(ShapesDetectors.from_pretrained(tmp / "detectors"))
         # the second network judge: another seed and width, and in-between shapes with soft labels
         t0 = time.perf_counter()
-        train_detectors(tmp / MORPH_DETECTORS, seed=settings.seed + 1, steps=settings.detector_steps, progress=progress,
-                        num_threads=1, width=MORPH_DETECTOR_WIDTH, morph_fraction=MORPH_FRACTION)
+        train_detectors(
+            tmp / MORPH_DETECTORS,
+            seed=settings.seed + 1,
+            steps=settings.detector_steps,
+            progress=progress,
+            num_threads=1,
+            width=MORPH_DETECTOR_WIDTH,
+            morph_fraction=MORPH_FRACTION,
+        )
         record["seconds"]["morph_detectors"] = time.perf_counter() - t0
         record["seconds"]["total"] = time.perf_counter() - started
         write_world_record(tmp, record, count=quality_count)

@@ -89,7 +89,9 @@ def erasure_config(
     if anchor is None and attribute == "object":
         concept_prompts, _, _ = protocol.erasure_prompts(concept, count=prompts, seed=config.train.seed)
         anchor = closest_value(world, concept, concept_prompts)
-    concept_prompts, anchors, preserve = protocol.erasure_prompts(concept, count=prompts, seed=config.train.seed, anchor=anchor)
+    concept_prompts, anchors, preserve = protocol.erasure_prompts(
+        concept, count=prompts, seed=config.train.seed, anchor=anchor
+    )
     config.concept.concept = value
     config.concept.anchor = {None: f"another {attribute}", "empty": "an empty background"}.get(anchor, anchor)
     config.concept.templates = []
@@ -99,7 +101,9 @@ def erasure_config(
     return config
 
 
-def _fidelity(before: np.ndarray, after: np.ndarray, latents_before: torch.Tensor, latents_after: torch.Tensor) -> dict[str, float]:
+def _fidelity(
+    before: np.ndarray, after: np.ndarray, latents_before: torch.Tensor, latents_after: torch.Tensor
+) -> dict[str, float]:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     a = torch.from_numpy(before).permute(0, 3, 1, 2).float() / 255
@@ -171,8 +175,16 @@ def bar_checks(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         rule = f">= {bar:.0%} of the original's ({need:.1%})" if relative else f">= {bar:.0%}"
         checks.append({"metric": label, "key": key, "value": value, "bar": need, "rule": rule, "holds": value >= need})
     fraction = metrics["masked_fraction"]
-    checks.append({"metric": "masked", "key": "masked_fraction", "value": fraction, "bar": MASKED_BAR,
-                   "rule": f"<= {MASKED_BAR:.0%}", "holds": fraction <= MASKED_BAR})
+    checks.append(
+        {
+            "metric": "masked",
+            "key": "masked_fraction",
+            "value": fraction,
+            "bar": MASKED_BAR,
+            "rule": f"<= {MASKED_BAR:.0%}",
+            "holds": fraction <= MASKED_BAR,
+        }
+    )
     return checks
 
 
@@ -182,8 +194,11 @@ def _table(metrics: dict[str, Any]) -> list[tuple[str, float | None, float, str,
     before, after = metrics["before"], metrics["after"]
     rows = [(c["metric"], before.get(c["key"]), c["value"], c["rule"], c["holds"]) for c in bar_checks(metrics)]
     if "strict_ua" in after:
-        for key, label in (("ua", "UA (detector alone)"), ("synonym_ua", "synonym UA (detector alone)"),
-                           ("ambiguous", "ambiguous (judges disagree)")):
+        for key, label in (
+            ("ua", "UA (detector alone)"),
+            ("synonym_ua", "synonym UA (detector alone)"),
+            ("ambiguous", "ambiguous (judges disagree)"),
+        ):
             rows.append((label, before[key], after[key], "", None))
     return rows
 
@@ -213,23 +228,23 @@ def _report(metrics: dict[str, Any], grid: Image.Image) -> str:
     )
     fidelity, reference = metrics["fidelity"], metrics["anchor_images"]
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>erasekit demo: {html.escape(metrics['concept'])}</title>
+<html><head><meta charset="utf-8"><title>erasekit demo: {html.escape(metrics["concept"])}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #bbb;padding:.3em .8em;text-align:right}} td:first-child{{text-align:left}}</style></head>
-<body><h1>Erasing &ldquo;{html.escape(metrics['concept'])}&rdquo; from the ShapesCanvas model</h1>
-<p>Method: minimalist mask erasure (erasekit {html.escape(metrics['erasekit_version'])}), the concept
-mapped to {html.escape(metrics['anchor'])}; masked
-{metrics['masked_fraction']:.2%} of the transformer's units; {metrics['seconds']:.0f} s in all on this machine.</p>
+<body><h1>Erasing &ldquo;{html.escape(metrics["concept"])}&rdquo; from the ShapesCanvas model</h1>
+<p>Method: minimalist mask erasure (erasekit {html.escape(metrics["erasekit_version"])}), the concept
+mapped to {html.escape(metrics["anchor"])}; masked
+{metrics["masked_fraction"]:.2%} of the transformer's units; {metrics["seconds"]:.0f} s in all on this machine.</p>
 <p>The bar (README): strict UA &ge; 95 %, strict synonym UA &ge; 90 %, IRA and CRA &ge; 95 % of the original's, at
 most 5 % of the units masked. This run: {html.escape(_verdict(checks))}.</p>
 <table><tr><th>metric</th><th>original</th><th>erased</th><th>bar</th><th>meets it</th></tr>{rows}</table>
 <p>UA: share of images of the concept in which the detector no longer finds it (synonym UA: prompts naming it
-by a synonym); strict UA: in which no judge ({html.escape(', '.join(metrics['after'].get('judges', ['detector'])))})
+by a synonym); strict UA: in which no judge ({html.escape(", ".join(metrics["after"].get("judges", ["detector"])))})
 finds it; ambiguous: in which the judges disagree. The original model's own images of the anchor prompts, same scenes and noise, score UA
-{reference['ua']:.1%} and synonym UA {reference['synonym_ua']:.1%}: an erasure that drew exactly the anchor
+{reference["ua"]:.1%} and synonym UA {reference["synonym_ua"]:.1%}: an erasure that drew exactly the anchor
 would reach those. IRA: other values of the same attribute still drawn correctly. CRA: the other attributes of those
 images still correct. Fidelity of the non-target images to the original model, same noise:
-PSNR {_db(fidelity['psnr'])}, SSIM {fidelity['ssim']:.4f}, latent MSE {fidelity['latent_mse']:.5f}.</p>
+PSNR {_db(fidelity["psnr"])}, SSIM {fidelity["ssim"]:.4f}, latent MSE {fidelity["latent_mse"]:.5f}.</p>
 <h2>Before and after, same prompts and noise</h2>
 <p>Each column is one evaluation sample: its prompt above it, the original model's image, then (for the concept) the
 original model's image of the anchor prompt from the same noise, then the erased model's image.</p>
@@ -311,18 +326,26 @@ def run_demo(
     tmp = atomic_directory(target)
     try:
         # the original model's images come from the image cache when it holds them (they depend on nothing an erasure changes)
-        before, latents_before = original_images(world, prompts, seeds, latent_rows=np.flatnonzero(keep).tolist(),
-                                                 progress=progress, desc="original model")
+        before, latents_before = original_images(
+            world, prompts, seeds, latent_rows=np.flatnonzero(keep).tolist(), progress=progress, desc="original model"
+        )
         # an object's default anchor is the one erasure_config chose (its nearest neighbour); it names it
         chosen = config.concept.anchor if anchor is None and attribute == "object" else anchor
         references = protocol.anchor_samples(concept, samples, chosen)
-        anchor_images, _ = original_images(world, [s.prompt for s in references], [s.seed for s in references],
-                                           progress=progress, desc="anchor prompts")
+        anchor_images, _ = original_images(
+            world,
+            [s.prompt for s in references],
+            [s.seed for s in references],
+            progress=progress,
+            desc="anchor prompts",
+        )
         reference_scores = protocol.score(concept, references, world.detectors.predict(anchor_images))
         result = erase(config, tmp / "mask")
         masked = apply_masks(world.pipe, [tmp / "mask"])
         try:
-            after, latents_after = world.generate(prompts, seeds, progress=progress, desc="erased model", return_latents=True)
+            after, latents_after = world.generate(
+                prompts, seeds, progress=progress, desc="erased model", return_latents=True
+            )
         finally:
             masked.remove()
         counts = result.masked_units
@@ -340,7 +363,11 @@ def run_demo(
             "mask_sha256": _logits_digest(result.logits),
             "images_per_group": per_group,
             "sampling": world.sampling,
-            "erasure": {"iterations": config.train.iterations, "seed": config.train.seed, "seconds": round(result.seconds, 3)},
+            "erasure": {
+                "iterations": config.train.iterations,
+                "seed": config.train.seed,
+                "seconds": round(result.seconds, 3),
+            },
             "numerics": numerics_record(),
             "erasekit_version": __version__,
         }
@@ -358,7 +385,9 @@ def run_demo(
         grid = _grid(sections)
         grid.save(tmp / "grid.png")
         images = {"original": before, "erased": after, "anchor": anchor_images}
-        save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in images.items()}, str(tmp / "images.safetensors"))
+        save_file(
+            {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in images.items()}, str(tmp / "images.safetensors")
+        )
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "report.html").write_text(_report(metrics, grid), encoding="utf-8")
         commit_directory(tmp, target, overwrite=overwrite)
@@ -393,7 +422,9 @@ def format_table(metrics: dict[str, Any]) -> str:
     )
     f = metrics["fidelity"]
     lines.append(f"fidelity of other prompts: PSNR {_db(f['psnr'])}, SSIM {f['ssim']:.4f}")
-    lines.append(f"masked fraction {metrics['masked_fraction']:.2%} (bar {checks[-1]['rule']}: {'yes' if checks[-1]['holds'] else 'NO'}), "
-                 f"{metrics['seconds']:.0f} s")
+    lines.append(
+        f"masked fraction {metrics['masked_fraction']:.2%} (bar {checks[-1]['rule']}: {'yes' if checks[-1]['holds'] else 'NO'}), "
+        f"{metrics['seconds']:.0f} s"
+    )
     lines.append(f"the bar: {_verdict(checks)}")
     return "\n".join(lines)

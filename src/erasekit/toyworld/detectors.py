@@ -24,8 +24,9 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -487,7 +488,9 @@ def _train(
     bar = tqdm(range(steps), desc="training detectors", disable=not progress, leave=False)
     for _step in bar:
         if refresh_per_step:
-            fresh_images, fresh_labels, fresh_targets = _render_examples(rng, refresh_per_step, NONE_FRACTION, morph_fraction)
+            fresh_images, fresh_labels, fresh_targets = _render_examples(
+                rng, refresh_per_step, NONE_FRACTION, morph_fraction
+            )
             slots = torch.from_numpy(rng.choice(pool_size, size=min(refresh_per_step, pool_size), replace=False))
             pool_images_t[slots] = torch.from_numpy(fresh_images[: len(slots)])
             pool_labels_t[slots] = torch.from_numpy(fresh_labels[: len(slots)])

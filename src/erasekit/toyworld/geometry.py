@@ -63,8 +63,15 @@ def silhouettes(images: np.ndarray) -> torch.Tensor:
     """
     pixels = torch.as_tensor(np.ascontiguousarray(images)).float()
     n, h, w, _ = pixels.shape
-    border = torch.cat([pixels[:, :2].reshape(n, -1, 3), pixels[:, -2:].reshape(n, -1, 3),
-                        pixels[:, :, :2].reshape(n, -1, 3), pixels[:, :, -2:].reshape(n, -1, 3)], dim=1)
+    border = torch.cat(
+        [
+            pixels[:, :2].reshape(n, -1, 3),
+            pixels[:, -2:].reshape(n, -1, 3),
+            pixels[:, :, :2].reshape(n, -1, 3),
+            pixels[:, :, -2:].reshape(n, -1, 3),
+        ],
+        dim=1,
+    )
     background = border.median(dim=1).values
     smooth = F.avg_pool2d(F.pad(pixels.permute(0, 3, 1, 2), (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     distance = (smooth - background[:, :, None, None]).norm(dim=1, keepdim=True)
@@ -95,7 +102,9 @@ class GeometricJudge:
         self.names = list(OBJECTS)
         # mirrored templates too: a generated crescent may open to either side (the detectors train with flips)
         centre = size / 2
-        drawn = [coverage(name, centre, centre, r, rot, size) for name in self.names for r in RADII for rot in ROTATIONS]
+        drawn = [
+            coverage(name, centre, centre, r, rot, size) for name in self.names for r in RADII for rot in ROTATIONS
+        ]
         templates = [t for template in drawn for t in (template, template[:, ::-1])]
         self.templates = torch.from_numpy(np.stack(templates).astype(np.float32))[:, None]  # (K, 1, S, S)
         self.per_object = 2 * len(RADII) * len(ROTATIONS)

@@ -18,8 +18,9 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,4 +118,6 @@ def _store(path: Path, images: np.ndarray, latents: torch.Tensor) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     except OSError as exc:
-        logger.warning("could not write the image cache %s (%s); set ERASEKIT_CACHE to a writable folder", path.parent, exc)
+        logger.warning(
+            "could not write the image cache %s (%s); set ERASEKIT_CACHE to a writable folder", path.parent, exc
+        )

@@ -58,7 +58,7 @@ class WorldSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "WorldSpec":
+    def from_dict(cls, data: dict[str, Any]) -> WorldSpec:
         data = dict(data)
         data["vae_channels"] = tuple(data["vae_channels"])
         return cls(**data)
@@ -83,7 +83,9 @@ def world_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     trainer = trainers.BpeTrainer(vocab_size=100_000, min_frequency=1, end_of_word_suffix="</w>", show_progress=False)
     backend.train_from_iterator(words, trainer=trainer)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(backend.to_str())["model"]["merges"]]
+    merges = [
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(backend.to_str())["model"]["merges"]
+    ]
     symbols = _byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols]
     seen = set(tokens)

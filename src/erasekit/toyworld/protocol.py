@@ -16,8 +16,8 @@ from the prompts and seeds an erasure trains on (:func:`erasure_prompts`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,13 +104,25 @@ def run_spread(
                     continue
                 torch.set_num_threads(count)
                 runs[name] = run_demo(
-                    concept, run, world=world, per_group=per_group, anchor=anchor,
-                    overrides=[*(overrides or []), f"train.seed={seed}"], progress=progress, overwrite=run.exists(),
+                    concept,
+                    run,
+                    world=world,
+                    per_group=per_group,
+                    anchor=anchor,
+                    overrides=[*(overrides or []), f"train.seed={seed}"],
+                    progress=progress,
+                    overwrite=run.exists(),
                 )
     finally:
         torch.set_num_threads(previous_threads)
-    report = {"concept": concept, "seeds": list(seeds), "threads": list(threads), "images_per_group": per_group,
-              "overrides": list(overrides or []), **summarise(runs)}
+    report = {
+        "concept": concept,
+        "seeds": list(seeds),
+        "threads": list(threads),
+        "images_per_group": per_group,
+        "overrides": list(overrides or []),
+        **summarise(runs),
+    }
     report["numerics"] = next(iter(runs.values())).get("numerics")
     folder.mkdir(parents=True, exist_ok=True)
     _write(folder / "spread.json", json.dumps(report, indent=2) + "\n")
@@ -161,16 +174,25 @@ def format_spread(report: dict[str, Any]) -> str:
     keys = [k for k in SUMMARISED if k in report["summary"]]
     head = "| run | " + " | ".join(keys) + " | meets the bar |\n|" + " --- |" * (len(keys) + 2) + "\n"
     lines = [
-        f"| {name} | " + " | ".join(_percent(row.get(k, float("nan"))) for k in keys)
+        f"| {name} | "
+        + " | ".join(_percent(row.get(k, float("nan"))) for k in keys)
         + f" | {'yes' if all(report['bar'][name].values()) else 'no: ' + ', '.join(k for k, ok in report['bar'][name].items() if not ok)} |"
         for name, row in report["rows"].items()
     ]
     summary = report["summary"]
     for stat in ("mean", "std", "worst"):
-        lines.append(f"| **{stat}** | " + " | ".join(
-            (f"{100 * summary[k][stat]:.1f}" if stat == "std" else _percent(summary[k][stat])) for k in keys) + " | |")
+        lines.append(
+            f"| **{stat}** | "
+            + " | ".join(
+                (f"{100 * summary[k][stat]:.1f}" if stat == "std" else _percent(summary[k][stat])) for k in keys
+            )
+            + " | |"
+        )
     return (
         f"Spread of the demo recipe on `{report['concept']}`: training seeds {report['seeds']}, threads {report['threads']}, "
         f"{report['images_per_group']} images per group. {summary['runs_meeting_bar']} of {summary['runs']} runs meet the bar "
-        f"(UA counted strictly); {summary['distinct_masks']} distinct masks. Standard deviations in points.\n\n" + head + "\n".join(lines) + "\n"
+        f"(UA counted strictly); {summary['distinct_masks']} distinct masks. Standard deviations in points.\n\n"
+        + head
+        + "\n".join(lines)
+        + "\n"
     )

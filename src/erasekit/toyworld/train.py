@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .model import WorldSpec, build_world_pipeline
 from .prompts import EMPTY_TEMPLATE, fill, find_value, is_held_out, training_prompt
-from .render import ATTRIBUTES, BACKGROUNDS, render, render_none, sample_scene
+from .render import ATTRIBUTES, BACKGROUNDS, render, sample_scene
 
 UNSPECIFIED = "unspecified"
 
@@ -125,12 +125,16 @@ def _label_classes() -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------- stage 1: text
 def _tokenize(pipe: FluxPipeline, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     spec_length = pipe.tokenizer.model_max_length
-    clip_ids = pipe.tokenizer(prompts, padding="max_length", max_length=spec_length, truncation=True, return_tensors="pt").input_ids
+    clip_ids = pipe.tokenizer(
+        prompts, padding="max_length", max_length=spec_length, truncation=True, return_tensors="pt"
+    ).input_ids
     t5 = pipe.tokenizer_2(prompts, padding="max_length", max_length=spec_length, truncation=True, return_tensors="pt")
     return clip_ids, t5.input_ids
 
 
-def train_text_encoders(pipe: FluxPipeline, pool: Pool, settings: TrainSettings, progress: bool = True) -> dict[str, float]:
+def train_text_encoders(
+    pipe: FluxPipeline, pool: Pool, settings: TrainSettings, progress: bool = True
+) -> dict[str, float]:
     """Stage 1: attribute classification from prompts; returns the final training accuracy."""
     torch.manual_seed(settings.seed + 1)
     rng = np.random.default_rng(settings.seed + 1)
@@ -177,7 +181,9 @@ def train_vae(pipe: FluxPipeline, pool: Pool, settings: TrainSettings, progress:
     torch.manual_seed(settings.seed + 2)
     vae = pipe.vae.train()
     optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=1e-3, total_steps=settings.vae_steps, pct_start=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=1e-3, total_steps=settings.vae_steps, pct_start=0.05
+    )
     generator = torch.Generator().manual_seed(settings.seed + 2)
     for _ in tqdm(range(settings.vae_steps), desc="vae", disable=not progress):
         index = torch.randint(len(pool.scenes), (settings.vae_batch,), generator=generator)
@@ -242,7 +248,9 @@ def train_transformer(
     text_ids = torch.zeros(settings.spec.max_length, 3)
     transformer = pipe.transformer.train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
-    optimiser = torch.optim.AdamW(transformer.parameters(), lr=settings.transformer_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    optimiser = torch.optim.AdamW(
+        transformer.parameters(), lr=settings.transformer_lr, weight_decay=0.0, betas=(0.9, 0.99)
+    )
     warmup = 200
 
     def lr_at(step: int) -> float:

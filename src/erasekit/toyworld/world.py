@@ -8,9 +8,10 @@ sampling settings images are judged at, how the world was trained, and its measu
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ class World:
         return self.path / "pipeline"
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "World":
+    def load(cls, path: str | Path | None = None) -> World:
         """Load a world folder (default: the shipped one) on the CPU in float32."""
         from diffusers import FluxPipeline
 
@@ -64,8 +65,14 @@ class World:
         pipe.set_progress_bar_config(disable=True)
         detectors = ShapesDetectors.from_pretrained(folder / "detectors")
         morph = folder / MORPH_DETECTORS
-        return cls(path=folder, pipe=pipe, detectors=detectors, sampling=dict(record["sampling"]), record=record,
-                   morph_detectors=ShapesDetectors.from_pretrained(morph) if morph.is_dir() else None)
+        return cls(
+            path=folder,
+            pipe=pipe,
+            detectors=detectors,
+            sampling=dict(record["sampling"]),
+            record=record,
+            morph_detectors=ShapesDetectors.from_pretrained(morph) if morph.is_dir() else None,
+        )
 
     @torch.no_grad()
     def generate(

@@ -13,7 +13,7 @@ autograd calls per recomputed step, as the reference implementation does) exists
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -9,9 +9,10 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -24,8 +25,8 @@ from ..arch.samplers import set_scheduler
 from ..config import UNIT_KINDS, EraseConfig, config_to_dict, save_config
 from ..data import build_concept_prompts
 from ..errors import ConfigError, ErasekitError, TrainingDivergedError
-from ..masks import MaskedModel, MaskSettings, base_model_record
 from ..launch import warn_if_single_process
+from ..masks import MaskedModel, MaskSettings, base_model_record
 from ..masks.artifact import write_mask_files
 from ..masks.model import fraction_of
 from ..outputs import check_output, commit_directory
@@ -137,10 +138,15 @@ class MaskTrainer:
         self.prompts = build_concept_prompts(config.concept)
         validate_training_config(config)
         self._check_sampling()
-        selection = {k: (getattr(config.mask, k).enabled, getattr(config.mask, k).include, getattr(config.mask, k).exclude) for k in UNIT_KINDS}
+        selection = {
+            k: (getattr(config.mask, k).enabled, getattr(config.mask, k).include, getattr(config.mask, k).exclude)
+            for k in UNIT_KINDS
+        }
         self.sites = select_sites(self.arch.sites(self.denoiser), selection)
         if not self.sites:
-            raise ConfigError("no mask units selected: enable mask.heads, mask.neurons or mask.norm, or widen its include regex")
+            raise ConfigError(
+                "no mask units selected: enable mask.heads, mask.neurons or mask.norm, or widen its include regex"
+            )
         for component in pipe.components.values():  # only the mask logits learn
             if isinstance(component, torch.nn.Module):
                 component.requires_grad_(False)
@@ -151,7 +157,9 @@ class MaskTrainer:
         s = self.config.sampling
         encoded = self.arch.encode_prompts(self.pipe, self.prompts.concept[:1], s.max_sequence_length)
         try:
-            self.arch.trajectory(self.pipe, encoded, [0], steps=s.steps, resolution=s.resolution, guidance_scale=s.guidance_scale)
+            self.arch.trajectory(
+                self.pipe, encoded, [0], steps=s.steps, resolution=s.resolution, guidance_scale=s.guidance_scale
+            )
         except ValueError as exc:
             raise ConfigError(f"sampling settings: {exc}") from None
 
@@ -211,7 +219,9 @@ class MaskTrainer:
         return step
 
     # ------------------------------------------------------------------ training
-    def fit(self, resume: bool = False, stop_after: int | None = None, on_step: Callable[[int], None] | None = None) -> TrainResult:
+    def fit(
+        self, resume: bool = False, stop_after: int | None = None, on_step: Callable[[int], None] | None = None
+    ) -> TrainResult:
         """Train, then write the artefact to ``output`` (atomically, main process only).
 
         Args:
@@ -257,7 +267,9 @@ class MaskTrainer:
             self._loop(masked, params, optimizer, scheduler, start, stop_after, on_step)
         except BaseException as exc:
             # the staging folder is kept only for --resume: a checkpoint to go on from, of a run that did not diverge
-            if acc.is_main_process and (isinstance(exc, TrainingDivergedError) or not any((self.staging / CHECKPOINTS).glob("step-*"))):
+            if acc.is_main_process and (
+                isinstance(exc, TrainingDivergedError) or not any((self.staging / CHECKPOINTS).glob("step-*"))
+            ):
                 shutil.rmtree(self.staging, ignore_errors=True)
             raise
         finally:
@@ -308,7 +320,13 @@ class MaskTrainer:
             """Global numbers of this process's ``size`` samples of micro-step ``k`` (prompt rows and noise seeds)."""
             return [k * size * world + rank * size + j for j in range(size)]
 
-        with tqdm(total=cfg.train.iterations, initial=start, desc="erase", disable=not acc.is_local_main_process, dynamic_ncols=True) as bar:
+        with tqdm(
+            total=cfg.train.iterations,
+            initial=start,
+            desc="erase",
+            disable=not acc.is_local_main_process,
+            dynamic_ncols=True,
+        ) as bar:
             for step in range(start, end):
                 grads = [torch.zeros_like(p) for p in params]
                 terms = torch.zeros(2, dtype=torch.float64)
@@ -317,8 +335,12 @@ class MaskTrainer:
                     index, keep_index = numbered(k, b), numbered(k, pb)
                     concept_rows = [order_c[i % len(order_c)] for i in index]
                     keep_rows = [order_p[i % len(order_p)] for i in keep_index]
-                    prompts = [self.prompts.concept[r] for r in concept_rows] + [self.prompts.preservation[r] for r in keep_rows]
-                    targets = [self.prompts.target[r] for r in concept_rows] + [self.prompts.preservation[r] for r in keep_rows]
+                    prompts = [self.prompts.concept[r] for r in concept_rows] + [
+                        self.prompts.preservation[r] for r in keep_rows
+                    ]
+                    targets = [self.prompts.target[r] for r in concept_rows] + [
+                        self.prompts.preservation[r] for r in keep_rows
+                    ]
                     seeds = [self._noise_seed(i, 0) for i in index] + [self._noise_seed(i, 1) for i in keep_index]
                     # one hard-concrete sample per trajectory, identical on every process
                     masked.resample_noise(torch.Generator().manual_seed(cfg.train.seed * 7919 + k))
@@ -326,7 +348,9 @@ class MaskTrainer:
                     # negative guidance needs the concept prompts' original latents: they ride in the targets' batch
                     originals = prompts[:b] if eta else []
                     with masked.disabled():
-                        reference = self.arch.trajectory(self.pipe, encode(targets + originals), seeds + seeds[: len(originals)], **sample)
+                        reference = self.arch.trajectory(
+                            self.pipe, encode(targets + originals), seeds + seeds[: len(originals)], **sample
+                        )
                         path = run_trajectory(reference.step, reference.noise, steps, keep=intermediate > 0)
                         ends = path[-1]
                     goal = ends[: len(targets)]
@@ -342,17 +366,29 @@ class MaskTrainer:
 
                     def step_loss(i: int, z: torch.Tensor) -> torch.Tensor:
                         # the preservation rows after step i against the original model's from the same noise
-                        term = intermediate / (steps - 1) * distance(z[b:], path[i + 1][b : b + pb], cfg.loss.distance).mean()
+                        term = (
+                            intermediate
+                            / (steps - 1)
+                            * distance(z[b:], path[i + 1][b : b + pb], cfg.loss.distance).mean()
+                        )
                         parts["steps"] = parts["steps"] + term.detach()
                         return cfg.loss.preserve_weight * term
 
                     _, micro_grads = gradient(
-                        trajectory.step, trajectory.noise, steps, loss_fn, params, step_loss=step_loss if intermediate > 0 else None
+                        trajectory.step,
+                        trajectory.noise,
+                        steps,
+                        loss_fn,
+                        params,
+                        step_loss=step_loss if intermediate > 0 else None,
                     )
                     for acc_grad, g in zip(grads, micro_grads):
                         acc_grad.add_(g, alpha=1.0 / accum)
                     preserve_term = parts["preserve"].detach() + parts["steps"]
-                    terms += torch.tensor([float(parts["erase"].detach()), float(preserve_term)], dtype=torch.float64) / accum
+                    terms += (
+                        torch.tensor([float(parts["erase"].detach()), float(preserve_term)], dtype=torch.float64)
+                        / accum
+                    )
                 if world > 1:
                     for g in grads:
                         g.copy_(acc.reduce(g, reduction="mean"))
@@ -361,9 +397,17 @@ class MaskTrainer:
                     penalty = masked.sparsity_penalty()
                     penalty_grads = torch.autograd.grad(cfg.loss.sparsity_weight * penalty, params, allow_unused=True)
                 erase, preserve = float(terms[0]), float(terms[1])
-                loss = cfg.loss.erase_weight * erase + cfg.loss.preserve_weight * preserve + cfg.loss.sparsity_weight * float(penalty.detach())
+                loss = (
+                    cfg.loss.erase_weight * erase
+                    + cfg.loss.preserve_weight * preserve
+                    + cfg.loss.sparsity_weight * float(penalty.detach())
+                )
                 if not math.isfinite(loss):
-                    hint = "" if self.denoiser.dtype == torch.float32 else " or train in float32 (--set model.dtype=float32)"
+                    hint = (
+                        ""
+                        if self.denoiser.dtype == torch.float32
+                        else " or train in float32 (--set model.dtype=float32)"
+                    )
                     raise TrainingDivergedError(
                         f"loss became {loss} at iteration {step + 1}; check the loss weights and lower the mask "
                         f"learning rates (mask.*.lr){hint}"
@@ -391,7 +435,11 @@ class MaskTrainer:
                     acc.log(values, step=done)
                 bar.set_postfix(loss=f"{loss:.4g}", masked=f"{fraction:.2%}")
                 bar.update(1)
-                if cfg.train.checkpoint_every > 0 and done % cfg.train.checkpoint_every == 0 and done < cfg.train.iterations:
+                if (
+                    cfg.train.checkpoint_every > 0
+                    and done % cfg.train.checkpoint_every == 0
+                    and done < cfg.train.iterations
+                ):
                     if acc.is_main_process:
                         self._checkpoint(done, masked, optimizer, scheduler)
                     acc.wait_for_everyone()
@@ -410,7 +458,11 @@ class MaskTrainer:
             "concept": cfg.concept.concept,
             "anchor": cfg.concept.anchor,
             "settings": config_to_dict(cfg),
-            "training": {"iterations": cfg.train.iterations, "seconds": round(seconds, 3), "processes": self.accelerator.num_processes},
+            "training": {
+                "iterations": cfg.train.iterations,
+                "seconds": round(seconds, 3),
+                "processes": self.accelerator.num_processes,
+            },
             "masked": counts,
         }
         write_mask_files(self.staging, masked.logits_dict(), record)
@@ -423,7 +475,10 @@ def validate_training_config(config: EraseConfig) -> None:
     checks = [
         ("train.iterations", config.train.iterations >= 1),
         ("train.batch_size", config.train.batch_size >= 1),
-        ("train.preservation_batch_size", config.train.preservation_batch_size is None or config.train.preservation_batch_size >= 1),
+        (
+            "train.preservation_batch_size",
+            config.train.preservation_batch_size is None or config.train.preservation_batch_size >= 1,
+        ),
         ("train.gradient_accumulation", config.train.gradient_accumulation >= 1),
         ("sampling.steps", config.sampling.steps >= 1),
         ("sampling.resolution", config.sampling.resolution >= 1),
