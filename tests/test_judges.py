@@ -55,8 +55,9 @@ def test_an_empty_canvas_shows_no_object(judge):
 def test_judges_on_shapes_between_a_circle_and_a_square(judge):
     """The agreement of the two judges on in-between shapes, as the docs report it.
 
-    Near either end both judges name the end; half way the network splits, the geometric judge
-    finds the two fits within its margin, and the strict reading counts the shape as a circle."""
+    Near either end every judge names the end; half way the networks split, the geometric judge
+    finds the two fits within its margin and still names the circle, and so the strict reading
+    counts the shape as a circle."""
     detectors = ShapesDetectors.from_pretrained(SHIPPED_WORLD / "detectors")
     morph_detectors = ShapesDetectors.from_pretrained(SHIPPED_WORLD / "detectors-morph")
     rng = np.random.default_rng(3)

@@ -135,11 +135,10 @@ class GeometricJudge:
         return GeometricVerdict(objects=objects, ambiguous=ambiguous, iou=iou)
 
     def finds(self, images: np.ndarray, name: str) -> list[bool]:
-        """Per image, whether object ``name`` fits it within the ambiguity margin of the best fit.
+        """Per image, whether object ``name`` is the best fit (the ambiguity margin plays no part).
 
-        A strict reading: an in-between shape whose runner-up is ``name`` counts as showing it.
+        Counting a shape as ``name`` whenever ``name`` fits within the margin of the best fit was
+        measured too strict: on the circle demo it took a quarter of the model's own squares (the
+        anchor prompts' images) for circles at a margin of 0.04, 8 % at 0.02, and 3 % as the best fit.
         """
-        iou = self.fits(images)
-        column = iou[:, self.names.index(name)]
-        best = iou.max(axis=1)
-        return [bool(b >= MIN_IOU and c >= b - self.margin) for c, b in zip(column, best)]
+        return [obj == name for obj in self.judge(images).objects]
