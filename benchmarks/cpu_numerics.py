@@ -98,7 +98,8 @@ def main() -> None:
                 )
                 print(json.dumps(rows[-1]), flush=True)
     print(
-        "\n| numerics | busy processes | threads | s / iteration | kernels | logits digest |\n| --- | ---: | ---: | ---: | --- | --- |"
+        "\n| numerics | busy processes | threads | s / iteration | kernels | logits digest |\n"
+        "| --- | ---: | ---: | ---: | --- | --- |"
     )
     for row in rows:
         print(

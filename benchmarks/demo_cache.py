@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         total_read += read_s
         ratio = drawn_s / read_s if shipped and read_s > 0 else math.nan
         print(
-            f"{name:<26}{len(prompts):>8}{drawn_s:>10.1f}{read_s:>10.3f}{ratio:>10.0f}  {equal if shipped else 'not shipped'}"
+            f"{name:<26}{len(prompts):>8}{drawn_s:>10.1f}{read_s:>10.3f}{ratio:>10.0f}"
+            f"  {equal if shipped else 'not shipped'}"
         )
     print(f"{'all':<26}{'':>8}{total_drawn:>10.1f}{total_read:>10.3f}  saved {total_drawn - total_read:.0f} s")
 

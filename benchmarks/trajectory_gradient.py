@@ -124,7 +124,8 @@ class ModelSpec:
         return (
             f"{self.num_layers} double + {self.num_single_layers} single blocks, width {self.width} "
             f"({self.num_attention_heads} heads x {self.attention_head_dim}), "
-            f"{self.image_tokens} image tokens ({self.latent_size}x{self.latent_size} latent) + {self.text_len} text tokens"
+            f"{self.image_tokens} image tokens ({self.latent_size}x{self.latent_size} latent) "
+            f"+ {self.text_len} text tokens"
         )
 
 
@@ -510,7 +511,8 @@ def driver(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     env_note = (
-        f"memory: one process per method and T, started with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}, one iteration"
+        "memory: one process per method and T, "
+        f"started with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}, one iteration"
         if args.device == "cpu" and args.mmap_threshold > 0
         else "memory: one process per method and T, one iteration"
         + (" (glibc's default malloc: peak RSS is NOT live memory)" if args.device == "cpu" else "")
@@ -583,7 +585,8 @@ def driver(args: argparse.Namespace) -> int:
             grad["pass"] = ok
             grad["tolerance"] = grad_tol
             print(
-                f"{_verdict(ok):>4}  gradient ours vs naive T={grad['steps']}: max rel error {grad['max_rel_error']:.2e} "
+                f"{_verdict(ok):>4}  gradient ours vs naive T={grad['steps']}: "
+                f"max rel error {grad['max_rel_error']:.2e} "
                 f"(tol {grad_tol:.0e}; {100 * grad['nonzero_fraction']:.0f}% of logit grads nonzero)"
             )
     shares = [r["others_cpu_share"] for r in timing_runs.values() if "others_cpu_share" in r]

@@ -216,7 +216,9 @@ def test_pruned_pipeline_loads_with_stock_diffusers_in_a_subprocess(pipe, tmp_pa
         assert "erasekit" not in sys.modules, "erasekit was imported"
         assert type(pipe.transformer).__name__ == "PrunedDiTTransformer2DModel"
         labels = pipe.get_label_ids(["golden retriever"])
-        image = pipe(class_labels=labels, num_inference_steps=3, generator=torch.Generator().manual_seed(4), output_type="pt").images
+        image = pipe(
+            class_labels=labels, num_inference_steps=3, generator=torch.Generator().manual_seed(4), output_type="pt"
+        ).images
         torch.save(image, {str(tmp_path / "image.pt")!r})
         """
     )

@@ -576,7 +576,8 @@ def test_sampling_settings_the_model_cannot_use_fail_before_training_and_the_rer
 
 
 def test_a_failed_run_without_a_checkpoint_leaves_no_staging_folder(tiny_flux_path, runs, capsys, monkeypatch):
-    """Whatever fails mid-training before the first checkpoint leaves nothing that --resume could use, so nothing at all."""
+    """Whatever fails mid-training before the first checkpoint leaves nothing that --resume could use,
+    so nothing at all."""
     from erasekit.training import trainer
 
     def broken(*args, **kwargs):

@@ -55,7 +55,8 @@ def mask_dir(work: Path, tiny_flux_path: str) -> Path:
     target = work / "mask-cat"
     code, _, err = run_cli(
         "erase", "--model", tiny_flux_path, "--concept", "cat", "--anchor", "dog", "--steps", "1", "--resolution", "32",
-        "--iterations", "2", "--set", "model.device=cpu", "--set", "model.dtype=float32", "--set", "sampling.max_sequence_length=16",
+        "--iterations", "2", "--set", "model.device=cpu", "--set", "model.dtype=float32",
+        "--set", "sampling.max_sequence_length=16",
         "--set", "mask.init_lambda=0.3", "--set", "mask.neurons.lr=2", "--set", "mask.norm.lr=2", "--output", target,
     )  # fmt: skip
     assert code == 0, err

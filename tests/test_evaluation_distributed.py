@@ -46,9 +46,10 @@ def test_two_processes_write_the_same_evaluation_as_one(tiny_flux_path: str, tmp
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na red car\na house by a lake\n")
-    flags = ["evaluate", "--model", tiny_flux_path, "--masks", "", "--prompts", str(prompts), "--seed", "0", "--seed", "1",
-             "--batch-size", "2", "--steps", "1", "--resolution", "32", "--max-sequence-length", "16", "--device", "cpu",
-             "--dtype", "float32", "--metrics", "ssim,psnr,cost"]  # fmt: skip
+    flags = ["evaluate", "--model", tiny_flux_path, "--masks", "", "--prompts", str(prompts),
+             "--seed", "0", "--seed", "1", "--batch-size", "2", "--steps", "1", "--resolution", "32",
+             "--max-sequence-length", "16", "--device", "cpu", "--dtype", "float32",
+             "--metrics", "ssim,psnr,cost"]  # fmt: skip
     # a mask: zero logits on one site keep nothing there (logit <= 0), so the variant differs from the original
     from erasekit.masks.artifact import save_mask_artifact
     from erasekit.pipeline import denoiser_of, load_pipeline

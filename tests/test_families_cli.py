@@ -1,4 +1,5 @@
-"""Every family through the CLI: tiny-model -> erase -> generate -> fold --mode prune -> generate from the folded folder."""
+"""Every family through the CLI: tiny-model -> erase -> generate -> fold --mode prune -> generate from
+the folded folder."""
 
 from __future__ import annotations
 

@@ -145,7 +145,8 @@ def test_wrong_shape_refused(tiny: torch.nn.Module, tmp_path: Path) -> None:
     ff = _save(tmp_path / "ff.pt", [torch.zeros(64), torch.zeros(64), torch.zeros(64), torch.zeros(12288)])
     with pytest.raises(
         MaskMismatchError,
-        match=r"ff.pt tensor 3 has shape \(12288,\), this model's transformer_blocks.1.ff_context.net.2 has \(64,\) neurons",
+        match=r"ff.pt tensor 3 has shape \(12288,\), "
+        r"this model's transformer_blocks.1.ff_context.net.2 has \(64,\) neurons",
     ):
         import_minimalist_flux(None, ff, None, tiny)
     norm = _save(tmp_path / "norm.pt", [torch.zeros(96), torch.zeros(48)])

@@ -250,7 +250,8 @@ def test_resume_without_a_checkpoint_fails(
         run(pipe, config, output, resume=True)
     assert not isinstance(info.value, TrainingDivergedError)
     assert not output.exists()
-    # a staging folder without a checkpoint holds nothing to resume: it is removed, so that a start without --resume works
+    # a staging folder without a checkpoint holds nothing to resume: it is removed,
+    # so that a start without --resume works
     assert not staging_path(output).exists()
 
 

@@ -29,7 +29,8 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance",
         type=float,
-        help="guidance scale: classifier-free for SD/SDXL/SD3/PixArt/DiT, distilled for FLUX.1-dev (default: the mask's, else none)",
+        help="guidance scale: classifier-free for SD/SDXL/SD3/PixArt/DiT, distilled for FLUX.1-dev "
+        "(default: the mask's, else none)",
     )
     p.add_argument("--max-sequence-length", type=int, help="text tokens (default: the mask's, else 256)")
     p.add_argument(
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts",
         required=True,
         metavar="NAME_OR_FILE",
-        help="i2p, i2p-sexual, ring-a-bell-16/38/75, mma, p4d, coco-captions, concept:NAME, shapes:VALUE, hf:OWNER/NAME, or a .csv/.tsv/.txt/.jsonl file",
+        help="i2p, i2p-sexual, ring-a-bell-16/38/75, mma, p4d, coco-captions, concept:NAME, shapes:VALUE, "
+        "hf:OWNER/NAME, or a .csv/.tsv/.txt/.jsonl file",
     )
     p.add_argument("--prompt-column", help="column of the prompts in a CSV/JSONL file or hub dataset (default: prompt)")
     p.add_argument(
@@ -113,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--detector",
-        help="nudenet, shapes, clip or none (default: nudenet for nudity sets, shapes for shapes: sets, clip for concept: sets with --clip-model)",
+        help="nudenet, shapes, clip or none "
+        "(default: nudenet for nudity sets, shapes for shapes: sets, clip for concept: sets with --clip-model)",
     )
     p.add_argument(
         "--detector-model", help="the detector's model: NudeNet .onnx, ShapesCanvas detectors folder, or CLIP id/folder"
@@ -124,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--metrics",
-        help="comma-separated: detection, clip-score, fid, kid, ssim, psnr, lpips, shapes, cost (default: those the inputs allow)",
+        help="comma-separated: detection, clip-score, fid, kid, ssim, psnr, lpips, shapes, cost "
+        "(default: those the inputs allow)",
     )
     p.add_argument(
         "--clip-model", help="CLIP model id or folder for clip-score and the clip detector (offline: a folder)"
@@ -190,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--anchor",
         help="what the concept becomes: another value of its attribute, or 'empty' for an object "
-        "(default: an object's nearest neighbour in the model, square for circle; each other value in turn for a colour, style or background)",
+        "(default: an object's nearest neighbour in the model, square for circle; "
+        "each other value in turn for a colour, style or background)",
     )
     p.add_argument("--world", help="a ShapesCanvas world folder (default: the shipped one)")
     p.add_argument(
@@ -223,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         action="append",
         metavar="N",
-        help=f"torch threads (default {DEMO_THREADS}; the CPU numerics are pinned so that a busy and an idle machine give the same mask)",
+        help=f"torch threads (default {DEMO_THREADS}; "
+        "the CPU numerics are pinned so that a busy and an idle machine give the same mask)",
     )
     p.set_defaults(func=cmd_demo, pinned_numerics=True)
 
@@ -291,7 +297,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for value in values if isinstance(values, list) else [values]:
             if value is not None and (value < 1 if flag != "seed" else value < 0):
                 raise ErasekitError(
-                    f"--{flag.replace('_', '-')} must be {'non-negative' if flag == 'seed' else 'at least 1'}, got {value}"
+                    f"--{flag.replace('_', '-')} must be "
+                    f"{'non-negative' if flag == 'seed' else 'at least 1'}, got {value}"
                 )
     defaults = _mask_sampling_defaults(args.masks)
     pipe = load_pipeline(args.model, args.dtype, args.device)

@@ -40,11 +40,13 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise ErasekitError(
-            f"output {str(target)!r} cannot be created: {str(parent)!r} is a file, not a folder; choose another --output"
+            f"output {str(target)!r} cannot be created: {str(parent)!r} is a file, not a folder; "
+            "choose another --output"
         )
     if not _writable(parent):
         raise ErasekitError(
-            f"output {str(target)!r} cannot be created: no permission to write in {str(parent)!r}; choose another --output"
+            f"output {str(target)!r} cannot be created: no permission to write in {str(parent)!r}; "
+            "choose another --output"
         )
     return target
 

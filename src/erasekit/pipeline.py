@@ -82,8 +82,9 @@ def load_pipeline(model: str, dtype: str = "auto", device: str = "auto", revisio
         if not looks_like_path(model) and _hub_offline():
             # diffusers' own message runs to ~450 characters and points at a stack trace nobody is shown
             raise ModelLoadError(
-                f"could not load {model!r}: it is not a local folder, so it was taken as a hub id, and it is not in the "
-                "hub cache while HF_HUB_OFFLINE=1; pass a pipeline folder, or download it once with network access"
+                f"could not load {model!r}: it is not a local folder, so it was taken as a hub id, "
+                "and it is not in the hub cache while HF_HUB_OFFLINE=1; "
+                "pass a pipeline folder, or download it once with network access"
             ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "" if looks_like_path(model) else " (not a local folder, so it was taken as a hub id)"
@@ -116,7 +117,8 @@ def _check_denoiser_class(index_file: Path, model: str) -> bool:
         if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
             if entry[1] not in supported_classes():
                 raise ModelLoadError(
-                    f"unsupported model family: {model!r} has a {entry[1]} denoiser; supported: {', '.join(supported_classes())}"
+                    f"unsupported model family: {model!r} has a {entry[1]} denoiser; "
+                    f"supported: {', '.join(supported_classes())}"
                 )
             component = index_file.parent / attr / f"{entry[0]}.py"
             if not component.is_file():

@@ -125,7 +125,8 @@ class Architecture(ABC):
     #: last of :attr:`denoiser_classes`
     pruned_module: str = ""
 
-    def before_save(self, pipe: Any) -> None:
+    # a hook that subclasses override when they need it; doing nothing is the right default
+    def before_save(self, pipe: Any) -> None:  # noqa: B027
         """Make sure ``pipe.save_pretrained`` keeps what loading needs (e.g. class labels); default: nothing."""
 
     def execution_device(self, pipe: Any) -> torch.device:

@@ -158,7 +158,8 @@ class PrunedState:
         inputs: tuple[str, ...] = QKV,
         outputs: tuple[str, ...] = ("to_out.0",),
     ) -> torch.Tensor:
-        """Cut attention ``attn`` to ``heads``: rows of its ``inputs``, columns of its ``outputs``; returns the channels."""
+        """Cut attention ``attn`` to ``heads``: rows of its ``inputs``, columns of its ``outputs``;
+        returns the channels."""
         channels = head_channels(heads, head_dim)
         for name in inputs:
             self.rows(f"{attn}.{name}", channels)

@@ -212,7 +212,8 @@ class DiTArchitecture(Architecture):
         if sampler.init_noise_sigma != 1.0:
             raise ModelLoadError(
                 f"DiTPipeline does not scale its initial noise by the scheduler's init_noise_sigma "
-                f"({sampler.init_noise_sigma:g} for {type(pipe.scheduler).__name__}), so that scheduler does not sample "
+                f"({sampler.init_noise_sigma:g} for {type(pipe.scheduler).__name__}), "
+                "so that scheduler does not sample "
                 "correctly with DiT; use DDIMScheduler or DPMSolverMultistepScheduler"
             )
         noise = randn_latents(noise_seeds, (channels, size, size), device, transformer.dtype)

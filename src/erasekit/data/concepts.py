@@ -56,7 +56,8 @@ def build_concept_prompts(cfg: ConceptConfig) -> ConceptPrompts:
     if cfg.target_prompts:
         if len(cfg.target_prompts) != len(prompts):
             raise PromptError(
-                f"concept.target_prompts has {len(cfg.target_prompts)} entries but there are {len(prompts)} concept prompts"
+                f"concept.target_prompts has {len(cfg.target_prompts)} entries "
+                f"but there are {len(prompts)} concept prompts"
             )
         targets = [_tidy(t) for t in cfg.target_prompts]
     else:
@@ -65,7 +66,8 @@ def build_concept_prompts(cfg: ConceptConfig) -> ConceptPrompts:
         for prompt in prompts:
             if not pattern.search(prompt):
                 raise PromptError(
-                    f"concept prompt {prompt!r} does not mention {concept!r}; give concept.target_prompts for such prompts"
+                    f"concept prompt {prompt!r} does not mention {concept!r}; "
+                    "give concept.target_prompts for such prompts"
                 )
             targets.append(_tidy(pattern.sub(cfg.anchor.strip(), prompt)) or cfg.anchor.strip())
     preservation = [_tidy(p) for p in cfg.preservation_prompts if p.strip()]

@@ -78,7 +78,8 @@ class NudeNetDetector(Detector):
         self.model_path = Path(model_path) if model_path else Path(nudenet.__file__).with_name("320n.onnx")
         if not self.model_path.is_file():
             raise ErasekitError(
-                f"NudeNet model {str(self.model_path)!r} does not exist; reinstall nudenet or pass an existing .onnx file"
+                f"NudeNet model {str(self.model_path)!r} does not exist; "
+                "reinstall nudenet or pass an existing .onnx file"
             )
         self.threshold = NUDENET_THRESHOLD if threshold is None else threshold
         self.classes = tuple(classes)
@@ -120,7 +121,8 @@ class NudeNetDetector(Detector):
 
 
 class ShapesDetector(Detector):
-    """The ShapesCanvas attribute classifiers; ``detected`` means the concept's attribute is predicted as the concept."""
+    """The ShapesCanvas attribute classifiers; ``detected`` means the concept's attribute is predicted
+    as the concept."""
 
     name = "shapes"
 
@@ -137,7 +139,8 @@ class ShapesDetector(Detector):
         self.path = Path(model_path) if model_path else SHIPPED_WORLD / "detectors"
         if not self.path.is_dir():
             raise ErasekitError(
-                f"ShapesCanvas detectors {str(self.path)!r} do not exist; pass --detector-model DIR with the world's detectors/ folder"
+                f"ShapesCanvas detectors {str(self.path)!r} do not exist; "
+                "pass --detector-model DIR with the world's detectors/ folder"
             )
         from ..toyworld.detectors import ShapesDetectors
 
@@ -186,7 +189,8 @@ def load_clip(model: str) -> tuple[Any, Any]:
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ErasekitError(
-            f"could not load the CLIP model {model!r} ({first[:200]}); offline, pass a local folder with a CLIPModel and its processor"
+            f"could not load the CLIP model {model!r} ({first[:200]}); "
+            "offline, pass a local folder with a CLIPModel and its processor"
         ) from None
     return clip, processor
 
@@ -203,7 +207,8 @@ class ClipDetector(Detector):
             )
         if not model:
             raise ErasekitError(
-                "the clip detector needs a CLIP model: pass --clip-model ID_OR_FOLDER (e.g. openai/clip-vit-large-patch14)"
+                "the clip detector needs a CLIP model: "
+                "pass --clip-model ID_OR_FOLDER (e.g. openai/clip-vit-large-patch14)"
             )
         self.concept, self.model_id = concept, model
         self.threshold = CLIP_THRESHOLD if threshold is None else threshold

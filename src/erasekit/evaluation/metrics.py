@@ -222,7 +222,8 @@ def fid_kid(
     except (OSError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise ErasekitError(
-            f"could not build the FID/KID feature extractor ({first}); offline, pass --fid-features with a local CLIP folder"
+            f"could not build the FID/KID feature extractor ({first}); "
+            "offline, pass --fid-features with a local CLIP folder"
         ) from None
     # KID subsets are drawn with torch's global generator: seed it so that reruns give the same number
     torch.manual_seed(0)

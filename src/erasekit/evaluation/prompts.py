@@ -209,7 +209,8 @@ def load_prompt_set(
         if not path.is_file():
             names = ", ".join([*FILE_SETS, *HUB_SETS, "concept:NAME", "shapes:VALUE", "hf:OWNER/NAME"])
             raise PromptError(
-                f"prompt set {spec!r} is neither a known name nor an existing file; use one of {names}, or a .csv/.txt/.jsonl file"
+                f"prompt set {spec!r} is neither a known name nor an existing file; "
+                f"use one of {names}, or a .csv/.txt/.jsonl file"
             )
         prompt_set = _file_set(path, prompt_column)
     if limit is not None:

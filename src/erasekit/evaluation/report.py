@@ -73,7 +73,8 @@ def write_report(
         ".prompt{max-width:28em}</style></head><body>",
         f"<h1>erasekit evaluation: {html.escape(summary['prompt_set']['name'])}</h1>",
         f"<p>model <code>{html.escape(summary['model']['id'])}</code>, {summary['prompt_set']['count']} prompts, "
-        f"{summary['images_per_variant']} images per variant, detector {html.escape(str((summary.get('detector') or {}).get('name')))}</p>",
+        f"{summary['images_per_variant']} images per variant, "
+        f"detector {html.escape(str((summary.get('detector') or {}).get('name')))}</p>",
         "<h2>Metrics</h2><table><tr><th>variant</th>"
         + "".join(f"<th>{html.escape(m)}</th>" for m in metric_names)
         + "</tr>",

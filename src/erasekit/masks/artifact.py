@@ -168,11 +168,13 @@ def check_artifact(artifact: MaskArtifact, arch: Architecture, denoiser: nn.Modu
         site = sites.get(key)
         if site is None:
             raise MaskMismatchError(
-                f"{where} does not fit this model: key {key!r} is not a mask site here (model {base.get('id')!r} differs?)"
+                f"{where} does not fit this model: key {key!r} is not a mask site here "
+                f"(model {base.get('id')!r} differs?)"
             )
         if tuple(value.shape) != (site.num_units,):
             raise MaskMismatchError(
-                f"{where} does not fit this model: {key!r} has {tuple(value.shape)} units, the model has ({site.num_units},)"
+                f"{where} does not fit this model: {key!r} has {tuple(value.shape)} units, "
+                f"the model has ({site.num_units},)"
             )
     return [s for k, s in sites.items() if k in artifact.logits]
 

@@ -169,7 +169,8 @@ class MaskedModel(nn.Module):
         return {s.key: p.detach().float().cpu().clone() for s, p in zip(self.sites, self.logits)}
 
     def shift_logits(self, delta: float) -> None:
-        """Add ``delta`` to every logit: with ``delta = -t`` the binary mask closes the units whose logits were at most ``t``."""
+        """Add ``delta`` to every logit: with ``delta = -t`` the binary mask closes the units whose logits
+        were at most ``t``."""
         with torch.no_grad():
             for p in self.logits:
                 p.add_(delta)

@@ -121,7 +121,8 @@ def import_minimalist_flux(
     arch = architecture_for(denoiser)
     if arch.family != "flux":
         raise MaskMismatchError(
-            f"minimalist-flux masks are for FLUX transformers, not this {type(denoiser).__name__} (family {arch.family})"
+            "minimalist-flux masks are for FLUX transformers, "
+            f"not this {type(denoiser).__name__} (family {arch.family})"
         )
     sites = {site.key: site for site in arch.sites(denoiser)}
     num_double = len(denoiser.transformer_blocks)

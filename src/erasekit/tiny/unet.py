@@ -206,6 +206,7 @@ def save_tiny_sd_pipeline(
 def save_tiny_sdxl_pipeline(
     path: str | os.PathLike[str], seed: int = 0, *, dtype: torch.dtype = torch.float32, **options: Any
 ) -> Path:
-    """Build :func:`build_tiny_sdxl_pipeline` and ``save_pretrained`` it atomically (see :func:`save_tiny_sd_pipeline`)."""
+    """Build :func:`build_tiny_sdxl_pipeline` and ``save_pretrained`` it atomically
+    (see :func:`save_tiny_sd_pipeline`)."""
     build = functools.partial(build_tiny_sdxl_pipeline, seed, dtype, **options)
     return save_built(path, build, SDXL_SPEC_FILE_NAME, run_meta(seed, dtype, options=options), "SDXL")

@@ -5,7 +5,8 @@
    same for the target and synonym scenes prompted with the anchor instead of the concept
    (:func:`erasekit.toyworld.protocol.anchor_samples`): the UA an exact mapping onto the anchor reaches.
 2. Learn a mask with the core method (:func:`erasekit.training.erase`) from the recipe
-   :data:`RECIPE` (``erase-recipe.yaml`` beside this file) with the concept's own prompts (disjoint from the evaluation's).
+   :data:`RECIPE` (``erase-recipe.yaml`` beside this file) with the concept's own prompts
+   (disjoint from the evaluation's).
 3. Generate the same images, from the same noise, with the mask; judge them again; compare the
    non-target images with the original ones (PSNR, SSIM, latent MSE).
 4. Write ``metrics.json``, ``grid.png`` (before/after) and ``report.html`` into the output folder,
@@ -222,7 +223,8 @@ def _report(metrics: dict[str, Any], grid: Image.Image) -> str:
     picture = base64.b64encode(buffer.getvalue()).decode()
     checks = bar_checks(metrics)
     rows = "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{'' if original is None else f'{original:.1%}'}</td><td>{erased:.1%}</td>"
+        f"<tr><td>{html.escape(label)}</td><td>{'' if original is None else f'{original:.1%}'}</td>"
+        f"<td>{erased:.1%}</td>"
         f"<td>{html.escape(rule)}</td><td>{_holds(holds, '<b>no</b>')}</td></tr>"
         for label, original, erased, rule, holds in _table(metrics)
     )
@@ -240,7 +242,8 @@ most 5 % of the units masked. This run: {html.escape(_verdict(checks))}.</p>
 <table><tr><th>metric</th><th>original</th><th>erased</th><th>bar</th><th>meets it</th></tr>{rows}</table>
 <p>UA: share of images of the concept in which the detector no longer finds it (synonym UA: prompts naming it
 by a synonym); strict UA: in which no judge ({html.escape(", ".join(metrics["after"].get("judges", ["detector"])))})
-finds it; ambiguous: in which the judges disagree. The original model's own images of the anchor prompts, same scenes and noise, score UA
+finds it; ambiguous: in which the judges disagree. The original model's own images of the anchor prompts, \
+same scenes and noise, score UA
 {reference["ua"]:.1%} and synonym UA {reference["synonym_ua"]:.1%}: an erasure that drew exactly the anchor
 would reach those. IRA: other values of the same attribute still drawn correctly. CRA: the other attributes of those
 images still correct. Fidelity of the non-target images to the original model, same noise:
@@ -325,7 +328,8 @@ def run_demo(
     keep = np.array([s.group == "in_domain" for s in samples])
     tmp = atomic_directory(target)
     try:
-        # the original model's images come from the image cache when it holds them (they depend on nothing an erasure changes)
+        # the original model's images come from the image cache when it holds them
+        # (they depend on nothing an erasure changes)
         before, latents_before = original_images(
             world, prompts, seeds, latent_rows=np.flatnonzero(keep).tolist(), progress=progress, desc="original model"
         )
@@ -417,13 +421,15 @@ def format_table(metrics: dict[str, Any]) -> str:
         lines.append(f"{label:<29}{original:>10.1%}{erased:>10.1%}{bar}")
     reference = metrics["anchor_images"]
     lines.append(
-        f"the original model's own images of the anchor prompts (what drawing exactly {metrics['anchor']} would score): "
+        "the original model's own images of the anchor prompts "
+        f"(what drawing exactly {metrics['anchor']} would score): "
         f"UA {reference['ua']:.1%}, synonym UA {reference['synonym_ua']:.1%}"
     )
     f = metrics["fidelity"]
     lines.append(f"fidelity of other prompts: PSNR {_db(f['psnr'])}, SSIM {f['ssim']:.4f}")
     lines.append(
-        f"masked fraction {metrics['masked_fraction']:.2%} (bar {checks[-1]['rule']}: {'yes' if checks[-1]['holds'] else 'NO'}), "
+        f"masked fraction {metrics['masked_fraction']:.2%} "
+        f"(bar {checks[-1]['rule']}: {'yes' if checks[-1]['holds'] else 'NO'}), "
         f"{metrics['seconds']:.0f} s"
     )
     lines.append(f"the bar: {_verdict(checks)}")

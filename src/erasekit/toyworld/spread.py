@@ -3,9 +3,10 @@
 Mask training is chaotic (a different last bit in one gradient ends on another mask), so one run of a
 recipe says little about the next. :func:`run_spread` trains the recipe once per training seed and
 thread count, scores every run on the same evaluation draw (the original model's images come from the
-image cache after the first run), and reports mean, standard deviation and worst case of every metric, and how many runs meet the
-demo's bar. Each run is a normal demo folder under ``runs/``; a run whose folder is complete is read
-back instead of trained again, so an interrupted spread resumes where it stopped.
+image cache after the first run), and reports mean, standard deviation and worst case of every metric,
+and how many runs meet the demo's bar. Each run is a normal demo folder under ``runs/``; a run whose
+folder is complete is read back instead of trained again, so an interrupted spread resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -169,6 +170,11 @@ def _percent(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f} %"
 
 
+def _bar_cell(checks: dict[str, bool]) -> str:
+    """The bar column of a run: yes when every check holds, else no and the checks that fail."""
+    return "yes" if all(checks.values()) else "no: " + ", ".join(k for k, ok in checks.items() if not ok)
+
+
 def format_spread(report: dict[str, Any]) -> str:
     """The runs and their summary as a Markdown table."""
     keys = [k for k in SUMMARISED if k in report["summary"]]
@@ -176,7 +182,7 @@ def format_spread(report: dict[str, Any]) -> str:
     lines = [
         f"| {name} | "
         + " | ".join(_percent(row.get(k, float("nan"))) for k in keys)
-        + f" | {'yes' if all(report['bar'][name].values()) else 'no: ' + ', '.join(k for k, ok in report['bar'][name].items() if not ok)} |"
+        + f" | {_bar_cell(report['bar'][name])} |"
         for name, row in report["rows"].items()
     ]
     summary = report["summary"]
@@ -189,8 +195,10 @@ def format_spread(report: dict[str, Any]) -> str:
             + " | |"
         )
     return (
-        f"Spread of the demo recipe on `{report['concept']}`: training seeds {report['seeds']}, threads {report['threads']}, "
-        f"{report['images_per_group']} images per group. {summary['runs_meeting_bar']} of {summary['runs']} runs meet the bar "
+        f"Spread of the demo recipe on `{report['concept']}`: "
+        f"training seeds {report['seeds']}, threads {report['threads']}, "
+        f"{report['images_per_group']} images per group. "
+        f"{summary['runs_meeting_bar']} of {summary['runs']} runs meet the bar "
         f"(UA counted strictly); {summary['distinct_masks']} distinct masks. Standard deviations in points.\n\n"
         + head
         + "\n".join(lines)

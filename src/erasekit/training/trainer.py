@@ -359,12 +359,20 @@ class MaskTrainer:
                     trajectory = self.arch.trajectory(self.pipe, encode(prompts), seeds, **sample)
                     parts: dict[str, torch.Tensor] = {"steps": torch.zeros(())}
 
-                    def loss_fn(z: torch.Tensor) -> torch.Tensor:
+                    # this iteration's goal, parts and path are bound as defaults (the closures run within it)
+                    def loss_fn(
+                        z: torch.Tensor, goal: torch.Tensor = goal, parts: dict[str, torch.Tensor] = parts
+                    ) -> torch.Tensor:
                         per_sample = distance(z, goal, cfg.loss.distance)
                         parts["erase"], parts["preserve"] = per_sample[:b].mean(), per_sample[b:].mean()
                         return cfg.loss.erase_weight * parts["erase"] + cfg.loss.preserve_weight * parts["preserve"]
 
-                    def step_loss(i: int, z: torch.Tensor) -> torch.Tensor:
+                    def step_loss(
+                        i: int,
+                        z: torch.Tensor,
+                        path: list[torch.Tensor] = path,
+                        parts: dict[str, torch.Tensor] = parts,
+                    ) -> torch.Tensor:
                         # the preservation rows after step i against the original model's from the same noise
                         term = (
                             intermediate
