@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="optimiser steps (train.iterations)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --output")
     p.add_argument("--output", required=True, help="mask folder to create")
-    p.set_defaults(func=cmd_erase)
+    p.set_defaults(func=cmd_erase, pinned_numerics=True)
 
     p = sub.add_parser("generate", help="generate images, optionally with masks applied")
     p.add_argument("--model", required=True, help="hub id or pipeline folder")
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, action="append", help="noise seed (repeatable; default 0)")
     _add_generation_flags(p)
     p.add_argument("--output", required=True, help="folder to create with one PNG per prompt and seed")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, pinned_numerics=True)
 
     p = sub.add_parser(
         "evaluate", help="generate with the original and erased models, detect the concept, score, report"
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="folder to create with images/, results.jsonl, summary.json, grid.png, report.html",
     )
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, pinned_numerics=True)
 
     p = sub.add_parser("fold", help="bake masks into the weights and save a stock diffusers pipeline")
     p.add_argument("--model", required=True, help="hub id or pipeline folder the masks were trained on")
@@ -520,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "pinned_numerics", False):
-        # before anything imports torch (the libraries below do): OpenMP reads its settings when it loads
+        # The commands that run a model pin the CPU numerics (erasekit.reproducibility; no effect on GPU
+        # kernels): the same input gives the same bits on any x86 machine, busy or idle. Before anything
+        # imports torch (the libraries below do): OpenMP reads its settings when it loads.
         pin_cpu_numerics()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

@@ -12,8 +12,9 @@ the last decade has) for PyTorch's own kernels, oneDNN and MKL (MKL's conditiona
 reproducibility), turns off the libraries' dynamic thread counts, lets waiting OpenMP threads sleep
 instead of spin (on a busy machine spinning threads fight the other processes for the cores and an
 iteration took 15 times as long), and sets the number of threads. The instruction set is read when
-the libraries load or first run, so the variables must be set before :mod:`torch` is imported: the CLI calls it
-first thing for ``erasekit demo``, and the test suite's ``conftest.py`` before any test imports torch;
+the libraries load or first run, so the variables must be set before :mod:`torch` is imported: the CLI
+calls it first thing for the commands that run a model (``erase``, ``generate``, ``evaluate``, ``demo``),
+and the test suite's ``conftest.py`` before any test imports torch;
 :func:`numerics_record` says what is in force (it is written into ``metrics.json``).
 """
 
