@@ -178,3 +178,15 @@ def test_a_finished_run_is_judged_again_from_its_saved_images(tmp_path):
     assert metrics["before"]["strict_ua"] == 0.0 and metrics["after"]["strict_ua"] == 1.0
     assert metrics["after"]["judges"][0] == "detector" and "geometric" in metrics["after"]["judges"]
     assert json.loads((run / "metrics.json").read_text()) == metrics
+
+
+def test_a_spread_resumes_in_its_existing_output_folder(tmp_path):
+    """Several seeds or thread counts resume in --output; a single demo still refuses an existing folder."""
+    from erasekit.cli import _check_arguments, build_parser
+    from erasekit.errors import ErasekitError
+
+    parser = build_parser()
+    _check_arguments(parser.parse_args(["demo", "--seed", "0", "--seed", "1", "--output", str(tmp_path)]))
+    _check_arguments(parser.parse_args(["demo", "--threads", "1", "--threads", "2", "--output", str(tmp_path)]))
+    with pytest.raises((ErasekitError, FileExistsError), match="already exists"):
+        _check_arguments(parser.parse_args(["demo", "--seed", "0", "--output", str(tmp_path)]))

@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"torch threads (default {DEMO_THREADS}; "
         "the CPU numerics are pinned so that a busy and an idle machine give the same mask)",
     )
-    p.set_defaults(func=cmd_demo, pinned_numerics=True)
+    p.set_defaults(func=cmd_demo, pinned_numerics=True, resumes_output=_measures_spread)
 
     p = sub.add_parser("toyworld", help="the ShapesCanvas world: retrain it, or measure its quality")
     world_sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="ACTION")
@@ -434,6 +434,11 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _measures_spread(args: argparse.Namespace) -> bool:
+    """Several training seeds or thread counts: ``demo`` measures the spread, resuming in its --output."""
+    return len(args.seeds or []) > 1 or len(args.thread_counts or []) > 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.images < 1:
         raise ErasekitError(f"--images must be at least 1, got {args.images}")
@@ -443,7 +448,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pin_cpu_numerics(threads[0])  # main() pinned the rest before torch was imported
     from .toyworld.demo import format_table, run_demo
 
-    if len(args.seeds or []) > 1 or len(threads) > 1:
+    if _measures_spread(args):
         from .toyworld.spread import run_spread
 
         run_spread(
@@ -512,7 +517,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
                 except UnicodeEncodeError:  # bytes the terminal's encoding could not decode
                     raise ErasekitError(f"--{name.replace('_', '-')} {text!r} is not valid UTF-8 text") from None
     if getattr(args, "output", None) is not None:
-        check_output(args.output, overwrite=getattr(args, "overwrite", False))
+        resumes = getattr(args, "resumes_output", None)  # a command that continues in an existing folder
+        check_output(args.output, overwrite=getattr(args, "overwrite", False) or bool(resumes and resumes(args)))
 
 
 def main(argv: list[str] | None = None) -> int:
