@@ -26,6 +26,18 @@ if "ERASEKIT_DATA" not in os.environ and _DEVELOPERS_DATA.is_dir():
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of small networks: they gain nothing from more, and a busy 2-core
+    machine runs two threads far slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _tiny_train_overrides(model: str, **extra: object) -> list[str]:
     """``--set`` overrides for a CPU training run of the tiny FLUX pipeline at ``model``.
 

@@ -14,13 +14,7 @@ from erasekit.toyworld.render import OBJECTS, render, render_morph, sample_scene
 from erasekit.toyworld.spread import summarise
 from erasekit.toyworld.world import SHIPPED_WORLD
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

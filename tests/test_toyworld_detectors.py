@@ -30,14 +30,7 @@ SHIPPED = Path(erasekit.toyworld.__file__).parent / "shapes_canvas" / "detectors
 TINY = dict(steps=15, batch_size=16, width=8, pool_size=120, refresh_per_step=2, eval_n=40, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these tiny networks gain nothing from more, and two threads on a busy
-    2-core machine run about ten times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny networks, one torch thread
 
 
 @pytest.fixture(scope="module")
