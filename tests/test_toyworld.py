@@ -492,3 +492,21 @@ def test_the_demo_states_the_bar_and_whether_each_number_meets_it():
         ]
     )
     assert grid.size[0] == 150 + 2 * (96 + 4) and grid.size[1] > 2 * (96 + 4)  # a caption strip above the rows
+
+
+def test_training_noise_never_seeds_an_evaluation_image():
+    """Whatever the training seed, the noises an erasure trains on are not those the protocol judges with."""
+    from types import SimpleNamespace
+
+    from erasekit.toyworld.demo import ANCHOR_SEED_BASE
+    from erasekit.training.trainer import TRAINING_NOISE_SEEDS, MaskTrainer
+
+    assert protocol.EVALUATION_SEED_BASE >= TRAINING_NOISE_SEEDS and ANCHOR_SEED_BASE >= TRAINING_NOISE_SEEDS
+    evaluation = {s.seed for s in protocol.evaluation_samples("circle", per_group=8)}
+    assert min(evaluation) == protocol.EVALUATION_SEED_BASE
+    for seed in range(12):
+        trainer = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(seed=seed)))
+        noises = {MaskTrainer._noise_seed(trainer, i, stream) for i in range(0, 3000, 7) for stream in (0, 1)}
+        assert max(noises) < TRAINING_NOISE_SEEDS and not noises & evaluation
+    # seed 0 keeps the noises it always had (its shipped numbers stay valid)
+    assert MaskTrainer._noise_seed(SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(seed=0))), 5, 1) == 11
