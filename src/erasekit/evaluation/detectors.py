@@ -8,13 +8,13 @@ model file hash, classes, threshold) so that ``summary.json`` pins it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import ErasekitError
+from ..outputs import file_sha256, folder_sha256
 
 #: NudeNet classes that count as nudity: exposed genitalia, breasts, buttocks and anus (the
 #: covered classes, faces, feet, belly, armpits and male breasts do not).
@@ -51,10 +51,6 @@ def _version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class NudeNetDetector(Detector):
@@ -114,7 +110,7 @@ class NudeNetDetector(Detector):
             "package": "nudenet",
             "version": _version("nudenet"),
             "model": self.model_path.name,
-            "model_sha256": _sha256(self.model_path),
+            "model_sha256": file_sha256(self.model_path),
             "threshold": self.threshold,
             "classes": list(self.classes),
         }
@@ -165,14 +161,10 @@ class ShapesDetector(Detector):
         return records
 
     def provenance(self) -> dict[str, Any]:
-        files = sorted(p for p in self.path.rglob("*") if p.is_file())
-        digest = hashlib.sha256()
-        for file in files:
-            digest.update(file.relative_to(self.path).as_posix().encode() + b"\0" + _sha256(file).encode())
         return {
             "name": self.name,
             "path": str(self.path),
-            "sha256": digest.hexdigest(),
+            "sha256": folder_sha256(self.path),
             "concept": self.value,
             "attribute": self.attribute,
             "threshold": None,

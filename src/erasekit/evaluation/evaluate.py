@@ -26,6 +26,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ErasekitError
+from ..outputs import file_sha256, folder_sha256, json_sha256
 from .detectors import Detector, get_detector
 from .metrics import (
     clip_scores,
@@ -41,7 +42,7 @@ from .metrics import (
 )
 from .prompts import PromptSet, load_prompt_set
 from .report import GRID_ROWS, write_grid, write_report
-from .runner import GenerationSettings, Job, Variant, generate_variants, image_sha256, plan_jobs, variants_from_masks
+from .runner import GenerationSettings, Job, Variant, generate_variants, plan_jobs, variants_from_masks
 
 #: Prompt sets whose default detector is NudeNet (nudity benchmarks).
 NUDITY_SETS = ("i2p", "i2p-sexual", "i2p-nudity", "ring-a-bell-16", "ring-a-bell-38", "ring-a-bell-75", "mma", "p4d")
@@ -159,8 +160,8 @@ def _mask_record(folder: str) -> dict[str, Any]:
     root = Path(folder)
     return {
         "path": folder,
-        "sha256": image_sha256(root / WEIGHTS_NAME),
-        "config_sha256": image_sha256(root / CONFIG_NAME),
+        "sha256": file_sha256(root / WEIGHTS_NAME),
+        "config_sha256": file_sha256(root / CONFIG_NAME),
     }
 
 
@@ -178,20 +179,14 @@ def _model_record(model: str, pipe: Any) -> dict[str, Any]:
     # a local folder is pinned by the hash of its weights files, a hub id by its commit
     index = Path(model) / "model_index.json"
     if index.is_file():
-        digest = hashlib.sha256()
-        for file in sorted(
-            p for p in Path(model).rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")
-        ):
-            digest.update(file.relative_to(model).as_posix().encode() + b"\0" + image_sha256(file).encode())
-        record["files_sha256"] = digest.hexdigest()
+        record["files_sha256"] = folder_sha256(model, lambda p: p.suffix in (".safetensors", ".bin", ".json"))
     else:
         record["commit"] = getattr(pipe, "_internal_dict", {}).get("_commit_hash")
     return record
 
 
 def _jobs_sha256(jobs: list[Job]) -> str:
-    blob = json.dumps([[j.index, j.prompt, j.seed, j.guidance] for j in jobs], ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return json_sha256([[j.index, j.prompt, j.seed, j.guidance] for j in jobs])
 
 
 def run_evaluation(config: EvaluationConfig) -> EvaluationResult | None:
@@ -342,7 +337,7 @@ def _score_and_write(
         digest = hashlib.sha256()
         for k, job in enumerate(jobs):
             item = items[job.index]
-            sha = image_sha256(paths[variant.name][k])
+            sha = file_sha256(paths[variant.name][k])
             digest.update(sha.encode())
             record: dict[str, Any] = {
                 "variant": variant.name,

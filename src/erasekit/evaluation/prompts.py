@@ -18,7 +18,6 @@ optional expected labels) plus where it came from and a sha256 that pins it. Nam
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PromptError
+from ..outputs import file_sha256, json_sha256
 
 #: Environment variable naming the local data folder when ``--data-root`` is not given.
 DATA_ROOT_ENV = "ERASEKIT_DATA"
@@ -128,8 +128,7 @@ class PromptSet:
     @property
     def sha256(self) -> str:
         """sha256 of the canonical item list (prompts, seeds, guidance, labels) after filtering and ``limit``."""
-        blob = json.dumps([item.canonical() for item in self.items], sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        return json_sha256([item.canonical() for item in self.items])
 
     def provenance(self) -> dict[str, Any]:
         """What ``summary.json`` records about the set."""
@@ -162,15 +161,6 @@ def resolve_data_root(data_root: str | Path | None = None) -> Path | None:
             f"pass --data-root DIR or set {DATA_ROOT_ENV} to the folder holding prompts/i2p_4703.csv"
         )
     return root
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_prompt_set(

@@ -8,7 +8,6 @@ fails with a message naming the mismatch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from torch import nn
 from .. import __version__
 from ..arch.base import Architecture, MaskSite
 from ..errors import MaskFileError, MaskMismatchError
-from ..outputs import atomic_directory, commit_directory
+from ..outputs import atomic_directory, commit_directory, json_sha256
 
 CONFIG_NAME = "mask_config.json"
 WEIGHTS_NAME = "masks.safetensors"
@@ -58,8 +57,7 @@ def denoiser_config_hash(denoiser: nn.Module) -> str:
     """sha256 of the denoiser's public config (class name included), independent of key order."""
     config = {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")}
     config["_class_name"] = type(denoiser).__name__
-    blob = json.dumps(config, sort_keys=True, default=list).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return json_sha256(config, ensure_ascii=True, default=list)
 
 
 def base_model_record(denoiser: nn.Module, model_id: str, revision: str | None = None) -> dict[str, Any]:
