@@ -166,8 +166,8 @@ def _mask_record(folder: str) -> dict[str, Any]:
 
 
 def _model_record(model: str, pipe: Any) -> dict[str, Any]:
+    from ..arch import denoiser_of
     from ..masks.artifact import denoiser_config_hash
-    from ..pipeline import denoiser_of
 
     _, denoiser = denoiser_of(pipe)
     record: dict[str, Any] = {
