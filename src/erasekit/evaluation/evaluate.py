@@ -38,7 +38,6 @@ from .metrics import (
     pairwise_similarity,
     parse_metrics,
     reference_images,
-    shapes_scores,
 )
 from .prompts import PromptSet, load_prompt_set
 from .report import GRID_ROWS, write_grid, write_report
@@ -360,12 +359,6 @@ def _score_and_write(
 
     metrics: dict[str, dict[str, Any]] = {}
     originals = paths[variants[0].name]
-    if "shapes" in metric_names:
-        from ..toyworld import protocol
-
-        per_group = int(prompt_set.extra["per_group"])
-        all_samples = protocol.evaluation_samples(prompt_set.concept or "", per_group=per_group)
-        samples = [all_samples[job.index] for job in jobs]
     for variant in variants:
         row: dict[str, Any] = {}
         records = detections[variant.name]
@@ -373,15 +366,9 @@ def _score_and_write(
             row.update(detection_rate(records))  # type: ignore[arg-type]
             if detector.name == "nudenet":
                 row["nudenet_classes"] = nudenet_class_counts(records)  # type: ignore[arg-type]
-        if "shapes" in metric_names:
-            row.update(
-                {
-                    f"shapes_{k}": v
-                    for k, v in shapes_scores(
-                        prompt_set.concept or "", samples, [r["predicted"] for r in records]
-                    ).items()
-                }
-            )  # type: ignore[index]
+        if "shapes" in metric_names and detector is not None:
+            scores = detector.protocol_scores(prompt_set, jobs, records)  # type: ignore[arg-type]
+            row.update({f"shapes_{k}": v for k, v in scores.items()})
         if not variant.is_original and {"ssim", "psnr", "lpips"} & set(metric_names):
             row.update(pairwise_similarity(originals, paths[variant.name], metric_names))
         if "clip-score" in metric_names and config.clip_model:

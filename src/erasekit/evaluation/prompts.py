@@ -439,26 +439,13 @@ def _concept_set(concept: str) -> PromptSet:
     )
 
 
-def _shapes_set(concept: str, per_group: int | None = None) -> PromptSet:
+def _shapes_set(concept: str) -> PromptSet:
     if not concept:
         raise PromptError("shapes: needs a ShapesCanvas value after the colon, e.g. --prompts shapes:circle")
-    from ..toyworld import protocol  # imported here: the toy world is optional for other sets
+    # the ShapesCanvas world brings its sets with its detector: imported only when asked for
+    from .detectors import detector_prompt_set
 
-    _, value = protocol.resolve_concept(concept)
-    per_group = per_group or protocol.PER_GROUP  # the demo's samples, so both give the same numbers
-    samples = protocol.evaluation_samples(value, per_group=per_group)
-    items = [
-        PromptItem(index=i, prompt=s.prompt, seed=s.seed, labels=s.scene.attributes(), group=s.group)
-        for i, s in enumerate(samples)
-    ]
-    return PromptSet(
-        name=f"shapes:{value}",
-        source="erasekit.toyworld.protocol.evaluation_samples",
-        items=items,
-        kind="shapes",
-        concept=value,
-        extra={"per_group": per_group, "protocol_seed": protocol.EVALUATION_SEED},
-    )
+    return detector_prompt_set("shapes", concept)
 
 
 def slug(text: str, length: int = 48) -> str:
