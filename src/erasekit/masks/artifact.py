@@ -123,6 +123,7 @@ def load_mask_artifact(path: str | Path) -> MaskArtifact:
         )
     if config.get("format") != FORMAT:
         raise MaskFileError(f"{config_file} is not an erasekit mask config (format {config.get('format')!r})")
+    _check_format_version(config, config_file)
     try:
         logits = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -132,6 +133,19 @@ def load_mask_artifact(path: str | Path) -> MaskArtifact:
     if bad:
         raise MaskFileError(f"{weights_file} holds non-finite logits ({bad}); the mask is corrupt: train it again")
     return MaskArtifact(logits={k: v.to(torch.float32) for k, v in logits.items()}, config=config, path=folder)
+
+
+def _check_format_version(config: dict[str, Any], config_file: Path) -> None:
+    """Refuse an artefact written in a newer format than this erasekit reads (docs/design.md, the
+    version rule); every older version stays readable. A config without the field is version 1."""
+    version = config.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise MaskFileError(f"{config_file} has format_version {version!r}; expected a positive integer")
+    if version > FORMAT_VERSION:
+        raise MaskFileError(
+            f"{config_file} has format_version {version}, newer than the version {FORMAT_VERSION} that "
+            f"erasekit {__version__} reads; upgrade erasekit to load it"
+        )
 
 
 def _non_finite(logits: dict[str, torch.Tensor]) -> str:
