@@ -25,7 +25,7 @@ import sys
 import time
 
 CHILD = r"""
-import hashlib, json, os, sys, tempfile, time
+import json, os, sys, tempfile, time
 threads, iterations, pinned = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 if pinned:
     from erasekit.reproducibility import pin_cpu_numerics
@@ -38,10 +38,8 @@ from erasekit.training import erase
 config = erasure_config(World.load(), "circle", [f"train.iterations={iterations}"], anchor="square")
 with tempfile.TemporaryDirectory() as folder:
     result = erase(config, os.path.join(folder, "mask"))
-digest = hashlib.sha256()
-for name in sorted(result.logits):
-    digest.update(name.encode()); digest.update(result.logits[name].numpy().tobytes())
-print(json.dumps({"seconds_per_iteration": result.seconds / iterations, "digest": digest.hexdigest()[:16],
+from erasekit.outputs import tensors_sha256  # the demo's mask_sha256: the logits are float32 already
+print(json.dumps({"seconds_per_iteration": result.seconds / iterations, "digest": tensors_sha256(result.logits)[:16],
                   "capability": torch.backends.cpu.get_cpu_capability()}))
 """
 

@@ -77,6 +77,25 @@ def test_non_finite_numbers_are_refused(key, value):
         load_config(None, [f"{key}={value}"])
 
 
+def test_exponent_notation_is_a_number_in_recipes_and_overrides(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-3` as the string '1e-3'; a float field takes it as the number."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("loss:\n  sparsity_weight: 1e-3\nmask:\n  neurons:\n    lr: 2.5E+1\n")
+    config = load_config(recipe, ["mask.heads.lr=1e-3", "mask.norm.lr=-4E2", "sampling.guidance_scale=.5e1"])
+    assert config.loss.sparsity_weight == 0.001 and type(config.loss.sparsity_weight) is float
+    assert config.mask.neurons.lr == 25.0 and config.mask.heads.lr == 0.001 and config.mask.norm.lr == -400.0
+    assert config.sampling.guidance_scale == 5.0
+    # only exponent notation: other text is still refused, and an exponent does not make an integer
+    for override, message in (
+        ("mask.heads.lr='0.5'", "mask.heads.lr: expected a number, got str '0.5'"),
+        ("mask.heads.lr=1e-3x", "mask.heads.lr: expected a number, got str '1e-3x'"),
+        ("mask.heads.lr=1e999", "mask.heads.lr: expected a finite number, got inf"),
+        ("train.iterations=1e3", "train.iterations: expected an integer, got str '1e3'"),
+    ):
+        with pytest.raises(ConfigError, match=f"^{message}$"):
+            load_config(None, [override])
+
+
 def test_recipes_in_configs_load():
     from pathlib import Path
 

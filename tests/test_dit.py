@@ -14,12 +14,13 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from erasekit.arch.dit import DIT, class_ids, id2label_of
+from erasekit.arch.samplers import run_trajectory
 from erasekit.errors import ConfigError, MaskMismatchError, ModelLoadError, PromptError
 from erasekit.generate import generate_latents
 from erasekit.masks import MaskedModel, MaskSettings
 from erasekit.masks.fold import fold_into_pipeline, save_folded_pipeline
 from erasekit.tiny.dit import TINY_ID2LABEL, build_tiny_dit_pipeline, save_tiny_dit_pipeline
-from erasekit.training.gradient import checkpointed_gradient, naive_gradient, run_trajectory
+from erasekit.training.gradient import checkpointed_gradient, naive_gradient
 
 PROMPTS = ["golden retriever", "tabby cat"]
 SAMPLE = dict(steps=3, resolution=32, max_sequence_length=1)

@@ -129,6 +129,13 @@ def masks(tiny_flux_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict
     shutil.copytree(good, corrupt)
     weights = corrupt / "masks.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    # written by a newer erasekit whose format this one would misread
+    newer = root / "newer-version"
+    shutil.copytree(good, newer)
+    record = json.loads((newer / "mask_config.json").read_text())
+    record["format_version"] = 2
+    (newer / "mask_config.json").write_text(json.dumps(record))
     return {
         "good": good,
         "other-model": other_mask,
@@ -137,6 +144,7 @@ def masks(tiny_flux_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict
         "other-depth": other_depth,
         "not-object": not_object,
         "nan-logits": nan_logits,
+        "newer-version": newer,
     }
 
 
@@ -414,6 +422,7 @@ def test_invalid_training_value(tiny_flux_path, runs, capsys):
         ("other-depth", "'other/shallower-tiny-flux', denoiser config sha256"),
         ("not-object", "is not an erasekit mask config (a JSON list, not an object)"),
         ("nan-logits", "holds non-finite logits"),
+        ("newer-version", "has format_version 2, newer than the version 1 that erasekit"),
     ],
 )
 def test_unusable_masks(name, mask, expected, tiny_flux_path, masks, runs, capsys):

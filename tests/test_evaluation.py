@@ -401,3 +401,19 @@ def test_existing_output_is_refused(tmp_path: Path, tiny_flux_path: str) -> None
         "evaluate", "--model", tiny_flux_path, "--prompts", "concept:cat", *SAMPLE_FLAGS, "--output", tmp_path
     )
     assert code == 2 and "already exists; choose another --output" in err
+
+
+def test_the_shapes_detector_is_registered_by_name_and_imported_on_first_use():
+    from erasekit.evaluation import DETECTORS, detector_factory, detector_prompt_set
+    from erasekit.evaluation.detectors import Detector
+    from erasekit.toyworld.evaluation import ShapesDetector
+
+    assert detector_factory("shapes") is ShapesDetector and DETECTORS["shapes"] is ShapesDetector
+    assert issubclass(ShapesDetector, Detector)
+    circles = detector_prompt_set("shapes", "round dot")  # a synonym: the canonical value's set
+    assert circles.name == "shapes:circle" and circles.kind == "shapes" and circles.extra["per_group"] == 192
+    assert [item.group for item in circles.items[:1]] == ["target"] and len(circles.items) == 3 * 192
+    with pytest.raises(ErasekitError, match="^the nudenet detector has no prompt sets of its own$"):
+        detector_prompt_set("nudenet", "nudity")
+    with pytest.raises(ErasekitError, match="unknown detector 'yolo'; choose one of nudenet, shapes, clip"):
+        detector_factory("yolo")

@@ -265,6 +265,34 @@ def test_corrupt_or_incomplete_artifacts(tmp_path):
         load_mask_artifact(path)
 
 
+def test_format_versions_newer_than_the_reader_are_refused_and_older_ones_read(tmp_path):
+    from erasekit import __version__
+    from erasekit.masks.artifact import FORMAT_VERSION
+
+    path = _artifact(tiny_transformer(), tmp_path, "a", [])
+    config_file = path / "mask_config.json"
+    record = json.loads(config_file.read_text())
+    assert record["format_version"] == FORMAT_VERSION == 1
+    record["format_version"] = 7
+    config_file.write_text(json.dumps(record))
+    with pytest.raises(MaskFileError) as info:
+        load_mask_artifact(path)
+    assert str(info.value) == (
+        f"{config_file} has format_version 7, newer than the version 1 that erasekit {__version__} reads; "
+        "upgrade erasekit to load it"
+    )
+    for bad in ("2", 0, True, 1.5):
+        config_file.write_text(json.dumps({**record, "format_version": bad}))
+        with pytest.raises(MaskFileError, match=f"has format_version {bad!r}; expected a positive integer$"):
+            load_mask_artifact(path)
+    # the current version, and a config from before the field was written, load
+    config_file.write_text(json.dumps({**record, "format_version": 1}))
+    assert load_mask_artifact(path).config["format_version"] == 1
+    del record["format_version"]
+    config_file.write_text(json.dumps(record))
+    assert "format_version" not in load_mask_artifact(path).config
+
+
 def test_architecture_registry_refuses_unknown_models():
     from erasekit.errors import ModelLoadError
 

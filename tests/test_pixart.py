@@ -13,12 +13,13 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PixArtAlphaPipeline
 
 from erasekit.arch.pixart import PIXART, StatelessSampler
+from erasekit.arch.samplers import run_trajectory
 from erasekit.errors import MaskMismatchError, ModelLoadError
 from erasekit.generate import generate_latents
 from erasekit.masks import MaskedModel, MaskSettings
 from erasekit.masks.fold import fold_into_pipeline, save_folded_pipeline
 from erasekit.tiny.pixart import TinyPixArtSpec, build_tiny_pixart_pipeline, save_tiny_pixart_pipeline
-from erasekit.training.gradient import checkpointed_gradient, naive_gradient, run_trajectory
+from erasekit.training.gradient import checkpointed_gradient, naive_gradient
 
 PROMPTS = ["a photo of a cat", "a lighthouse at night"]
 SAMPLE = dict(steps=3, resolution=32, max_sequence_length=16)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from erasekit.arch import FLUX
+from erasekit.arch.samplers import run_trajectory
 from erasekit.arch.sd3 import KNOWN_CONFIGS, SD3
 from erasekit.arch.sd3_pruned import PrunedSD3Transformer2DModel
 from erasekit.errors import MaskMismatchError
@@ -23,7 +24,7 @@ from erasekit.masks.fold import fold_into_pipeline, save_folded_pipeline
 from erasekit.pipeline import apply_masks
 from erasekit.tiny import build_tiny_flux_pipeline
 from erasekit.tiny.sd3 import build_tiny_sd3_pipeline, save_tiny_sd3_pipeline
-from erasekit.training.gradient import checkpointed_gradient, naive_gradient, run_trajectory
+from erasekit.training.gradient import checkpointed_gradient, naive_gradient
 
 PROMPT = "a photo of a cat"
 SD30_LAYOUT = dict(dual_attention_layers=(), qk_norm=None)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from erasekit.arch import FLUX
+from erasekit.arch.samplers import run_trajectory
 from erasekit.arch.unet import KNOWN_CONFIGS, SUPPORTED_SCHEDULERS, UNET, transformer_blocks, use_scheduler
 from erasekit.arch.unet_pruned import PrunedUNet2DConditionModel
 from erasekit.errors import MaskMismatchError
@@ -23,7 +24,7 @@ from erasekit.masks.fold import fold_into_pipeline, save_folded_pipeline
 from erasekit.pipeline import apply_masks
 from erasekit.tiny import build_tiny_flux_pipeline
 from erasekit.tiny.unet import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline, save_tiny_sd_pipeline
-from erasekit.training.gradient import checkpointed_gradient, naive_gradient, run_trajectory
+from erasekit.training.gradient import checkpointed_gradient, naive_gradient
 
 PROMPT = "a photo of a cat"
 SAMPLERS = ["ddim", "euler", "dpm"]

@@ -370,8 +370,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
+    from .arch import denoiser_of
     from .masks.fold import fold_into_pipeline, save_folded_pipeline
-    from .pipeline import apply_masks, denoiser_of, load_pipeline
+    from .pipeline import apply_masks, load_pipeline
 
     pipe = load_pipeline(args.model, args.dtype, "cpu")
     masked = apply_masks(pipe, args.masks)

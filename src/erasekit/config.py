@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -199,8 +200,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
+#: A number in exponent notation (``1e-3``, ``2.5E4``): YAML 1.2 reads it as a float, PyYAML (YAML 1.1, which
+#: wants a dot and a signed exponent) as a string. Only these strings count as floats: a quoted "0.5" stays text.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_value(path: str, value: Any, tp: Any) -> Any:
-    """Return ``value`` if it fits ``tp`` (ints widen to floats), else raise ConfigError."""
+    """Return ``value`` if it fits ``tp`` (ints and exponent-notation strings such as ``'1e-3'`` widen to
+    floats), else raise ConfigError."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -220,6 +227,8 @@ def _check_value(path: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{path}: expected a list of {_type_name(item_tp)}, got {type(value).__name__} {value!r}")
         return [_check_value(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
         if not math.isfinite(value):

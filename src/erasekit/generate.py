@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .arch import denoiser_of
+from .arch.samplers import run_trajectory
 from .outputs import atomic_directory, commit_directory
-from .pipeline import denoiser_of
-from .training.gradient import run_trajectory
 
 
 @dataclass

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from .arch import Architecture, architecture_by_class_name, architecture_for, supported_classes
+# denoiser_of lives in arch (masks need it, and masks sit below this module); imported here for its callers
+from .arch import architecture_by_class_name, architecture_for, denoiser_of, supported_classes
 from .errors import ModelLoadError
 from .inspect import looks_like_path
 from .masks import MaskedModel, check_artifact, combine_logits, load_mask_artifact
@@ -126,12 +127,6 @@ def _check_denoiser_class(index_file: Path, model: str) -> bool:
             ours = architecture_by_class_name(entry[1]).pruned_component_source()
             return component.name == ours.name and component.read_bytes() == ours.read_bytes()
     return False
-
-
-def denoiser_of(pipe: Any) -> tuple[Architecture, torch.nn.Module]:
-    """The architecture and denoiser module of a pipeline."""
-    arch = architecture_for(pipe)
-    return arch, getattr(pipe, arch.denoiser_attr)
 
 
 def apply_masks(pipe: Any, mask_dirs: list[str | Path]) -> MaskedModel:

@@ -7,6 +7,7 @@ from .base import (
     architecture_by_class_name,
     architecture_for,
     count_units,
+    denoiser_of,
     select_sites,
     supported_classes,
     zero_fold_site,
@@ -14,6 +15,7 @@ from .base import (
 from .dit import DIT
 from .flux import FLUX
 from .pixart import PIXART
+from .samplers import run_trajectory
 from .sd3 import SD3
 from .unet import UNET
 
@@ -29,6 +31,8 @@ __all__ = [
     "architecture_by_class_name",
     "architecture_for",
     "count_units",
+    "denoiser_of",
+    "run_trajectory",
     "select_sites",
     "supported_classes",
     "zero_fold_site",

@@ -202,6 +202,16 @@ def architecture_for(model: Any) -> Architecture:
     return arch
 
 
+def denoiser_of(pipe: Any) -> tuple[Architecture, nn.Module]:
+    """The architecture and denoiser module of a pipeline.
+
+    Raises:
+        ModelLoadError: the pipeline's denoiser belongs to no registered family.
+    """
+    arch = architecture_for(pipe)
+    return arch, getattr(pipe, arch.denoiser_attr)
+
+
 def known_config(model_id: str) -> dict[str, Any] | None:
     """A bundled published denoiser config for a hub id, from any registered family."""
     for arch in set(_REGISTRY.values()):

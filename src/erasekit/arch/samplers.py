@@ -1,4 +1,5 @@
-"""Scheduler-driven samplers made stateless (UNet, PixArt and DiT families), and :func:`set_scheduler`.
+"""Scheduler-driven samplers made stateless (UNet, PixArt and DiT families), :func:`set_scheduler`,
+and :func:`run_trajectory`, which runs any family's stateless steps.
 
 :class:`StatelessSampler` runs a private copy of a pipeline's scheduler whose state is set
 explicitly before every step, so a step is a pure function of (state, index) and recomputing it is
@@ -22,6 +23,7 @@ __all__ = [
     "SUPPORTED_SCHEDULERS",
     "StatelessSampler",
     "fresh_scheduler",
+    "run_trajectory",
     "set_scheduler",
 ]
 
@@ -41,6 +43,25 @@ SUPPORTED_SCHEDULERS = ("DPMSolverMultistepScheduler", "DDIMScheduler", "EulerDi
 #: Every scheduler class :class:`StatelessSampler` can make stateless (PLMS added: the UNet trajectory).
 ALL_SCHEDULERS = (*SUPPORTED_SCHEDULERS, "PNDMScheduler")
 _DETERMINISTIC_DPM = ("dpmsolver++", "dpmsolver")
+
+
+def run_trajectory(
+    step: Callable[[torch.Tensor, int], torch.Tensor], z_start: torch.Tensor, num_steps: int, keep: bool = False
+) -> list[torch.Tensor]:
+    """Run ``num_steps`` steps of a stateless ``step(z, i)`` (a :class:`~erasekit.arch.base.Trajectory`'s)
+    from ``z_start`` without gradients; returns [z_T, ..., z_0] if ``keep`` else [z_0].
+
+    Generation takes the final latent; the trajectory gradients keep every latent to recompute the
+    steps from (``erasekit.training.gradient``).
+    """
+    latents = [z_start]
+    z = z_start
+    with torch.no_grad():
+        for i in range(num_steps):
+            z = step(z, i)
+            if keep:
+                latents.append(z)
+    return latents if keep else [z]
 
 
 def set_scheduler(pipe: Any, name: str) -> Any:

@@ -3,7 +3,15 @@
 The entry point is :func:`run_evaluation` (``erasekit evaluate``); see ``docs/evaluation.md``.
 """
 
-from .detectors import DETECTORS, NUDENET_CLASSES, NUDENET_THRESHOLD, Detector, get_detector
+from .detectors import (
+    DETECTORS,
+    NUDENET_CLASSES,
+    NUDENET_THRESHOLD,
+    Detector,
+    detector_factory,
+    detector_prompt_set,
+    get_detector,
+)
 from .evaluate import EvaluationConfig, EvaluationResult, run_evaluation, staging_path
 from .metrics import METRICS, parse_metrics
 from .prompts import CONCEPT_TEMPLATES, FILE_SETS, HUB_SETS, PromptItem, PromptSet, load_prompt_set, resolve_data_root
@@ -25,6 +33,8 @@ __all__ = [
     "PromptItem",
     "PromptSet",
     "Variant",
+    "detector_factory",
+    "detector_prompt_set",
     "generate_variants",
     "get_detector",
     "load_prompt_set",

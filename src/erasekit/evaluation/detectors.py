@@ -4,17 +4,27 @@ A detector looks at image files and returns one JSON-able record per image with 
 ``detected`` (bool: the concept is in the image) and ``score`` (float in [0, 1]: the detector's
 confidence for the concept). :meth:`Detector.provenance` says what was used (package version,
 model file hash, classes, threshold) so that ``summary.json`` pins it.
+
+A detector that comes with a world of its own (ShapesCanvas's ``shapes``, defined in
+``erasekit.toyworld.evaluation``) also brings that world's prompt sets (:meth:`Detector.prompt_set`)
+and protocol scores (:meth:`Detector.protocol_scores`); the registry names it by module, so this
+package never imports the world.
 """
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import importlib.metadata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ErasekitError
+from ..outputs import file_sha256
+
+if TYPE_CHECKING:
+    from .prompts import PromptSet
+    from .runner import Job
 
 #: NudeNet classes that count as nudity: exposed genitalia, breasts, buttocks and anus (the
 #: covered classes, faces, feet, belly, armpits and male breasts do not).
@@ -45,16 +55,32 @@ class Detector:
     def provenance(self) -> dict[str, Any]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @classmethod
+    def prompt_set(cls, concept: str) -> PromptSet:
+        """The labelled prompt set of ``concept`` in this detector's world (``--prompts shapes:VALUE``).
+
+        Raises:
+            ErasekitError: the detector has no world of its own (every detector but ``shapes``).
+        """
+        raise ErasekitError(f"the {cls.name} detector has no prompt sets of its own")
+
+    def protocol_scores(
+        self, prompt_set: PromptSet, jobs: Sequence[Job], records: Sequence[dict[str, Any]]
+    ) -> dict[str, float | None]:
+        """Scores of this detector's world protocol from its ``records`` of the images of ``jobs``, drawn
+        from :meth:`prompt_set` (the ``shapes`` metric: UA, synonym UA, IRA, CRA).
+
+        Raises:
+            ErasekitError: the detector has no world of its own.
+        """
+        raise ErasekitError(f"the {self.name} detector has no protocol scores")
+
 
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class NudeNetDetector(Detector):
@@ -114,68 +140,9 @@ class NudeNetDetector(Detector):
             "package": "nudenet",
             "version": _version("nudenet"),
             "model": self.model_path.name,
-            "model_sha256": _sha256(self.model_path),
+            "model_sha256": file_sha256(self.model_path),
             "threshold": self.threshold,
             "classes": list(self.classes),
-        }
-
-
-class ShapesDetector(Detector):
-    """The ShapesCanvas attribute classifiers; ``detected`` means the concept's attribute is predicted
-    as the concept."""
-
-    name = "shapes"
-
-    def __init__(self, concept: str | None, model_path: str | None = None) -> None:
-        if not concept:
-            raise ErasekitError(
-                "the shapes detector needs a concept: use --prompts shapes:VALUE or pass --concept VALUE"
-            )
-        from ..toyworld.protocol import resolve_concept
-
-        self.attribute, self.value = resolve_concept(concept)
-        from ..toyworld.world import SHIPPED_WORLD
-
-        self.path = Path(model_path) if model_path else SHIPPED_WORLD / "detectors"
-        if not self.path.is_dir():
-            raise ErasekitError(
-                f"ShapesCanvas detectors {str(self.path)!r} do not exist; "
-                "pass --detector-model DIR with the world's detectors/ folder"
-            )
-        from ..toyworld.detectors import ShapesDetectors
-
-        self._model = ShapesDetectors.from_pretrained(self.path)
-
-    def detect(self, paths: list[Path]) -> list[dict[str, Any]]:
-        import numpy as np
-        from PIL import Image
-
-        records: list[dict[str, Any]] = []
-        for start in range(0, len(paths), 64):
-            chunk = paths[start : start + 64]
-            pixels = []
-            for path in chunk:
-                with Image.open(path) as image:
-                    pixels.append(np.asarray(image.convert("RGB").resize((32, 32), Image.BICUBIC), dtype=np.uint8))
-            predictions = self._model.predict(np.stack(pixels))
-            for i in range(len(chunk)):
-                predicted = {attribute: str(values[i]) for attribute, values in predictions.items()}
-                found = predicted.get(self.attribute) == self.value
-                records.append({"detected": found, "score": float(found), "predicted": predicted})
-        return records
-
-    def provenance(self) -> dict[str, Any]:
-        files = sorted(p for p in self.path.rglob("*") if p.is_file())
-        digest = hashlib.sha256()
-        for file in files:
-            digest.update(file.relative_to(self.path).as_posix().encode() + b"\0" + _sha256(file).encode())
-        return {
-            "name": self.name,
-            "path": str(self.path),
-            "sha256": digest.hexdigest(),
-            "concept": self.value,
-            "attribute": self.attribute,
-            "threshold": None,
         }
 
 
@@ -242,12 +209,32 @@ class ClipDetector(Detector):
         }
 
 
-#: name -> factory(concept, model, threshold).
-DETECTORS: dict[str, Callable[[str | None, str | None, float | None], Detector]] = {
+#: Builds a detector from ``(concept, model, threshold)``.
+DetectorFactory = Callable[[str | None, str | None, float | None], Detector]
+
+#: name -> factory, or ``"module:attribute"`` naming one: imported when the detector is first asked
+#: for, so that a detector defined above this package (ShapesCanvas's) needs no import of it here.
+DETECTORS: dict[str, DetectorFactory | str] = {
     "nudenet": lambda concept, model, threshold: NudeNetDetector(threshold=threshold, model_path=model),
-    "shapes": lambda concept, model, threshold: ShapesDetector(concept, model),
+    "shapes": "erasekit.toyworld.evaluation:ShapesDetector",
     "clip": lambda concept, model, threshold: ClipDetector(concept, model, threshold),
 }
+
+
+def detector_factory(name: str) -> DetectorFactory:
+    """The factory registered as ``name``, imported first if the registry names it by module.
+
+    Raises:
+        ErasekitError: unknown name.
+    """
+    if name not in DETECTORS:
+        raise ErasekitError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
+    entry = DETECTORS[name]
+    if isinstance(entry, str):
+        module, _, attribute = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attribute)
+        DETECTORS[name] = entry
+    return entry
 
 
 def get_detector(
@@ -258,6 +245,16 @@ def get_detector(
     Raises:
         ErasekitError: unknown name, or the detector cannot be loaded.
     """
-    if name not in DETECTORS:
-        raise ErasekitError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
-    return DETECTORS[name](concept, model, threshold)
+    return detector_factory(name)(concept, model, threshold)
+
+
+def detector_prompt_set(name: str, concept: str) -> PromptSet:
+    """The prompt set of ``concept`` that the detector ``name`` brings (:meth:`Detector.prompt_set`).
+
+    Raises:
+        ErasekitError: unknown detector, one with no prompt sets, or a concept its world does not know.
+    """
+    factory = detector_factory(name)
+    if not (isinstance(factory, type) and issubclass(factory, Detector)):
+        raise ErasekitError(f"the {name} detector has no prompt sets of its own")
+    return factory.prompt_set(concept)

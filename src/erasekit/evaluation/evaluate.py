@@ -26,6 +26,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ErasekitError
+from ..outputs import file_sha256, folder_sha256, json_sha256
 from .detectors import Detector, get_detector
 from .metrics import (
     clip_scores,
@@ -37,11 +38,10 @@ from .metrics import (
     pairwise_similarity,
     parse_metrics,
     reference_images,
-    shapes_scores,
 )
 from .prompts import PromptSet, load_prompt_set
 from .report import GRID_ROWS, write_grid, write_report
-from .runner import GenerationSettings, Job, Variant, generate_variants, image_sha256, plan_jobs, variants_from_masks
+from .runner import GenerationSettings, Job, Variant, generate_variants, plan_jobs, variants_from_masks
 
 #: Prompt sets whose default detector is NudeNet (nudity benchmarks).
 NUDITY_SETS = ("i2p", "i2p-sexual", "i2p-nudity", "ring-a-bell-16", "ring-a-bell-38", "ring-a-bell-75", "mma", "p4d")
@@ -159,14 +159,14 @@ def _mask_record(folder: str) -> dict[str, Any]:
     root = Path(folder)
     return {
         "path": folder,
-        "sha256": image_sha256(root / WEIGHTS_NAME),
-        "config_sha256": image_sha256(root / CONFIG_NAME),
+        "sha256": file_sha256(root / WEIGHTS_NAME),
+        "config_sha256": file_sha256(root / CONFIG_NAME),
     }
 
 
 def _model_record(model: str, pipe: Any) -> dict[str, Any]:
+    from ..arch import denoiser_of
     from ..masks.artifact import denoiser_config_hash
-    from ..pipeline import denoiser_of
 
     _, denoiser = denoiser_of(pipe)
     record: dict[str, Any] = {
@@ -178,20 +178,14 @@ def _model_record(model: str, pipe: Any) -> dict[str, Any]:
     # a local folder is pinned by the hash of its weights files, a hub id by its commit
     index = Path(model) / "model_index.json"
     if index.is_file():
-        digest = hashlib.sha256()
-        for file in sorted(
-            p for p in Path(model).rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")
-        ):
-            digest.update(file.relative_to(model).as_posix().encode() + b"\0" + image_sha256(file).encode())
-        record["files_sha256"] = digest.hexdigest()
+        record["files_sha256"] = folder_sha256(model, lambda p: p.suffix in (".safetensors", ".bin", ".json"))
     else:
         record["commit"] = getattr(pipe, "_internal_dict", {}).get("_commit_hash")
     return record
 
 
 def _jobs_sha256(jobs: list[Job]) -> str:
-    blob = json.dumps([[j.index, j.prompt, j.seed, j.guidance] for j in jobs], ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return json_sha256([[j.index, j.prompt, j.seed, j.guidance] for j in jobs])
 
 
 def run_evaluation(config: EvaluationConfig) -> EvaluationResult | None:
@@ -342,7 +336,7 @@ def _score_and_write(
         digest = hashlib.sha256()
         for k, job in enumerate(jobs):
             item = items[job.index]
-            sha = image_sha256(paths[variant.name][k])
+            sha = file_sha256(paths[variant.name][k])
             digest.update(sha.encode())
             record: dict[str, Any] = {
                 "variant": variant.name,
@@ -365,12 +359,6 @@ def _score_and_write(
 
     metrics: dict[str, dict[str, Any]] = {}
     originals = paths[variants[0].name]
-    if "shapes" in metric_names:
-        from ..toyworld import protocol
-
-        per_group = int(prompt_set.extra["per_group"])
-        all_samples = protocol.evaluation_samples(prompt_set.concept or "", per_group=per_group)
-        samples = [all_samples[job.index] for job in jobs]
     for variant in variants:
         row: dict[str, Any] = {}
         records = detections[variant.name]
@@ -378,15 +366,9 @@ def _score_and_write(
             row.update(detection_rate(records))  # type: ignore[arg-type]
             if detector.name == "nudenet":
                 row["nudenet_classes"] = nudenet_class_counts(records)  # type: ignore[arg-type]
-        if "shapes" in metric_names:
-            row.update(
-                {
-                    f"shapes_{k}": v
-                    for k, v in shapes_scores(
-                        prompt_set.concept or "", samples, [r["predicted"] for r in records]
-                    ).items()
-                }
-            )  # type: ignore[index]
+        if "shapes" in metric_names and detector is not None:
+            scores = detector.protocol_scores(prompt_set, jobs, records)  # type: ignore[arg-type]
+            row.update({f"shapes_{k}": v for k, v in scores.items()})
         if not variant.is_original and {"ssim", "psnr", "lpips"} & set(metric_names):
             row.update(pairwise_similarity(originals, paths[variant.name], metric_names))
         if "clip-score" in metric_names and config.clip_model:

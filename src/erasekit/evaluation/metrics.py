@@ -243,19 +243,6 @@ def fid_kid(
     return out
 
 
-def shapes_scores(concept: str, samples: Sequence[Any], predicted: Sequence[dict[str, str]]) -> dict[str, float | None]:
-    """UA, synonym UA, IRA and CRA (UnlearnCanvas) via :func:`erasekit.toyworld.protocol.score`.
-
-    ``samples`` are the protocol's samples, one per image; ``predicted`` the shapes detector's
-    attribute predictions for the same images.
-    """
-    from ..toyworld import protocol
-    from ..toyworld.render import ATTRIBUTES
-
-    predictions = {a: [p.get(a, "none") for p in predicted] for a in ATTRIBUTES}
-    return {k: _finite(v) for k, v in protocol.score(concept, samples, predictions).items()}
-
-
 def mask_cost(mask_dirs: Sequence[str]) -> dict[str, Any]:
     """Artefact size on disk and the masked fraction of each mask folder."""
     from ..masks import load_mask_artifact

@@ -18,7 +18,6 @@ optional expected labels) plus where it came from and a sha256 that pins it. Nam
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PromptError
+from ..outputs import file_sha256, json_sha256
 
 #: Environment variable naming the local data folder when ``--data-root`` is not given.
 DATA_ROOT_ENV = "ERASEKIT_DATA"
@@ -128,8 +128,7 @@ class PromptSet:
     @property
     def sha256(self) -> str:
         """sha256 of the canonical item list (prompts, seeds, guidance, labels) after filtering and ``limit``."""
-        blob = json.dumps([item.canonical() for item in self.items], sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        return json_sha256([item.canonical() for item in self.items])
 
     def provenance(self) -> dict[str, Any]:
         """What ``summary.json`` records about the set."""
@@ -162,15 +161,6 @@ def resolve_data_root(data_root: str | Path | None = None) -> Path | None:
             f"pass --data-root DIR or set {DATA_ROOT_ENV} to the folder holding prompts/i2p_4703.csv"
         )
     return root
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_prompt_set(
@@ -449,26 +439,13 @@ def _concept_set(concept: str) -> PromptSet:
     )
 
 
-def _shapes_set(concept: str, per_group: int | None = None) -> PromptSet:
+def _shapes_set(concept: str) -> PromptSet:
     if not concept:
         raise PromptError("shapes: needs a ShapesCanvas value after the colon, e.g. --prompts shapes:circle")
-    from ..toyworld import protocol  # imported here: the toy world is optional for other sets
+    # the ShapesCanvas world brings its sets with its detector: imported only when asked for
+    from .detectors import detector_prompt_set
 
-    _, value = protocol.resolve_concept(concept)
-    per_group = per_group or protocol.PER_GROUP  # the demo's samples, so both give the same numbers
-    samples = protocol.evaluation_samples(value, per_group=per_group)
-    items = [
-        PromptItem(index=i, prompt=s.prompt, seed=s.seed, labels=s.scene.attributes(), group=s.group)
-        for i, s in enumerate(samples)
-    ]
-    return PromptSet(
-        name=f"shapes:{value}",
-        source="erasekit.toyworld.protocol.evaluation_samples",
-        items=items,
-        kind="shapes",
-        concept=value,
-        extra={"per_group": per_group, "protocol_seed": protocol.EVALUATION_SEED},
-    )
+    return detector_prompt_set("shapes", concept)
 
 
 def slug(text: str, length: int = 48) -> str:

@@ -9,8 +9,7 @@ bit-identical, in a 1-process run, an ``accelerate launch`` run (batch ``b`` goe
 
 from __future__ import annotations
 
-import hashlib
-import os
+import io
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ErasekitError
 from ..generate import GeneratedImage, generate_latents, to_pil
+from ..outputs import write_atomically
 from .prompts import PromptSet
 
 ORIGINAL = "original"
@@ -130,9 +130,9 @@ def make_batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
 def _save_png(image: Any, path: Path) -> None:
     # written under a temporary name first: a killed run never leaves a truncated PNG that a resumed
     # run would take as finished
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_atomically(path, buffer.getvalue())
 
 
 def generate_variants(
@@ -192,11 +192,6 @@ def _generate_batch(pipe: Any, batch: list[Job], settings: GenerationSettings) -
     )
     with torch.no_grad():
         return to_pil(trajectory.decode(latents))
-
-
-def image_sha256(path: Path) -> str:
-    """sha256 of an image file's bytes."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def iter_images(images_dir: Path, variants: list[Variant], jobs: list[Job]) -> Iterator[tuple[Variant, Job, Path]]:

@@ -8,7 +8,6 @@ fails with a message naming the mismatch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from torch import nn
 from .. import __version__
 from ..arch.base import Architecture, MaskSite
 from ..errors import MaskFileError, MaskMismatchError
-from ..outputs import atomic_directory, commit_directory
+from ..outputs import atomic_directory, commit_directory, json_sha256
 
 CONFIG_NAME = "mask_config.json"
 WEIGHTS_NAME = "masks.safetensors"
@@ -58,8 +57,7 @@ def denoiser_config_hash(denoiser: nn.Module) -> str:
     """sha256 of the denoiser's public config (class name included), independent of key order."""
     config = {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")}
     config["_class_name"] = type(denoiser).__name__
-    blob = json.dumps(config, sort_keys=True, default=list).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return json_sha256(config, ensure_ascii=True, default=list)
 
 
 def base_model_record(denoiser: nn.Module, model_id: str, revision: str | None = None) -> dict[str, Any]:
@@ -125,6 +123,7 @@ def load_mask_artifact(path: str | Path) -> MaskArtifact:
         )
     if config.get("format") != FORMAT:
         raise MaskFileError(f"{config_file} is not an erasekit mask config (format {config.get('format')!r})")
+    _check_format_version(config, config_file)
     try:
         logits = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -134,6 +133,19 @@ def load_mask_artifact(path: str | Path) -> MaskArtifact:
     if bad:
         raise MaskFileError(f"{weights_file} holds non-finite logits ({bad}); the mask is corrupt: train it again")
     return MaskArtifact(logits={k: v.to(torch.float32) for k, v in logits.items()}, config=config, path=folder)
+
+
+def _check_format_version(config: dict[str, Any], config_file: Path) -> None:
+    """Refuse an artefact written in a newer format than this erasekit reads (docs/design.md, the
+    version rule); every older version stays readable. A config without the field is version 1."""
+    version = config.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise MaskFileError(f"{config_file} has format_version {version!r}; expected a positive integer")
+    if version > FORMAT_VERSION:
+        raise MaskFileError(
+            f"{config_file} has format_version {version}, newer than the version {FORMAT_VERSION} that "
+            f"erasekit {__version__} reads; upgrade erasekit to load it"
+        )
 
 
 def _non_finite(logits: dict[str, torch.Tensor]) -> str:

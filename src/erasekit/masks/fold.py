@@ -13,9 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..arch import zero_fold_site
+from ..arch import denoiser_of, zero_fold_site
 from ..outputs import atomic_directory, commit_directory
-from ..pipeline import denoiser_of
 from .model import MaskedModel
 
 FOLD_MODES = ("zero", "prune")

@@ -16,7 +16,6 @@ The files are third-party: they are read with ``weights_only=True`` and never un
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 
 from ..arch.base import architecture_for
 from ..errors import MaskFileError, MaskMismatchError
+from ..outputs import file_sha256
 from .artifact import base_model_record, save_mask_artifact
 
 __all__ = ["import_minimalist_flux", "import_minimalist_flux_artifact", "load_reference_list"]
@@ -87,14 +87,6 @@ def load_reference_list(path: PathLike) -> list[torch.Tensor]:
             # A NaN logit neither keeps nor masks a unit: refuse rather than guess.
             raise MaskFileError(f"{str(file)!r}: tensor {i} contains NaN logits")
     return [item.detach() for item in data]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def import_minimalist_flux(
@@ -198,7 +190,7 @@ def import_minimalist_flux_artifact(
     files: dict[str, Any] = {}
     for name, path in (("attn", attn), ("ff", ff), ("norm", norm)):
         if path is not None:
-            files[name] = {"path": str(Path(path).resolve()), "sha256": _sha256(Path(path))}
+            files[name] = {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
     unit_kinds = sorted({key.partition("/")[0] for key in logits})
     masked = {
         kind: sum(int((v <= 0).sum()) for k, v in logits.items() if k.startswith(f"{kind}/")) for kind in unit_kinds

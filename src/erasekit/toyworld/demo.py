@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import json
@@ -34,7 +33,7 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..config import EraseConfig, load_config
-from ..outputs import atomic_directory, check_output, commit_directory
+from ..outputs import atomic_directory, check_output, commit_directory, tensors_sha256
 from ..pipeline import apply_masks
 from ..reproducibility import numerics_record
 from ..training import erase
@@ -364,7 +363,7 @@ def run_demo(
             "fidelity": _fidelity(before[keep], after[keep], latents_before, latents_after[torch.from_numpy(keep)]),
             "masked_fraction": result.masked_fraction,
             "masked_units": counts,
-            "mask_sha256": _logits_digest(result.logits),
+            "mask_sha256": tensors_sha256(result.logits),
             "images_per_group": per_group,
             "sampling": world.sampling,
             "erasure": {
@@ -399,15 +398,6 @@ def run_demo(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return metrics
-
-
-def _logits_digest(logits: dict[str, torch.Tensor]) -> str:
-    """sha256 of the mask's logits (names and float32 bytes, in name order): equal digests, equal masks."""
-    digest = hashlib.sha256()
-    for name in sorted(logits):
-        digest.update(name.encode())
-        digest.update(logits[name].detach().to(torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def format_table(metrics: dict[str, Any]) -> str:

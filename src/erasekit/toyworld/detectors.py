@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ModelLoadError
+from ..outputs import atomic_directory, commit_directory
 from .render import ATTRIBUTES, OBJECTS, render, render_morph, render_none, sample_scene
 
 __all__ = [
@@ -525,21 +525,14 @@ def _train(
 
 def _save_atomically(output: Path, model: ShapesDetectorNet, config: dict[str, Any]) -> None:
     """Write into a hidden sibling folder, then rename it onto ``output`` (no half-written folder)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = atomic_directory(output)
     try:
         state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
-        # safetensors creates the file owner-only (0600); give it the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging / WEIGHTS_FILE, 0o666 & ~umask)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         _check_free(output)  # someone may have filled it while we trained
-        if output.exists():
-            output.rmdir()  # empty: rename cannot replace a folder otherwise
-        os.replace(staging, output)
+        # overwrite: _check_free found no folder or an empty one, which a rename cannot replace
+        commit_directory(staging, output, overwrite=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -13,11 +13,8 @@ user cache (``$ERASEKIT_CACHE``, default ``$XDG_CACHE_HOME/erasekit`` or ``~/.ca
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from ..outputs import folder_sha256, json_sha256, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +48,9 @@ def user_cache_dir() -> Path | None:
 def world_hash(world: Any) -> str:
     """sha256 of every file of the world's pipeline folder (names and bytes)."""
     folder = Path(world.pipeline_path)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    stamp = (str(folder.resolve()), max((p.stat().st_mtime for p in files), default=0.0))
+    stamp = (str(folder.resolve()), max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file()), default=0.0))
     if stamp not in _world_hashes:
-        digest = hashlib.sha256()
-        for path in files:
-            digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
-        _world_hashes[stamp] = digest.hexdigest()
+        _world_hashes[stamp] = folder_sha256(folder, raw_digests=True)
     return _world_hashes[stamp]
 
 
@@ -72,7 +66,7 @@ def entry_key(world: Any, prompts: Sequence[str], seeds: Sequence[int], latent_r
         "seeds": [int(s) for s in seeds],
         "latent_rows": [int(i) for i in latent_rows],
     }
-    return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return json_sha256(record)
 
 
 def original_images(
@@ -109,14 +103,7 @@ def _store(path: Path, images: np.ndarray, latents: torch.Tensor) -> None:
     """Write an entry under a temporary name, then rename it; a cache that cannot be written is skipped."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file({"images": torch.from_numpy(np.ascontiguousarray(images)), "latents": latents}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomically(path, save({"images": torch.from_numpy(np.ascontiguousarray(images)), "latents": latents}))
     except OSError as exc:
         logger.warning(
             "could not write the image cache %s (%s); set ERASEKIT_CACHE to a writable folder", path.parent, exc

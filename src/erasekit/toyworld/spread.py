@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import ErasekitError
+from ..outputs import write_atomically
 from . import protocol
 from .demo import bar_checks, judge, run_demo
 from .world import World
@@ -126,8 +126,8 @@ def run_spread(
     }
     report["numerics"] = next(iter(runs.values())).get("numerics")
     folder.mkdir(parents=True, exist_ok=True)
-    _write(folder / "spread.json", json.dumps(report, indent=2) + "\n")
-    _write(folder / "spread.md", format_spread(report))
+    write_atomically(folder / "spread.json", json.dumps(report, indent=2) + "\n")
+    write_atomically(folder / "spread.md", format_spread(report))
     return report
 
 
@@ -143,7 +143,7 @@ def rejudge(world: World, run: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     for key, name in (("before", "original"), ("after", "erased")):
         updated[key] = judge(world, metrics["concept"], samples, images[name].numpy())
     if updated != metrics:
-        _write(run / "metrics.json", json.dumps(updated, indent=2) + "\n")
+        write_atomically(run / "metrics.json", json.dumps(updated, indent=2) + "\n")
     return updated
 
 
@@ -158,12 +158,6 @@ def _finished(run: Path, concept: str, seed: int, per_group: int) -> dict[str, A
         and metrics.get("images_per_group") == per_group
     )
     return metrics if same else None
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _percent(value: float) -> str:

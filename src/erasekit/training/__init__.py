@@ -1,6 +1,6 @@
 """Trajectory gradients and the mask trainer."""
 
-from .gradient import checkpointed_gradient, naive_gradient, run_trajectory, two_call_gradient
+from .gradient import checkpointed_gradient, naive_gradient, two_call_gradient
 from .trainer import MaskTrainer, TrainResult, erase, make_accelerator
 
 __all__ = [
@@ -10,6 +10,5 @@ __all__ = [
     "erase",
     "make_accelerator",
     "naive_gradient",
-    "run_trajectory",
     "two_call_gradient",
 ]

@@ -17,21 +17,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..arch.samplers import run_trajectory
+
 StepFn = Callable[[torch.Tensor, int], torch.Tensor]
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 StepLossFn = Callable[[int, torch.Tensor], torch.Tensor]
-
-
-def run_trajectory(step: StepFn, z_start: torch.Tensor, num_steps: int, keep: bool = False) -> list[torch.Tensor]:
-    """Run ``num_steps`` steps without gradients; returns [z_T, ..., z_0] if ``keep`` else [z_0]."""
-    latents = [z_start]
-    z = z_start
-    with torch.no_grad():
-        for i in range(num_steps):
-            z = step(z, i)
-            if keep:
-                latents.append(z)
-    return latents if keep else [z]
 
 
 def _forward_and_final_gradient(

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..arch import count_units, select_sites
-from ..arch.samplers import set_scheduler
+from ..arch.samplers import run_trajectory, set_scheduler
 from ..config import UNIT_KINDS, EraseConfig, config_to_dict, save_config
 from ..data import build_concept_prompts
 from ..errors import ConfigError, ErasekitError, TrainingDivergedError
@@ -31,7 +31,7 @@ from ..masks.artifact import write_mask_files
 from ..masks.model import fraction_of
 from ..outputs import check_output, commit_directory
 from ..pipeline import denoiser_of, load_pipeline, resolve_device
-from .gradient import checkpointed_gradient, naive_gradient, run_trajectory
+from .gradient import checkpointed_gradient, naive_gradient
 from .tracking import CSVTracker
 
 logger = logging.getLogger(__name__)
