@@ -42,3 +42,19 @@ def test_demo_cache_benchmark_finds_the_shipped_entries_equal(capsys):
     _load("demo_cache").main(["--batches", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("nearest", "original", "anchor"))]
     assert len(rows) == 3 and all(row.endswith("True") for row in rows), rows
+
+
+@pytest.mark.slow
+def test_recipe_probe_scores_a_short_run_on_the_tuning_draw(capsys, tmp_path):
+    from erasekit.toyworld import protocol
+
+    row = _load("recipe_probe").main(
+        ["--output", str(tmp_path / "mask"), "--images", "4"]
+        + ["--set", "train.iterations=2", "--set", "sampling.steps=2"]
+    )
+    assert (tmp_path / "mask" / "masks.safetensors").is_file()
+    assert 0.0 <= row["strict_ua"] <= row["ua"] + 1e-9  # a judge more can only find more circles
+    assert row["seed"] == 0 and row["overrides"] == ["train.iterations=2", "sampling.steps=2"]
+    tuning = {s.seed for s in protocol.tuning_samples("circle", per_group=4)}
+    evaluation = {s.seed for s in protocol.evaluation_samples("circle", per_group=protocol.PER_GROUP)}
+    assert min(tuning) == protocol.TUNING_SEED_BASE and not tuning & evaluation

@@ -28,6 +28,8 @@ from .render import ATTRIBUTES, Scene, sample_scene
 EVALUATION_SEED = 1_000_003
 #: Image seeds of evaluation samples start here; erasure training uses seeds below it.
 EVALUATION_SEED_BASE = 1_000_000
+#: Scenes and noise seeds of :func:`tuning_samples` (the noise seeds lie above every evaluation image's).
+TUNING_SEED, TUNING_SEED_BASE = 77_777, 3_000_000
 GROUPS = ("target", "synonym", "in_domain")
 #: Evaluation images per group (``erasekit demo`` and ``erasekit evaluate --prompts shapes:VALUE``).
 PER_GROUP = 192
@@ -58,13 +60,18 @@ def resolve_concept(concept: str) -> tuple[str, str]:
     raise ErasekitError(f"{concept!r} is not a ShapesCanvas concept; use one of: {known}")
 
 
-def evaluation_samples(concept: str, per_group: int = PER_GROUP, seed: int = EVALUATION_SEED) -> list[Sample]:
-    """Target, synonym and in-domain samples for ``concept`` (``per_group`` each, deterministic)."""
+def evaluation_samples(
+    concept: str, per_group: int = PER_GROUP, seed: int = EVALUATION_SEED, image_seed_base: int = EVALUATION_SEED_BASE
+) -> list[Sample]:
+    """Target, synonym and in-domain samples for ``concept`` (``per_group`` each, deterministic).
+
+    ``seed`` draws the scenes; the images' noise seeds count up from ``image_seed_base``.
+    """
     attribute, value = resolve_concept(concept)
     rng = np.random.default_rng(seed)
     others = [v for v in ATTRIBUTES[attribute] if v != value]
     samples: list[Sample] = []
-    image_seed = EVALUATION_SEED_BASE
+    image_seed = image_seed_base
     for group in GROUPS:
         for k in range(per_group):
             fixed_value = value if group != "in_domain" else others[k % len(others)]
@@ -76,6 +83,13 @@ def evaluation_samples(concept: str, per_group: int = PER_GROUP, seed: int = EVA
             samples.append(Sample(prompt=prompt, seed=image_seed, scene=scene, group=group))
             image_seed += 1
     return samples
+
+
+def tuning_samples(concept: str, per_group: int = 96) -> list[Sample]:
+    """A draw to tune recipes on: the protocol's groups, with scenes and noise seeds that
+    :func:`evaluation_samples` never draws (scene seed :data:`TUNING_SEED`, noise seeds from
+    :data:`TUNING_SEED_BASE`), so that a recipe chosen on it is not fitted to the evaluation draw."""
+    return evaluation_samples(concept, per_group, seed=TUNING_SEED, image_seed_base=TUNING_SEED_BASE)
 
 
 def anchor_samples(concept: str, samples: Sequence[Sample], anchor: str | None = None) -> list[Sample]:
