@@ -8,6 +8,7 @@ import torch
 from erasekit.errors import ConfigError
 from erasekit.methods.eap import (
     adversarial_embedding,
+    eap_candidates,
     eap_losses,
     gumbel_softmax,
     kmeans_centres,
@@ -84,6 +85,17 @@ def test_kmeans_finds_separated_clusters() -> None:
     expected = torch.stack([points[20 * i : 20 * (i + 1)].mean(0) for i in range(3)])
     order = centres[:, 0] * 100 + centres[:, 1]  # (0,0) < (0,10) < (10,0)
     torch.testing.assert_close(centres[order.argsort()], expected[[0, 2, 1]], atol=1e-5, rtol=0)
+
+
+def test_candidates_are_centres_of_the_nearest_tokens() -> None:
+    vocabulary, concept = planted_vocabulary()
+    # The three planted rows are the nearest; one centre of them is their mean.
+    centre = eap_candidates(concept, vocabulary, nearest=3, centres=1, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(centre, vocabulary[[7, 21, 33]].mean(0, keepdim=True))
+    three = eap_candidates(concept, vocabulary, nearest=3, centres=3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        three[three[:, 0].argsort()], vocabulary[[7, 21, 33]][vocabulary[[7, 21, 33], 0].argsort()]
+    )
 
 
 def test_x0_conversions_invert_the_forward_processes() -> None:

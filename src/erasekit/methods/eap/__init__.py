@@ -3,9 +3,12 @@ the concept to preserve."""
 
 from erasekit.methods.eap.kernels import (
     EAP_DEFAULT_ADVERSARY_LR,
+    EAP_DEFAULT_CENTRES,
     EAP_DEFAULT_ITERATIONS,
     EAP_DEFAULT_LR,
+    EAP_DEFAULT_NEAREST,
     adversarial_embedding,
+    eap_candidates,
     eap_losses,
     gumbel_softmax,
     kmeans_centres,
@@ -17,9 +20,12 @@ from erasekit.methods.eap.kernels import (
 
 __all__ = [
     "EAP_DEFAULT_ADVERSARY_LR",
+    "EAP_DEFAULT_CENTRES",
     "EAP_DEFAULT_ITERATIONS",
     "EAP_DEFAULT_LR",
+    "EAP_DEFAULT_NEAREST",
     "adversarial_embedding",
+    "eap_candidates",
     "eap_losses",
     "gumbel_softmax",
     "kmeans_centres",

@@ -34,6 +34,10 @@ EAP_DEFAULT_ADVERSARY_LR = 1e-2
 #: The model's learning rate and iterations (official nudity setting, ESD-u style parameters).
 EAP_DEFAULT_LR = 1e-5
 EAP_DEFAULT_ITERATIONS = 1000
+#: Vocabulary tokens nearest the concept, and the K-means centres made of them (official ranges: 1000–2000
+#: and 50–100).
+EAP_DEFAULT_NEAREST = 1000
+EAP_DEFAULT_CENTRES = 50
 
 
 def nearest_tokens(
@@ -96,6 +100,22 @@ def kmeans_centres(
             break
         centres = updated
     return centres
+
+
+def eap_candidates(
+    concept_embedding: torch.Tensor,
+    vocabulary: torch.Tensor,
+    *,
+    nearest: int = EAP_DEFAULT_NEAREST,
+    centres: int = EAP_DEFAULT_CENTRES,
+    exclude: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The candidate matrix ``E``: K-means centres of the ``nearest`` vocabulary tokens nearest the concept
+    (cosine), ``(centres, dim)``. The search stays near the concept (the concepts an erasure damages most)
+    and the centres keep it small."""
+    indices = nearest_tokens(concept_embedding, vocabulary, nearest, exclude=exclude)
+    return kmeans_centres(vocabulary[indices], centres, generator=generator)
 
 
 def gumbel_softmax(
