@@ -1,0 +1,19 @@
+"""ConceptPrune (Chavhan et al., 2024): training-free pruning of skilled feed-forward neurons by WANDA scores."""
+
+from erasekit.methods.concept_prune.kernels import (
+    CONCEPT_PRUNE_DEFAULT_SHARE,
+    InputNormRecorder,
+    neuron_scores,
+    skilled_neurons,
+    skilled_weights,
+    wanda_scores,
+)
+
+__all__ = [
+    "CONCEPT_PRUNE_DEFAULT_SHARE",
+    "InputNormRecorder",
+    "neuron_scores",
+    "skilled_neurons",
+    "skilled_weights",
+    "wanda_scores",
+]
