@@ -149,13 +149,13 @@ class GuidedDenoiser:
         self.cond_first = cond_first
         self.supports_cfg = supports_cfg
         self.family = family
-        self._conditioning: dict[int, tuple[tuple[str, ...], dict[str, Any]]] = {}
-        self._carries: dict[int, dict[int, Any]] = {}
+        # keyed by the guidance object itself (identity), which also keeps it alive: an id() could be reused
+        self._conditioning: dict[Guidance, tuple[tuple[str, ...], dict[str, Any]]] = {}
+        self._carries: dict[Guidance, dict[int, Any]] = {}
         default.check(supports_cfg, family)
 
     def _prepared(self, guidance: Guidance) -> tuple[tuple[str, ...], dict[str, Any]]:
-        key = id(guidance)
-        if key not in self._conditioning:
+        if guidance not in self._conditioning:
             guidance.check(self.supports_cfg, self.family)
             order = tuple(guidance.roles)
             if self.cond_first and "cond" in order:
@@ -167,9 +167,9 @@ class GuidedDenoiser:
                     stacked[name] = torch.cat([p[name] for p in parts])
                 else:
                     stacked[name] = first
-            self._conditioning[key] = (order, stacked)
-            self._carries[key] = {}
-        return self._conditioning[key]
+            self._conditioning[guidance] = (order, stacked)
+            self._carries[guidance] = {}
+        return self._conditioning[guidance]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, i: int, guidance: Guidance | None = None) -> torch.Tensor:
         """The prediction at step ``i`` for the (model-scaled) latent rows ``x`` at timestep ``t``."""
@@ -178,7 +178,7 @@ class GuidedDenoiser:
         rows = torch.cat([x] * len(order)) if len(order) > 1 else x
         output = self.call(rows, t, conditioning)
         outputs = dict(zip(order, output.chunk(len(order)), strict=True)) if len(order) > 1 else {order[0]: output}
-        carries = self._carries[id(guidance)]
+        carries = self._carries[guidance]
         carry = carries[i - 1] if i > 0 and (i - 1) in carries else guidance.initial_carry()
         prediction, after = guidance.combine(outputs, i, carry)
         if i >= 0:  # a call off the schedule (i = -1, ``velocity_at``) leaves no carry
