@@ -169,6 +169,32 @@ def test_conditional_guidance_is_scale_one_and_other_roles_use_their_own_encodin
         trajectory(pipe, 1.0, Conditional("target"))
 
 
+class AwayFrom(Guidance):
+    """Three roles, as SLD has: classifier-free guidance pushed away from a safety concept by ``strength``."""
+
+    roles = ("uncond", "cond", "safety")
+    needs_cfg = True
+
+    def __init__(self, scale: float, strength: float, encodings) -> None:
+        super().__init__(encodings)
+        self.scale, self.strength = scale, strength
+
+    def combine(self, outputs, i, carry):
+        uncond, cond, safety = outputs["uncond"], outputs["cond"], outputs["safety"]
+        return uncond + self.scale * (cond - uncond) - self.strength * (safety - uncond), None
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_a_three_role_guidance_at_strength_zero_is_classifier_free_guidance(case):
+    pipe = pipe_of(case)
+    safety = encode(pipe, ["9" if architecture_for(pipe).family == "dit" else "a bowl of fruit"])
+    cfg = latents(trajectory(pipe, 4.0))[-1]
+    zero = latents(trajectory(pipe, 4.0, AwayFrom(4.0, 0.0, {"safety": safety})))[-1]
+    away = latents(trajectory(pipe, 4.0, AwayFrom(4.0, 2.0, {"safety": safety})))[-1]
+    assert torch.allclose(zero, cfg, atol=1e-5)
+    assert not torch.allclose(away, cfg, atol=1e-3)
+
+
 def test_a_guidance_with_state_keeps_the_step_stateless():
     pipe = pipe_of("sd")
     traj = trajectory(pipe, 1.0, Momentum())
@@ -297,7 +323,7 @@ def test_the_schedule_agrees_with_the_schedulers_own_noise_and_x0():
         ours = traj.add_noise(x0, noise, i)
         assert torch.allclose(sched.add_noise(x0, noise, t[None]), ours, atol=1e-5)
         prediction = traj.predict(ours, i)
-        sched._step_index = i
+        sched._step_index, sched.is_scale_input_called = i, True  # as the pipeline leaves it before step
         theirs = sched.step(prediction, t, ours).pred_original_sample
         assert torch.allclose(traj.x0_estimate(ours, prediction, i), theirs, atol=1e-4)
 

@@ -197,7 +197,9 @@ class Trajectory:
 
     def _schedule(self) -> NoiseSchedule:
         if self.schedule is None:
-            raise NotImplementedError("this trajectory declares no noise schedule")
+            raise NotImplementedError(
+                f"this trajectory declares no noise schedule (known prediction types: {', '.join(PREDICTION_TYPES)})"
+            )
         return self.schedule
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:

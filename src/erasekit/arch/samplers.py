@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError
-from .base import NoiseSchedule
+from .base import PREDICTION_TYPES, NoiseSchedule
 from .common import check_steps
 
 __all__ = [
@@ -179,10 +179,15 @@ class StatelessSampler:
         t = self.timesteps[i]
         return self.scheduler.scale_model_input(state[:, : self.channels], t), t
 
-    def noise_schedule(self) -> NoiseSchedule:
+    def noise_schedule(self) -> NoiseSchedule | None:
         """The timesteps and noise levels of this schedule, the latent before step ``i`` being
-        ``alpha_i x0 + sigma_i noise`` in the scheduler's own latent scale."""
+        ``alpha_i x0 + sigma_i noise`` in the scheduler's own latent scale; None for a prediction type
+        :class:`~erasekit.arch.base.NoiseSchedule` does not know (sampling is not affected)."""
         sched = self.scheduler
+        kind = sched.config.prediction_type
+        kind = "flow" if kind == "flow_prediction" else kind
+        if kind not in PREDICTION_TYPES:
+            return None
         name = type(sched).__name__
         alphas, sigmas = [], []
         for i in range(self.num_steps):
@@ -196,8 +201,6 @@ class StatelessSampler:
                 alpha, sigma = cumulative**0.5, (1 - cumulative) ** 0.5
             alphas.append(alpha)
             sigmas.append(sigma)
-        kind = sched.config.prediction_type
-        kind = "flow" if kind == "flow_prediction" else kind
         return NoiseSchedule(self.timesteps, tuple(alphas), tuple(sigmas), kind)
 
     def step(
