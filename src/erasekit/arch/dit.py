@@ -60,7 +60,7 @@ from torch import nn
 from ..errors import ConfigError, ModelLoadError, PromptError
 from .base import Architecture, MaskSite, Trajectory, register
 from .common import PrunedState, check_seeds, decode_to_unit, numbered_blocks, randn_latents
-from .guidance import Guidance, GuidedDenoiser, broadcast_rows, default_guidance
+from .guidance import Guidance, GuidedDenoiser, broadcast_rows, guidance_or_default
 from .samplers import StatelessSampler
 
 __all__ = ["DIT", "DiTArchitecture", "KNOWN_CONFIGS", "class_ids", "id2label_of"]
@@ -240,7 +240,11 @@ class DiTArchitecture(Architecture):
 
         # DiTPipeline puts the conditional rows first
         guided = GuidedDenoiser(
-            guidance or default_guidance(cfg, guidance_scale), condition, call, cond_first=True, family=self.family
+            guidance_or_default(guidance, cfg, guidance_scale),
+            condition,
+            call,
+            cond_first=True,
+            family=self.family,
         )
 
         def step(z: torch.Tensor, i: int) -> torch.Tensor:

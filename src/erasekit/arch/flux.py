@@ -38,7 +38,7 @@ from .common import (
     numbered_blocks,
     seed_generators,
 )
-from .guidance import Guidance, GuidedDenoiser, default_guidance, role_tensor
+from .guidance import Guidance, GuidedDenoiser, guidance_or_default, role_tensor
 from .samplers import fresh_scheduler
 
 #: Denoiser configs of the published FLUX.1 checkpoints, so that ``inspect`` works without the hub.
@@ -240,7 +240,7 @@ class FluxArchitecture(Architecture):
             )[0]
 
         guided = GuidedDenoiser(
-            guidance or default_guidance(true_cfg, guidance_scale),
+            guidance_or_default(guidance, true_cfg, guidance_scale),
             condition,
             call,
             supports_cfg=self.supports_cfg(pipe),

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["ClassifierFreeGuidance", "Conditional", "Guidance", "GuidedDenoiser", "default_guidance"]
+__all__ = ["ClassifierFreeGuidance", "Conditional", "Guidance", "GuidedDenoiser", "guidance_or_default"]
 
 
 class Guidance:
@@ -99,8 +99,11 @@ class Conditional(Guidance):
         return outputs[self.roles[0]], None
 
 
-def default_guidance(cfg: bool, scale: float) -> Guidance:
-    """What a trajectory without ``guidance=`` does: classifier-free guidance when ``cfg``, else the prompts alone."""
+def guidance_or_default(guidance: Guidance | None, cfg: bool, scale: float) -> Guidance:
+    """``guidance``, or what a trajectory without ``guidance=`` does: classifier-free guidance when ``cfg``,
+    else the prompts alone."""
+    if guidance is not None:
+        return guidance
     return ClassifierFreeGuidance(scale) if cfg else Conditional()
 
 

@@ -73,7 +73,7 @@ from .common import (
     numbered_blocks,
     randn_latents,
 )
-from .guidance import Guidance, GuidedDenoiser, default_guidance, role_tensor
+from .guidance import Guidance, GuidedDenoiser, guidance_or_default, role_tensor
 from .samplers import SUPPORTED_SCHEDULERS, StatelessSampler
 
 __all__ = [
@@ -225,7 +225,12 @@ class PixArtArchitecture(Architecture):
             # with learned sigma only the epsilon half drives the sampler (and the guidance)
             return out.chunk(2, dim=1)[0] if learned_sigma else out
 
-        guided = GuidedDenoiser(guidance or default_guidance(cfg, guidance_scale), condition, call, family=self.family)
+        guided = GuidedDenoiser(
+            guidance_or_default(guidance, cfg, guidance_scale),
+            condition,
+            call,
+            family=self.family,
+        )
 
         def step(z: torch.Tensor, i: int) -> torch.Tensor:
             return sampler.step(z, i, lambda x, t: guided(x, t, i))

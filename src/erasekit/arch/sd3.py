@@ -67,7 +67,7 @@ from .common import (
     numbered_blocks,
     seed_generators,
 )
-from .guidance import Guidance, GuidedDenoiser, default_guidance, role_tensor
+from .guidance import Guidance, GuidedDenoiser, guidance_or_default, role_tensor
 from .samplers import fresh_scheduler
 
 _SD3_MEDIUM: dict[str, Any] = {
@@ -323,7 +323,10 @@ class SD3Architecture(Architecture):
             )[0]
 
         guided = GuidedDenoiser(
-            guidance or default_guidance(cfg_on, guidance_scale), condition, call, family=self.family
+            guidance_or_default(guidance, cfg_on, guidance_scale),
+            condition,
+            call,
+            family=self.family,
         )
         schedule = flow_schedule(timesteps, sigmas, steps)
 

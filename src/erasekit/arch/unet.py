@@ -83,7 +83,7 @@ from .common import (
     decode_to_unit,
     randn_latents,
 )
-from .guidance import Guidance, GuidedDenoiser, default_guidance, role_tensor
+from .guidance import Guidance, GuidedDenoiser, guidance_or_default, role_tensor
 from .samplers import ALL_SCHEDULERS, SCHEDULER_CLASSES, StatelessSampler, set_scheduler
 
 _SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
@@ -304,7 +304,7 @@ class UNetArchitecture(Architecture):
             )[0]
 
         guided = GuidedDenoiser(
-            guidance or default_guidance(cfg, guidance_scale),
+            guidance_or_default(guidance, cfg, guidance_scale),
             condition,
             call,
             supports_cfg=self.supports_cfg(pipe),
@@ -317,8 +317,6 @@ class UNetArchitecture(Architecture):
         def predict(z: torch.Tensor, i: int, guidance: Guidance | None = None) -> torch.Tensor:
             x, t = sampler.model_input(z, i)
             return guided(x, t, i, guidance)
-
-        sdxl = _is_sdxl(pipe)
 
         def decode(z: torch.Tensor) -> torch.Tensor:
             vae = pipe.vae
