@@ -283,6 +283,25 @@ def test_predict_at_a_step_equals_the_trajectorys_prediction_there(case):
         traj.predict(kept[0], traj.num_steps)
 
 
+@pytest.mark.parametrize("case", ["sd", "flux"])
+def test_predict_carries_gradients_to_the_text_conditioning_modules(case):
+    # ESD and CA train these layers through one prediction at a random step
+    pipe = pipe_of(case)
+    arch, denoiser = denoiser_of(pipe)
+    layer = next(iter(arch.text_conditioning_modules(denoiser).values()))
+    traj = trajectory(pipe, 1.0)
+    z = traj.add_noise(torch.zeros_like(traj.noise), traj.noise, 1)
+    trained = layer.weight.requires_grad
+    layer.weight.requires_grad_(True)
+    try:
+        layer.weight.grad = None
+        traj.predict(z, 1).square().mean().backward()
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    finally:
+        layer.weight.grad = None
+        layer.weight.requires_grad_(trained)
+
+
 @pytest.mark.parametrize("case", list(BUILDERS))
 def test_add_noise_and_x0_estimate_invert_each_other_and_a_perfect_model_stays_on_the_schedule(case):
     pipe = pipe_of(case)
