@@ -23,7 +23,15 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["ClassifierFreeGuidance", "Conditional", "Guidance", "GuidedDenoiser", "guidance_or_default"]
+__all__ = [
+    "ClassifierFreeGuidance",
+    "Conditional",
+    "Guidance",
+    "GuidedDenoiser",
+    "broadcast_rows",
+    "guidance_or_default",
+    "role_tensor",
+]
 
 
 class Guidance:
