@@ -3,6 +3,7 @@
 from .base import (
     Architecture,
     MaskSite,
+    NoiseSchedule,
     Trajectory,
     architecture_by_class_name,
     architecture_for,
@@ -12,8 +13,10 @@ from .base import (
     supported_classes,
     zero_fold_site,
 )
+from .capture import capture_layer_inputs
 from .dit import DIT
 from .flux import FLUX
+from .guidance import ClassifierFreeGuidance, Conditional, Guidance
 from .pixart import PIXART
 from .samplers import run_trajectory
 from .sd3 import SD3
@@ -21,15 +24,20 @@ from .unet import UNET
 
 __all__ = [
     "Architecture",
+    "ClassifierFreeGuidance",
+    "Conditional",
     "DIT",
     "FLUX",
+    "Guidance",
     "PIXART",
     "SD3",
     "UNET",
     "MaskSite",
+    "NoiseSchedule",
     "Trajectory",
     "architecture_by_class_name",
     "architecture_for",
+    "capture_layer_inputs",
     "count_units",
     "denoiser_of",
     "run_trajectory",

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
+from .guidance import Guidance
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,94 @@ def zero_fold_site(model: nn.Module, site: MaskSite, keep: torch.Tensor) -> None
                 layer.bias[index] = 0
 
 
+#: What a denoiser predicts, as :class:`NoiseSchedule` reads it.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The noise levels of an N-step schedule: the latent before step ``i`` is ``alpha_i x0 + sigma_i noise``.
+
+    ``alphas`` and ``sigmas`` are in the latent's own scale (for Euler-type samplers ``alpha = 1`` and
+    the latent is unscaled; the model sees it divided by ``sqrt(alpha^2 + sigma^2)``); ``timesteps`` are
+    what the denoiser receives at each step. ``prediction_type`` is what the model outputs:
+    ``epsilon`` (the noise), ``v_prediction``, ``sample`` (x0) or ``flow`` (the velocity
+    ``noise - x0`` of rectified flow, where ``alpha = 1 - sigma``).
+    """
+
+    timesteps: torch.Tensor
+    alphas: tuple[float, ...]
+    sigmas: tuple[float, ...]
+    prediction_type: str
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ModelLoadError(
+                f"prediction type {self.prediction_type!r} is not supported; supported: {', '.join(PREDICTION_TYPES)}"
+            )
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.alphas)
+
+    def check_index(self, i: int) -> int:
+        """``i``, or ValueError when it is not a step of this schedule."""
+        if not 0 <= i < self.num_steps:
+            raise ValueError(f"step index {i} is outside this {self.num_steps}-step schedule")
+        return i
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """The latent before step ``i`` for a clean latent ``x0`` and ``noise`` (stateless)."""
+        i = self.check_index(i)
+        return self.alphas[i] * x0 + self.sigmas[i] * noise
+
+    def _unit(self, i: int) -> tuple[float, float, float]:
+        # the model's view of the latent: divided by its norm, so that alpha^2 + sigma^2 = 1
+        a, s = self.alphas[i], self.sigmas[i]
+        norm = (a * a + s * s) ** 0.5
+        return a / norm, s / norm, norm
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """What a perfect model outputs at step ``i`` for the latent ``add_noise(x0, noise, i)``."""
+        i = self.check_index(i)
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        if self.prediction_type == "flow":
+            return noise - x0
+        a, s, _ = self._unit(i)
+        return a * noise - s * x0
+
+    def x0_estimate(self, z: torch.Tensor, prediction: torch.Tensor, i: int) -> torch.Tensor:
+        """The clean latent the model's ``prediction`` at step ``i`` implies for the latent ``z`` (its inverse)."""
+        i = self.check_index(i)
+        if self.prediction_type == "epsilon":
+            return (z - self.sigmas[i] * prediction) / self.alphas[i]
+        if self.prediction_type == "sample":
+            return prediction
+        if self.prediction_type == "flow":
+            return z - self.sigmas[i] * prediction
+        a, s, norm = self._unit(i)
+        return a * (z / norm) - s * prediction
+
+
+#: ``predict(z, i, guidance=None)``: the guided model output at step ``i`` (what the sampler steps with).
+PredictFn = Callable[..., torch.Tensor]
+
+
 @dataclass
 class Trajectory:
     """Everything one batch of prompts needs to be denoised with a stateless step function.
 
     ``step(z, i)`` maps the latent before step ``i`` to the latent after it; it has no internal state,
     so the same call can be recomputed with gradients on and gives the same result.
+
+    The baselines' access (every family fills it): ``predict(z, i, guidance=None)`` is the guided
+    denoiser output at step ``i`` for the latent ``z`` before it (the trajectory's guidance, or another
+    :class:`~erasekit.arch.guidance.Guidance` for this call), with gradients when enabled;
+    ``schedule`` its timesteps and noise levels (``add_noise``, ``target``, ``x0_estimate``);
+    ``velocity_at(z, sigma, guidance=None)`` the velocity at any noise level (flow-matching families only).
     """
 
     noise: torch.Tensor
@@ -108,6 +191,24 @@ class Trajectory:
     step: Callable[[torch.Tensor, int], torch.Tensor]
     decode: Callable[[torch.Tensor], torch.Tensor]
     """Final latent -> images in [0, 1], shape (B, 3, H, W), float32."""
+    predict: PredictFn | None = None
+    schedule: NoiseSchedule | None = None
+    velocity_at: PredictFn | None = None
+
+    def _schedule(self) -> NoiseSchedule:
+        if self.schedule is None:
+            raise NotImplementedError(
+                f"this trajectory declares no noise schedule (known prediction types: {', '.join(PREDICTION_TYPES)})"
+            )
+        return self.schedule
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """The latent before step ``i``: see :meth:`NoiseSchedule.add_noise`."""
+        return self._schedule().add_noise(x0, noise, i)
+
+    def x0_estimate(self, z: torch.Tensor, prediction: torch.Tensor, i: int) -> torch.Tensor:
+        """The clean latent implied by ``prediction`` at step ``i``: see :meth:`NoiseSchedule.x0_estimate`."""
+        return self._schedule().x0_estimate(z, prediction, i)
 
 
 class Architecture(ABC):
@@ -124,6 +225,13 @@ class Architecture(ABC):
     #: the self-contained module (in this package) defining the pruned denoiser class, which is the
     #: last of :attr:`denoiser_classes`
     pruned_module: str = ""
+
+    #: whether the denoiser samples a flow (velocity prediction, ``Trajectory.velocity_at``)
+    flow_matching: bool = False
+    #: whether the denoiser is conditioned on text (False for class-conditioned DiT)
+    text_conditioned: bool = True
+    #: kinds of text-conditioning modules this family has (see :meth:`text_conditioning_modules`)
+    text_conditioning_kinds: tuple[str, ...] = ()
 
     # a hook that subclasses override when they need it; doing nothing is the right default
     def before_save(self, pipe: Any) -> None:  # noqa: B027
@@ -160,8 +268,81 @@ class Architecture(ABC):
         steps: int,
         resolution: int,
         guidance_scale: float,
+        guidance: Guidance | None = None,
     ) -> Trajectory:
-        """The stateless trajectory of a batch: ``encoded`` from :meth:`encode_prompts`, one noise seed per row."""
+        """The stateless trajectory of a batch: ``encoded`` from :meth:`encode_prompts`, one noise seed per row.
+
+        ``guidance`` replaces the classifier-free guidance step (``None``: classifier-free guidance
+        when ``guidance_scale > 1`` and the model has it, else the prompts alone, as always).
+        ``guidance_scale`` still feeds models that take the scale as an input (guidance-distilled
+        FLUX, LCM UNets).
+        """
+
+    def supports_cfg(self, pipe: Any) -> bool:
+        """Whether the model has true classifier-free guidance (an unconditional branch); default yes."""
+        return True
+
+    def text_conditioning_modules(
+        self, denoiser: nn.Module, kinds: tuple[str, ...] | None = None
+    ) -> dict[str, nn.Linear]:
+        """The Linear layers that read the text conditioning, by module path, in module order.
+
+        ``kinds`` selects among :attr:`text_conditioning_kinds` (default: all of them):
+        ``key_value`` (the keys and values computed from the text: cross-attention ``attn2.to_k/to_v``,
+        or the text stream's ``add_k_proj/add_v_proj``), ``context`` (the projection of the text
+        encoder's sequence into the denoiser, ``context_embedder``) and ``pooled`` (the projection of
+        the pooled text embedding). A family without text (DiT) returns ``{}``.
+
+        Raises:
+            ConfigError: a kind this family does not have.
+        """
+        wanted = self.text_conditioning_kinds if kinds is None else tuple(kinds)
+        unknown = [k for k in wanted if k not in self.text_conditioning_kinds]
+        if unknown:
+            have = ", ".join(self.text_conditioning_kinds) or "none (it is not text-conditioned)"
+            raise ConfigError(
+                f"{self.family} has no text-conditioning modules of kind {', '.join(unknown)}; it has {have}"
+            )
+        found = {}
+        for name, module in denoiser.named_modules():
+            kind = self.text_conditioning_kind(name)
+            if kind in wanted:
+                if not isinstance(module, nn.Linear):
+                    raise TypeError(f"{name}: expected nn.Linear, got {type(module).__name__}")
+                found[name] = module
+        return found
+
+    def text_conditioning_kind(self, module_path: str) -> str | None:
+        """The text-conditioning kind of a module path, or None; families with text override it."""
+        return None
+
+    def predict(
+        self,
+        pipe: Any,
+        z: torch.Tensor,
+        t_index: int,
+        encoded: dict[str, torch.Tensor],
+        *,
+        steps: int,
+        resolution: int,
+        guidance_scale: float = 1.0,
+        guidance: Guidance | None = None,
+    ) -> torch.Tensor:
+        """The guided denoiser output at step ``t_index`` of a ``steps``-step schedule for the latent ``z``.
+
+        A convenience over ``trajectory(...).predict``; a loop over many steps builds the trajectory once.
+        """
+        trajectory = self.trajectory(
+            pipe,
+            encoded,
+            [0] * z.shape[0],
+            steps=steps,
+            resolution=resolution,
+            guidance_scale=guidance_scale,
+            guidance=guidance,
+        )
+        assert trajectory.predict is not None
+        return trajectory.predict(z, t_index)
 
     @abstractmethod
     def prune(self, denoiser: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Helpers the architecture files share: input checks, seeded noise, guidance, VAE decoding, pruning.
+"""Helpers the architecture files share: input checks, seeded noise, flow schedules, VAE decoding, pruning.
 
 Every helper here reproduces, operation for operation, what the family files did on their own, so
 the trajectories stay bit-identical to the stock pipelines.
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import MaskSite
+from .base import MaskSite, NoiseSchedule
 
 #: The three input projections of a diffusers ``Attention``, and those of its second (text) stream.
 QKV = ("to_q", "to_k", "to_v")
@@ -59,7 +59,7 @@ def check_seeds(noise_seeds: list[int], batch: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Noise, guidance, decoding
+# Noise, schedules, decoding
 # ---------------------------------------------------------------------------------------------
 
 
@@ -77,21 +77,10 @@ def randn_latents(seeds: list[int], shape: tuple[int, ...], device: torch.device
     )
 
 
-def cfg_rows(x: torch.Tensor, cfg: bool) -> torch.Tensor:
-    """The model input of a guided batch: the rows twice (unconditional and conditional), else once."""
-    return torch.cat([x, x]) if cfg else x
-
-
-def cfg_cat(negative: torch.Tensor, positive: torch.Tensor, cfg: bool) -> torch.Tensor:
-    """Conditioning of a guided batch: unconditional rows first, then the conditional ones."""
-    return torch.cat([negative, positive]) if cfg else positive
-
-
-def guide(output: torch.Tensor, scale: float, *, cond_first: bool = False) -> torch.Tensor:
-    """Classifier-free guidance ``uncond + scale (cond - uncond)`` of a batch holding both halves."""
-    first, second = output.chunk(2)
-    uncond, cond = (second, first) if cond_first else (first, second)
-    return uncond + scale * (cond - uncond)
+def flow_schedule(timesteps: torch.Tensor, sigmas: torch.Tensor, steps: int) -> NoiseSchedule:
+    """The rectified-flow schedule of a flow-matching Euler sampler: ``z = (1 - sigma) x0 + sigma noise``."""
+    levels = [float(s) for s in sigmas[:steps]]
+    return NoiseSchedule(timesteps[:steps], tuple(1 - s for s in levels), tuple(levels), "flow")
 
 
 def decode_to_unit(vae: Any, latents: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,8 @@ from torch import nn
 
 from ..errors import ConfigError, ModelLoadError, PromptError
 from .base import Architecture, MaskSite, Trajectory, register
-from .common import PrunedState, cfg_rows, check_seeds, decode_to_unit, guide, numbered_blocks, randn_latents
+from .common import PrunedState, check_seeds, decode_to_unit, numbered_blocks, randn_latents
+from .guidance import Guidance, GuidedDenoiser, broadcast_rows, guidance_or_default
 from .samplers import StatelessSampler
 
 __all__ = ["DIT", "DiTArchitecture", "KNOWN_CONFIGS", "class_ids", "id2label_of"]
@@ -156,6 +157,8 @@ class DiTArchitecture(Architecture):
     denoiser_classes = ("DiTTransformer2DModel", "PrunedDiTTransformer2DModel")
     known_configs = KNOWN_CONFIGS
     pruned_module = "dit_pruned"
+    #: class-conditioned: no text, so no text-conditioning modules
+    text_conditioned = False
 
     def before_save(self, pipe: Any) -> None:
         # DiTPipeline.save_pretrained keeps class names only when id2label is in the pipeline config.
@@ -190,6 +193,7 @@ class DiTArchitecture(Architecture):
         steps: int,
         resolution: int,
         guidance_scale: float,
+        guidance: Guidance | None = None,
     ) -> Trajectory:
         transformer = pipe.transformer
         device = self.execution_device(pipe)
@@ -218,23 +222,49 @@ class DiTArchitecture(Architecture):
             )
         noise = randn_latents(noise_seeds, (channels, size, size), device, transformer.dtype)
         cfg = guidance_scale > 1
+        batch = labels.shape[0]
         null = torch.full_like(labels, int(transformer.config.num_embeds_ada_norm))
-        class_input = torch.cat([labels, null]) if cfg else labels
 
-        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            model_input = cfg_rows(x, cfg)
-            timestep = t[None].to(device).expand(model_input.shape[0])
-            out = transformer(model_input, timestep=timestep, class_labels=class_input, return_dict=False)[0]
-            eps = out[:, :channels]
-            return guide(eps, guidance_scale, cond_first=True) if cfg else eps
+        def condition(role: str, g: Guidance) -> dict[str, Any]:
+            # the unconditional rows are the null class; another role brings its own class labels
+            if role == "cond":
+                return {"labels": labels}
+            if role == "uncond":
+                return {"labels": null}
+            return {"labels": broadcast_rows(g.encodings[role]["class_labels"].to(device), batch)}
+
+        def call(rows: torch.Tensor, t: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
+            timestep = t[None].to(device).expand(rows.shape[0])
+            out = transformer(rows, timestep=timestep, class_labels=c["labels"], return_dict=False)[0]
+            return out[:, :channels]  # learned sigma dropped: the epsilon channels drive the sampler
+
+        # DiTPipeline puts the conditional rows first
+        guided = GuidedDenoiser(
+            guidance_or_default(guidance, cfg, guidance_scale),
+            condition,
+            call,
+            cond_first=True,
+            family=self.family,
+        )
 
         def step(z: torch.Tensor, i: int) -> torch.Tensor:
-            return sampler.step(z, i, predict)
+            return sampler.step(z, i, lambda x, t: guided(x, t, i))
+
+        def predict(z: torch.Tensor, i: int, guidance: Guidance | None = None) -> torch.Tensor:
+            x, t = sampler.model_input(z, i)
+            return guided(x, t, i, guidance)
 
         def decode(z: torch.Tensor) -> torch.Tensor:
             return decode_to_unit(pipe.vae, 1 / pipe.vae.config.scaling_factor * z)
 
-        return Trajectory(noise=noise, num_steps=sampler.num_steps, step=step, decode=decode)
+        return Trajectory(
+            noise=noise,
+            num_steps=sampler.num_steps,
+            step=step,
+            decode=decode,
+            predict=predict,
+            schedule=sampler.noise_schedule(),
+        )
 
     # ------------------------------------------------------------------ pruning
     def prune(self, denoiser: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:

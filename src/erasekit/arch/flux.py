@@ -19,6 +19,7 @@ the ShapesCanvas model) gets true classifier-free guidance when ``guidance_scale
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -30,15 +31,14 @@ from .common import (
     ADDED_QKV,
     QKV,
     PrunedState,
-    cfg_cat,
-    cfg_rows,
     check_resolution,
     check_seeds,
     decode_to_unit,
-    guide,
+    flow_schedule,
     numbered_blocks,
     seed_generators,
 )
+from .guidance import Guidance, GuidedDenoiser, guidance_or_default, role_tensor
 from .samplers import fresh_scheduler
 
 #: Denoiser configs of the published FLUX.1 checkpoints, so that ``inspect`` works without the hub.
@@ -63,6 +63,14 @@ KNOWN_CONFIGS["black-forest-labs/FLUX.1-dev"] = {
 }
 
 
+#: Text-conditioning modules by kind (``Architecture.text_conditioning_modules``), as module-path patterns.
+_TEXT_MODULES = {
+    "context": r"context_embedder",
+    "pooled": r"time_text_embed\.text_embedder\.linear_1",
+    "key_value": r"transformer_blocks\.\d+\.attn\.add_[kv]_proj",
+}
+
+
 def _heads_of(attn: nn.Module) -> int:
     return attn.to_q.out_features // attn.head_dim
 
@@ -74,6 +82,22 @@ class FluxArchitecture(Architecture):
     denoiser_classes = ("FluxTransformer2DModel", "PrunedFluxTransformer2DModel")
     known_configs = KNOWN_CONFIGS
     pruned_module = "flux_pruned"
+    flow_matching = True
+
+    text_conditioning_kinds = ("context", "pooled", "key_value")
+
+    def text_conditioning_kind(self, module_path: str) -> str | None:
+        # context_embedder reads the T5 sequence, text_embedder.linear_1 the pooled CLIP embedding; the
+        # double blocks' text stream makes the joint attention's text keys and values (single blocks mix
+        # text and image tokens in one projection, so they are not text-only modules)
+        for kind, pattern in _TEXT_MODULES.items():
+            if re.fullmatch(pattern, module_path):
+                return kind
+        return None
+
+    def supports_cfg(self, pipe: Any) -> bool:
+        """False for a guidance-distilled transformer (FLUX.1-dev: ``guidance_embeds``)."""
+        return not pipe.transformer.config.guidance_embeds
 
     def sites(self, denoiser: nn.Module) -> list[MaskSite]:
         sites: list[MaskSite] = []
@@ -148,6 +172,7 @@ class FluxArchitecture(Architecture):
         steps: int,
         resolution: int,
         guidance_scale: float,
+        guidance: Guidance | None = None,
     ) -> Trajectory:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -155,7 +180,6 @@ class FluxArchitecture(Architecture):
         device = self.execution_device(pipe)
         check_resolution(resolution, pipe.vae_scale_factor * 2)
         prompt_embeds = encoded["prompt_embeds"]
-        pooled = encoded["pooled_prompt_embeds"]
         text_ids = encoded["text_ids"][0]
         check_seeds(noise_seeds, prompt_embeds.shape[0])
         channels = transformer.config.in_channels // 4
@@ -185,41 +209,73 @@ class FluxArchitecture(Architecture):
             sched.set_timesteps(sigmas=sigmas, device=device, mu=mu)
         timesteps = sched.timesteps.to(device)
         schedule = sched.sigmas.to(device=device, dtype=torch.float32)
-        guidance = None
         # A guidance-distilled model (FLUX.1-dev) takes the scale as an input; any other FLUX model
         # gets true classifier-free guidance above 1 (FluxPipeline's true_cfg_scale with the empty
         # negative prompt), with both halves in one batch.
         true_cfg = guidance_scale > 1 and not transformer.config.guidance_embeds
+        distilled = None
         if transformer.config.guidance_embeds:
-            guidance = torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
-        if true_cfg:
-            prompt_embeds = cfg_cat(encoded["negative_prompt_embeds"], prompt_embeds, True)
-            pooled = cfg_cat(encoded["negative_pooled_prompt_embeds"], pooled, True)
+            distilled = torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
 
-        def step(z: torch.Tensor, i: int) -> torch.Tensor:
-            model_input = cfg_rows(z, true_cfg)
-            timestep = timesteps[i].expand(model_input.shape[0]).to(z.dtype)
-            velocity = transformer(
-                hidden_states=model_input,
+        def condition(role: str, g: Guidance) -> dict[str, Any]:
+            part: dict[str, Any] = {
+                "embeds": role_tensor(role, "prompt_embeds", encoded, g, batch),
+                "pooled": role_tensor(role, "pooled_prompt_embeds", encoded, g, batch),
+            }
+            if distilled is not None:
+                part["guidance"] = distilled
+            return part
+
+        def call(rows: torch.Tensor, t: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
+            timestep = t.expand(rows.shape[0]).to(rows.dtype)
+            return transformer(
+                hidden_states=rows,
                 timestep=timestep / 1000,
-                guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=prompt_embeds,
+                guidance=c.get("guidance"),
+                pooled_projections=c["pooled"],
+                encoder_hidden_states=c["embeds"],
                 txt_ids=text_ids,
                 img_ids=image_ids,
                 return_dict=False,
             )[0]
-            if true_cfg:
-                velocity = guide(velocity, guidance_scale)
+
+        guided = GuidedDenoiser(
+            guidance_or_default(guidance, true_cfg, guidance_scale),
+            condition,
+            call,
+            supports_cfg=self.supports_cfg(pipe),
+            family=self.family,
+        )
+        flow = flow_schedule(timesteps, schedule, steps)
+
+        def step(z: torch.Tensor, i: int) -> torch.Tensor:
+            velocity = guided(z, timesteps[i], i)
             # The scheduler's Euler step, without its step counter: recomputing step i is exact.
             out = z.to(torch.float32) + (schedule[i + 1] - schedule[i]) * velocity.to(torch.float32)
             return out.to(velocity.dtype)
+
+        def predict(z: torch.Tensor, i: int, guidance: Guidance | None = None) -> torch.Tensor:
+            return guided(z, timesteps[flow.check_index(i)], i, guidance)
+
+        train_steps = float(sched.config.num_train_timesteps)
+
+        def velocity_at(z: torch.Tensor, sigma: float, guidance: Guidance | None = None) -> torch.Tensor:
+            t = torch.tensor(float(sigma) * train_steps, device=z.device, dtype=timesteps.dtype)
+            return guided(z, t, -1, guidance)
 
         def decode(z: torch.Tensor) -> torch.Tensor:
             latents = pipe._unpack_latents(z, resolution, resolution, pipe.vae_scale_factor)
             return decode_to_unit(pipe.vae, latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor)
 
-        return Trajectory(noise=noise, num_steps=steps, step=step, decode=decode)
+        return Trajectory(
+            noise=noise,
+            num_steps=steps,
+            step=step,
+            decode=decode,
+            predict=predict,
+            schedule=flow,
+            velocity_at=velocity_at,
+        )
 
     # ------------------------------------------------------------------ pruning
     def prune(self, denoiser: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:

@@ -57,6 +57,7 @@ by ``norm_type``), which is the name bundled here.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -66,15 +67,13 @@ from .base import Architecture, MaskSite, Trajectory, register
 from .common import (
     PrunedState,
     basic_block_sites,
-    cfg_cat,
-    cfg_rows,
     check_resolution,
     check_seeds,
     decode_to_unit,
-    guide,
     numbered_blocks,
     randn_latents,
 )
+from .guidance import Guidance, GuidedDenoiser, guidance_or_default, role_tensor
 from .samplers import SUPPORTED_SCHEDULERS, StatelessSampler
 
 __all__ = [
@@ -135,6 +134,12 @@ class PixArtArchitecture(Architecture):
     known_configs = KNOWN_CONFIGS
     pruned_module = "pixart_pruned"
 
+    text_conditioning_kinds = ("key_value",)
+
+    def text_conditioning_kind(self, module_path: str) -> str | None:
+        # the cross-attention's keys and values are computed from the (caption-projected) T5 sequence
+        return "key_value" if re.search(r"\.attn2\.to_[kv]$", module_path) else None
+
     def sites(self, denoiser: nn.Module) -> list[MaskSite]:
         head_dim = denoiser.config.attention_head_dim
         sites: list[MaskSite] = []
@@ -173,55 +178,78 @@ class PixArtArchitecture(Architecture):
         steps: int,
         resolution: int,
         guidance_scale: float,
+        guidance: Guidance | None = None,
     ) -> Trajectory:
         transformer = pipe.transformer
         device = self.execution_device(pipe)
         check_resolution(resolution, pipe.vae_scale_factor * transformer.config.patch_size)
         check_seeds(noise_seeds, encoded["prompt_embeds"].shape[0])
         cfg = guidance_scale > 1.0
-        embeds = cfg_cat(encoded["negative_prompt_embeds"], encoded["prompt_embeds"], cfg)
-        mask = cfg_cat(encoded["negative_prompt_attention_mask"], encoded["prompt_attention_mask"], cfg)
+        batch = encoded["prompt_embeds"].shape[0]
+        dtype = encoded["prompt_embeds"].dtype
         channels = transformer.config.in_channels
         is_alpha = type(pipe).__name__.startswith("PixArtAlpha")
         sampler = StatelessSampler(
             pipe.scheduler, steps, device, channels, x0_when_single_step=is_alpha, family="PixArt"
         )
         size = resolution // pipe.vae_scale_factor
-        noise = randn_latents(noise_seeds, (channels, size, size), device, embeds.dtype) * sampler.init_noise_sigma
+        noise = randn_latents(noise_seeds, (channels, size, size), device, dtype) * sampler.init_noise_sigma
 
-        rows = embeds.shape[0]
-        added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
-        if is_alpha and transformer.config.sample_size == 128:
-            added = {
-                "resolution": torch.tensor([resolution, resolution])
-                .repeat(rows, 1)
-                .to(dtype=embeds.dtype, device=device),
-                "aspect_ratio": torch.tensor([1.0]).repeat(rows, 1).to(dtype=embeds.dtype, device=device),
-            }
+        extra_conditions = is_alpha and transformer.config.sample_size == 128
         learned_sigma = transformer.config.out_channels // 2 == channels
 
-        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            model_input = cfg_rows(x, cfg)
-            timestep = t[None].to(device).expand(model_input.shape[0])
+        def condition(role: str, g: Guidance) -> dict[str, Any]:
+            part: dict[str, Any] = {
+                "embeds": role_tensor(role, "prompt_embeds", encoded, g, batch),
+                "mask": role_tensor(role, "prompt_attention_mask", encoded, g, batch),
+                "resolution": None,
+                "aspect_ratio": None,
+            }
+            if extra_conditions:
+                # the PixArt-alpha pipeline's resolution / aspect-ratio conditions of the 1024 model
+                part["resolution"] = (
+                    torch.tensor([resolution, resolution]).repeat(batch, 1).to(dtype=dtype, device=device)
+                )
+                part["aspect_ratio"] = torch.tensor([1.0]).repeat(batch, 1).to(dtype=dtype, device=device)
+            return part
+
+        def call(rows: torch.Tensor, t: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
             out = transformer(
-                model_input,
-                encoder_hidden_states=embeds,
-                encoder_attention_mask=mask,
-                timestep=timestep,
-                added_cond_kwargs=added,
+                rows,
+                encoder_hidden_states=c["embeds"],
+                encoder_attention_mask=c["mask"],
+                timestep=t[None].to(device).expand(rows.shape[0]),
+                added_cond_kwargs={"resolution": c["resolution"], "aspect_ratio": c["aspect_ratio"]},
                 return_dict=False,
             )[0]
-            if cfg:
-                out = guide(out, guidance_scale)
+            # with learned sigma only the epsilon half drives the sampler (and the guidance)
             return out.chunk(2, dim=1)[0] if learned_sigma else out
 
+        guided = GuidedDenoiser(
+            guidance_or_default(guidance, cfg, guidance_scale),
+            condition,
+            call,
+            family=self.family,
+        )
+
         def step(z: torch.Tensor, i: int) -> torch.Tensor:
-            return sampler.step(z, i, predict)
+            return sampler.step(z, i, lambda x, t: guided(x, t, i))
+
+        def predict(z: torch.Tensor, i: int, guidance: Guidance | None = None) -> torch.Tensor:
+            x, t = sampler.model_input(z, i)
+            return guided(x, t, i, guidance)
 
         def decode(z: torch.Tensor) -> torch.Tensor:
             return decode_to_unit(pipe.vae, z.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor)
 
-        return Trajectory(noise=noise, num_steps=sampler.num_steps, step=step, decode=decode)
+        return Trajectory(
+            noise=noise,
+            num_steps=sampler.num_steps,
+            step=step,
+            decode=decode,
+            predict=predict,
+            schedule=sampler.noise_schedule(),
+        )
 
     # ------------------------------------------------------------------ pruning
     def prune(self, denoiser: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:

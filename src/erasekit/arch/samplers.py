@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError
+from .base import PREDICTION_TYPES, NoiseSchedule
 from .common import check_steps
 
 __all__ = [
@@ -169,6 +170,38 @@ class StatelessSampler:
             # after step 0: its output and start sample; after step 1: one output; then up to 3 outputs
             return 0 if i == 0 else 2 if i == 1 else min(i - 1, 3)
         return min(i, self.history)
+
+    def model_input(self, state: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scaled latent, timestep)`` the model sees at step ``i`` for the state before it (history ignored)."""
+        if not 0 <= i < self.num_steps:
+            raise ValueError(f"step index {i} is outside this {self.num_steps}-step schedule")
+        self.scheduler._step_index = i  # Euler's input scaling reads it
+        t = self.timesteps[i]
+        return self.scheduler.scale_model_input(state[:, : self.channels], t), t
+
+    def noise_schedule(self) -> NoiseSchedule | None:
+        """The timesteps and noise levels of this schedule, the latent before step ``i`` being
+        ``alpha_i x0 + sigma_i noise`` in the scheduler's own latent scale; None for a prediction type
+        :class:`~erasekit.arch.base.NoiseSchedule` does not know (sampling is not affected)."""
+        sched = self.scheduler
+        kind = sched.config.prediction_type
+        kind = "flow" if kind == "flow_prediction" else kind
+        if kind not in PREDICTION_TYPES:
+            return None
+        name = type(sched).__name__
+        alphas, sigmas = [], []
+        for i in range(self.num_steps):
+            if name == "EulerDiscreteScheduler":
+                alpha, sigma = 1.0, float(sched.sigmas[i])
+            elif self.multistep:
+                a, s = sched._sigma_to_alpha_sigma_t(sched.sigmas[i])
+                alpha, sigma = float(a), float(s)
+            else:  # DDIM, PLMS: the training schedule's cumulative alphas at this timestep
+                cumulative = float(sched.alphas_cumprod[int(self.timesteps[i])])
+                alpha, sigma = cumulative**0.5, (1 - cumulative) ** 0.5
+            alphas.append(alpha)
+            sigmas.append(sigma)
+        return NoiseSchedule(self.timesteps, tuple(alphas), tuple(sigmas), kind)
 
     def step(
         self,

@@ -48,6 +48,7 @@ and ~16.3 GB).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -58,16 +59,15 @@ from .common import (
     ADDED_QKV,
     QKV,
     PrunedState,
-    cfg_cat,
-    cfg_rows,
     check_resolution,
     check_seeds,
     check_steps,
     decode_to_unit,
-    guide,
+    flow_schedule,
     numbered_blocks,
     seed_generators,
 )
+from .guidance import Guidance, GuidedDenoiser, guidance_or_default, role_tensor
 from .samplers import fresh_scheduler
 
 _SD3_MEDIUM: dict[str, Any] = {
@@ -107,6 +107,14 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Text-conditioning modules by kind (``Architecture.text_conditioning_modules``), as module-path patterns.
+_TEXT_MODULES = {
+    "context": r"context_embedder",
+    "pooled": r"time_text_embed\.text_embedder\.linear_1",
+    "key_value": r"transformer_blocks\.\d+\.attn\.add_[kv]_proj",
+}
+
+
 def _heads_of(attn: nn.Module) -> int:
     return attn.heads
 
@@ -124,6 +132,17 @@ class SD3Architecture(Architecture):
     denoiser_classes = ("SD3Transformer2DModel", "PrunedSD3Transformer2DModel")
     known_configs = KNOWN_CONFIGS
     pruned_module = "sd3_pruned"
+    flow_matching = True
+
+    text_conditioning_kinds = ("context", "pooled", "key_value")
+
+    def text_conditioning_kind(self, module_path: str) -> str | None:
+        # context_embedder reads the text encoder's sequence, text_embedder.linear_1 the pooled CLIP
+        # embedding; the double blocks' text stream makes the joint attention's text keys and values
+        for kind, pattern in _TEXT_MODULES.items():
+            if re.fullmatch(pattern, module_path):
+                return kind
+        return None
 
     def sites(self, denoiser: nn.Module) -> list[MaskSite]:
         sites: list[MaskSite] = []
@@ -234,6 +253,7 @@ class SD3Architecture(Architecture):
         steps: int,
         resolution: int,
         guidance_scale: float,
+        guidance: Guidance | None = None,
     ) -> Trajectory:
         """Flow-matching Euler sampling exactly as ``StableDiffusion3Pipeline.__call__`` does it.
 
@@ -256,8 +276,8 @@ class SD3Architecture(Architecture):
         check_steps(steps)
         check_seeds(noise_seeds, encoded["prompt_embeds"].shape[0])
         cfg_on = guidance_scale > 1
-        prompt_embeds = cfg_cat(encoded["negative_prompt_embeds"], encoded["prompt_embeds"], cfg_on)
-        pooled = cfg_cat(encoded["negative_pooled_prompt_embeds"], encoded["pooled_prompt_embeds"], cfg_on)
+        prompt_embeds = encoded["prompt_embeds"]
+        batch = prompt_embeds.shape[0]
 
         channels = transformer.config.in_channels
         noise = torch.cat(
@@ -287,26 +307,57 @@ class SD3Architecture(Architecture):
         timesteps = sched.timesteps.to(device)
         sigmas = sched.sigmas.to(device)
 
-        def step(z: torch.Tensor, i: int) -> torch.Tensor:
-            model_input = cfg_rows(z, cfg_on)
-            velocity = transformer(
-                hidden_states=model_input,
-                timestep=timesteps[i].expand(model_input.shape[0]),
-                encoder_hidden_states=prompt_embeds,
-                pooled_projections=pooled,
+        def condition(role: str, g: Guidance) -> dict[str, Any]:
+            return {
+                "embeds": role_tensor(role, "prompt_embeds", encoded, g, batch),
+                "pooled": role_tensor(role, "pooled_prompt_embeds", encoded, g, batch),
+            }
+
+        def call(rows: torch.Tensor, t: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
+            return transformer(
+                hidden_states=rows,
+                timestep=t.expand(rows.shape[0]),
+                encoder_hidden_states=c["embeds"],
+                pooled_projections=c["pooled"],
                 return_dict=False,
             )[0]
-            if cfg_on:
-                velocity = guide(velocity, guidance_scale)
+
+        guided = GuidedDenoiser(
+            guidance_or_default(guidance, cfg_on, guidance_scale),
+            condition,
+            call,
+            family=self.family,
+        )
+        schedule = flow_schedule(timesteps, sigmas, steps)
+
+        def step(z: torch.Tensor, i: int) -> torch.Tensor:
+            velocity = guided(z, timesteps[i], i)
             # FlowMatchEulerDiscreteScheduler.step for index i, without its step counter (so recomputing step i
             # is exact), with its casts: sample upcast to float32 (float64 kept), result in the model's dtype.
             sample = z if z.dtype == torch.float64 else z.to(torch.float32)
             return (sample + (sigmas[i + 1] - sigmas[i]) * velocity).to(velocity.dtype)
 
+        def predict(z: torch.Tensor, i: int, guidance: Guidance | None = None) -> torch.Tensor:
+            return guided(z, timesteps[schedule.check_index(i)], i, guidance)
+
+        train_steps = float(sched.config.num_train_timesteps)
+
+        def velocity_at(z: torch.Tensor, sigma: float, guidance: Guidance | None = None) -> torch.Tensor:
+            t = torch.tensor(float(sigma) * train_steps, device=z.device, dtype=timesteps.dtype)
+            return guided(z, t, -1, guidance)
+
         def decode(z: torch.Tensor) -> torch.Tensor:
             return decode_to_unit(pipe.vae, z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor)
 
-        return Trajectory(noise=noise, num_steps=steps, step=step, decode=decode)
+        return Trajectory(
+            noise=noise,
+            num_steps=steps,
+            step=step,
+            decode=decode,
+            predict=predict,
+            schedule=schedule,
+            velocity_at=velocity_at,
+        )
 
     # ------------------------------------------------------------------ pruning
     def prune(self, denoiser: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:

@@ -68,6 +68,7 @@ is certain; the remaining values equal diffusers' defaults there.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -77,14 +78,12 @@ from .base import Architecture, MaskSite, Trajectory, register
 from .common import (
     PrunedState,
     basic_block_sites,
-    cfg_cat,
-    cfg_rows,
     check_resolution,
     check_seeds,
     decode_to_unit,
-    guide,
     randn_latents,
 )
+from .guidance import Guidance, GuidedDenoiser, guidance_or_default, role_tensor
 from .samplers import ALL_SCHEDULERS, SCHEDULER_CLASSES, StatelessSampler, set_scheduler
 
 _SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
@@ -207,6 +206,16 @@ class UNetArchitecture(Architecture):
     known_configs = KNOWN_CONFIGS
     pruned_module = "unet_pruned"
 
+    text_conditioning_kinds = ("key_value",)
+
+    def text_conditioning_kind(self, module_path: str) -> str | None:
+        # the cross-attention's keys and values are computed from the text encoder's sequence
+        return "key_value" if re.search(r"\.attn2\.to_[kv]$", module_path) else None
+
+    def supports_cfg(self, pipe: Any) -> bool:
+        """False for a UNet distilled with the guidance scale as an input (LCM: ``time_cond_proj_dim``)."""
+        return pipe.unet.config.time_cond_proj_dim is None
+
     def sites(self, denoiser: nn.Module) -> list[MaskSite]:
         sites: list[MaskSite] = []
         for path, block in transformer_blocks(denoiser):
@@ -240,6 +249,7 @@ class UNetArchitecture(Architecture):
         steps: int,
         resolution: int,
         guidance_scale: float,
+        guidance: Guidance | None = None,
     ) -> Trajectory:
         unet = pipe.unet
         device = self.execution_device(pipe)
@@ -259,37 +269,54 @@ class UNetArchitecture(Architecture):
         noise = randn_latents(noise_seeds, (channels, side, side), device, dtype) * sampler.scheduler.init_noise_sigma
 
         cfg = guidance_scale > 1 and unet.config.time_cond_proj_dim is None
-        context = cfg_cat(encoded["negative_prompt_embeds"], prompt_embeds, cfg)
-        added: dict[str, torch.Tensor] | None = None
-        if _is_sdxl(pipe):
-            pooled = cfg_cat(encoded["negative_pooled_prompt_embeds"], encoded["pooled_prompt_embeds"], cfg)
-            projection = (
-                pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
-            )
+        sdxl = _is_sdxl(pipe)
+        time_ids: torch.Tensor | None = None
+        if sdxl:
+            pooled_dim = int(encoded["pooled_prompt_embeds"].shape[-1])
+            projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled_dim
             size = (resolution, resolution)
             time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection)
-            added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(pooled.shape[0], 1)}
+            time_ids = time_ids.to(device)
         timestep_cond = None
         if unet.config.time_cond_proj_dim is not None:
             scale = torch.tensor(guidance_scale - 1).repeat(batch)
             timestep_cond = pipe.get_guidance_scale_embedding(scale, embedding_dim=unet.config.time_cond_proj_dim)
             timestep_cond = timestep_cond.to(device=device, dtype=dtype)
 
-        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            prediction = unet(
-                cfg_rows(x, cfg),
+        def condition(role: str, g: Guidance) -> dict[str, Any]:
+            part: dict[str, Any] = {"context": role_tensor(role, "prompt_embeds", encoded, g, batch)}
+            if time_ids is not None:
+                part["text_embeds"] = role_tensor(role, "pooled_prompt_embeds", encoded, g, batch).to(device)
+                part["time_ids"] = time_ids.repeat(batch, 1)
+            if timestep_cond is not None:
+                part["timestep_cond"] = timestep_cond
+            return part
+
+        def call(rows: torch.Tensor, t: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
+            added = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]} if "time_ids" in c else None
+            return unet(
+                rows,
                 t,
-                encoder_hidden_states=context,
-                timestep_cond=timestep_cond,
+                encoder_hidden_states=c["context"],
+                timestep_cond=c.get("timestep_cond"),
                 added_cond_kwargs=added,
                 return_dict=False,
             )[0]
-            return guide(prediction, guidance_scale) if cfg else prediction
+
+        guided = GuidedDenoiser(
+            guidance_or_default(guidance, cfg, guidance_scale),
+            condition,
+            call,
+            supports_cfg=self.supports_cfg(pipe),
+            family=self.family,
+        )
 
         def step(z: torch.Tensor, i: int) -> torch.Tensor:
-            return sampler.step(z, i, predict)
+            return sampler.step(z, i, lambda x, t: guided(x, t, i))
 
-        sdxl = _is_sdxl(pipe)
+        def predict(z: torch.Tensor, i: int, guidance: Guidance | None = None) -> torch.Tensor:
+            x, t = sampler.model_input(z, i)
+            return guided(x, t, i, guidance)
 
         def decode(z: torch.Tensor) -> torch.Tensor:
             vae = pipe.vae
@@ -311,7 +338,14 @@ class UNetArchitecture(Architecture):
                 if upcast:
                     vae.to(dtype=torch.float16)
 
-        return Trajectory(noise=noise, num_steps=sampler.num_steps, step=step, decode=decode)
+        return Trajectory(
+            noise=noise,
+            num_steps=sampler.num_steps,
+            step=step,
+            decode=decode,
+            predict=predict,
+            schedule=sampler.noise_schedule(),
+        )
 
     # ------------------------------------------------------------------ pruning
     def prune(self, denoiser: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
