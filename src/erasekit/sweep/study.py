@@ -20,9 +20,10 @@ than ``grace_period`` seconds is marked failed by the next worker that looks, wh
 it with the same parameters back in the queue (``retried_from`` in ``trials.csv``), so the trial is
 retried, not lost. Rerunning the same command continues the study; nothing that finished is redone.
 
-**Determinism.** The sampler is seeded per trial with ``seed`` and the trial's number, so that a
-resumed study or a second worker does not redraw the parameters of trials it already has, and one
-worker with one seed draws the same sequence every time.
+**Determinism.** TPE is seeded per trial with ``seed`` and the trial's number, so that a resumed
+study or a second worker does not redraw the parameters of trials it already has, and one worker
+with one seed draws the same sequence every time. The grid sampler gives each trial a point of the
+grid that no trial, finished or running, has taken.
 """
 
 from __future__ import annotations
@@ -75,8 +76,7 @@ class _PerTrialSeed(BaseSampler):
 
     Optuna's samplers keep one random generator per process, so two workers (or a resumed run) with
     the same seed would draw the same first parameters again; the number the storage hands out is
-    unique to the trial. TPE reads the history from the storage, and the grid sampler what is left of
-    the grid, so nothing else is lost by rebuilding them.
+    unique to the trial. TPE reads the history from the storage, so nothing else is lost by rebuilding it.
     """
 
     def __init__(self, make: Callable[[int | None], BaseSampler], seed: int | None) -> None:
@@ -108,9 +108,10 @@ def make_sampler(space: SearchSpace, sampler: str, seed: int | None) -> BaseSamp
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
     if sampler == "grid":
-        grid = space.grid()
-        return _PerTrialSeed(lambda s: GridSampler(grid, seed=s), seed)
-    return _PerTrialSeed(lambda s: TPESampler(seed=s, multivariate=True, warn_independent_sampling=False), seed)
+        # not reseeded per trial: the seed shuffles the grid's order, which must stay one for the study;
+        # it hands each trial a point no trial has taken, running ones included
+        return GridSampler(space.grid(), seed=seed)
+    return _PerTrialSeed(lambda s: TPESampler(seed=s, multivariate=True), seed)
 
 
 def open_storage(
@@ -124,20 +125,27 @@ def open_storage(
     url = storage or f"sqlite:///{(output / STUDY_FILE).absolute()}"
     # several processes write one SQLite file: wait for its lock rather than fail at once
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's words since 2.8
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period or 3 * heartbeat_interval,
-            heartbeat_stale_trial_callback=retry,
-        )
-    except Exception as exc:  # SQLAlchemy's errors (bad URL, missing driver, refused connection) are many
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SweepError(f"cannot open the study storage {url!r}: {first}") from None
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's words since 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+        for attempt in range(4):
+            try:
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period or 3 * heartbeat_interval,
+                    heartbeat_stale_trial_callback=retry,
+                )
+            except Exception as exc:  # SQLAlchemy's errors (bad URL, missing driver, refused connection) are many
+                # two workers creating the tables of a new database at once: the second one's try
+                # fails (a table or the schema version already exists) and the next finds them
+                if attempt < 3 and type(exc).__name__ in ("OperationalError", "IntegrityError"):
+                    time.sleep(0.5 * (attempt + 1))
+                    continue
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise SweepError(f"cannot open the study storage {url!r}: {first}") from None
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _check_record(study: optuna.Study, key: str, value: Any) -> None:
@@ -221,7 +229,9 @@ def run_sweep(
     _check_record(study, "space", space.record())
     _check_record(study, "sampler", sampler)
     if study.metric_names is None:
-        study.set_metric_names(names)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
     poll = poll_seconds if poll_seconds is not None else max(1.0, heartbeat_interval / 2)
 
     failures = 0
