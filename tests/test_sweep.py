@@ -149,6 +149,7 @@ def test_an_interrupted_sweep_resumes_and_completes_the_requested_trials(tmp_pat
         run_sweep(interrupted, space, trials=5, output=out, metric_names=("strict_ua", "ira"))
     study = load_study(out)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    assert [r["state"] for r in rows(out / "trials.csv")] == ["COMPLETE", "COMPLETE", "FAIL"]  # reported first
     result = run_sweep(synthetic, space, trials=5, output=out, metric_names=("strict_ua", "ira"))
     states = [t.state for t in result.study.trials]
     assert states.count(TrialState.COMPLETE) == 5 and len(states) == 6  # 2 kept, the failed one recorded, 3 new

@@ -279,30 +279,38 @@ def run_sweep(
         if failures >= trials:
             study_.stop()
 
-    while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, and queued again
-        done = _count(study, TrialState.COMPLETE)
-        if done >= trials or failures >= trials:
-            break
-        running = _count(study, TrialState.RUNNING)
-        waiting = _count(study, TrialState.WAITING)
-        if done + running >= trials and not waiting:
-            time.sleep(poll)  # the last trials run elsewhere: wait for them, or take over when they die
-            continue
-        study.optimize(
-            run_one,
-            n_trials=max(1, trials - done - running + waiting),
-            catch=(Exception,),
-            callbacks=[note_failure],
-        )
-    front = study.best_trials if done else []
-    rescored = {
-        t.number: study.user_attrs[f"rescored:{t.number}"] for t in front if f"rescored:{t.number}" in study.user_attrs
-    }
-    files = write_outputs(study, target, front, rescored, study.user_attrs.get("rescored:base"))
+    try:
+        while True:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, and queued again
+            done = _count(study, TrialState.COMPLETE)
+            if done >= trials or failures >= trials:
+                break
+            running = _count(study, TrialState.RUNNING)
+            waiting = _count(study, TrialState.WAITING)
+            if done + running >= trials and not waiting:
+                time.sleep(poll)  # the last trials run elsewhere: wait for them, or take over when they die
+                continue
+            study.optimize(
+                run_one,
+                n_trials=max(1, trials - done - running + waiting),
+                catch=(Exception,),
+                callbacks=[note_failure],
+            )
+    except KeyboardInterrupt:
+        _report(study, target)  # what finished is reported before the interruption goes on
+        raise
+    front, files = _report(study, target)
     return SweepResult(study=study, output=target, front=front, files=files)
+
+
+def _report(study: optuna.Study, target: Path) -> tuple[list[FrozenTrial], list[Path]]:
+    """Write the study's report (with the rescored numbers it holds); returns the front and the files."""
+    front = study.best_trials if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else []
+    attrs = study.user_attrs
+    rescored = {t.number: attrs[f"rescored:{t.number}"] for t in front if f"rescored:{t.number}" in attrs}
+    return front, write_outputs(study, target, front, rescored, attrs.get("rescored:base"))
 
 
 def load_study(
