@@ -174,7 +174,7 @@ out, trials, seed, mode = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
 def objective(params, folder):
     if mode == "die" and int(folder.name) == 1:
         os.kill(os.getpid(), 9)  # killed mid-trial: no exception, no goodbye
-    time.sleep(0.3)  # long enough that the workers' trials overlap
+    time.sleep(0.5)  # long enough that the workers' trials overlap
     return {"strict_ua": params["loss.erase_weight"] / 10, "ira": 1 - params["loss.preserve_weight"] / 8,
             "pid": os.getpid()}
 
@@ -312,25 +312,29 @@ def test_the_command_refuses_an_unknown_method_and_a_bad_space_before_any_work(t
 
 
 @pytest.mark.slow
-def test_one_real_mask_trial_on_shapescanvas_and_its_rescoring(tmp_path):
-    from erasekit.sweep.shapes import ShapesMaskObjective
+def test_one_real_mask_trial_on_shapescanvas_through_the_command(tmp_path):
     from erasekit.toyworld import protocol
 
-    objective = ShapesMaskObjective("circle", ["train.iterations=2", "sampling.steps=2"], images=2)
-    space = parse_space({"loss.erase_weight": {"type": "float", "low": 1.0, "high": 8.0}})
-    out = tmp_path / "sweep"
-    result = run_sweep(objective, space, trials=1, output=out, metric_names=objective.metric_names)
+    base, space = tmp_path / "base.yaml", tmp_path / "space.yaml"
+    base.write_text("train: {iterations: 2}\nsampling: {steps: 2}\n")
+    space.write_text("loss.erase_weight: {type: float, low: 1.0, high: 8.0}\n")
+    out, lines = tmp_path / "sweep", []
+    result = main(
+        method="mask", config=base, space=space, trials=1, output=out, images=2, evaluation_images=2, log=lines.append
+    )
     (trial,) = result.study.trials
-    assert trial.state == TrialState.COMPLETE
-    scores = json.loads((out / "trials" / "0000" / "scores.json").read_text())
-    assert (out / "trials" / "0000" / "mask" / "masks.safetensors").is_file()
+    assert trial.state == TrialState.COMPLETE and [t.number for t in result.front] == [0]
+    folder = out / "trials" / "0000"
+    scores = json.loads((folder / "scores.json").read_text())
     assert list(trial.values) == [scores["strict_ua"], scores["ira"]]
     assert 0 <= scores["strict_ua"] <= scores["ua"] + 1e-9 and scores["ira"] in (0.0, 0.5, 1.0)  # 2 in-domain images
-    config = json.loads((out / "trials" / "0000" / "mask" / "mask_config.json").read_text())
-    assert json.dumps(config).count(repr(trial.params["loss.erase_weight"])) >= 1  # the trial's value was trained
-    evaluation = rescore_front(
-        result.study, lambda p, f: objective.rescore(p, f, per_group=2), out
-    )  # the same mask, the evaluation draw
-    assert set(evaluation) == {0} and 0 <= evaluation[0]["ira"] <= 1
+    trained = json.loads((folder / "mask" / "mask_config.json").read_text())
+    assert json.dumps(trained).count(repr(trial.params["loss.erase_weight"])) >= 1  # the trial's value was trained
+    assert 'iterations": 2' in json.dumps(trained)  # and the base recipe's
+    # the front and the base recipe, rescored on the evaluation draw (disjoint from the tuning draw)
+    record = json.loads((out / "rescored.json").read_text())
+    assert set(record["front"]) == {"0"} and 0 <= record["front"]["0"]["ira"] <= 1 and record["base"] is not None
+    assert (out / "base" / "mask" / "masks.safetensors").is_file()
+    assert "| base |" in (out / "front.md").read_text() and len(lines) == 2
     tuning = {s.seed for s in protocol.tuning_samples("circle", per_group=2)}
     assert not tuning & {s.seed for s in protocol.evaluation_samples("circle", per_group=2)}
