@@ -35,10 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from erasekit.pipeline import apply_masks
+    from erasekit.sweep.shapes import mask_scores, score_row
     from erasekit.toyworld import protocol
-    from erasekit.toyworld.demo import erasure_config, judge
-    from erasekit.toyworld.image_cache import original_images
+    from erasekit.toyworld.demo import erasure_config
     from erasekit.toyworld.world import World
     from erasekit.training import erase
 
@@ -46,24 +45,14 @@ def main(argv: list[str] | None = None) -> dict:
     world = World.load()
     config = erasure_config(world, args.concept, [*args.overrides, f"train.seed={args.seed}"], anchor=args.anchor)
     samples = protocol.tuning_samples(args.concept, per_group=args.images)
-    prompts, seeds = [s.prompt for s in samples], [s.seed for s in samples]
     started = time.perf_counter()
     result = erase(config, args.output)
     train_seconds = time.perf_counter() - started
-    before, _ = original_images(world, prompts, seeds)
-    masked = apply_masks(world.pipe, [args.output])
-    try:
-        after = world.generate(prompts, seeds)
-    finally:
-        masked.remove()
-    original, erased = judge(world, args.concept, samples, before), judge(world, args.concept, samples, after)
-    row = {key: round(erased[key], 4) for key in ("strict_ua", "strict_synonym_ua", "ua", "ambiguous", "ira", "cra")}
+    # the judging an `erasekit sweep` trial does too: one function, so the two cannot drift apart
+    row = score_row(*mask_scores(world, args.concept, args.output, samples))
     row.update(
-        ira_of_original=round(erased["ira"] / original["ira"], 4),
-        cra_of_original=round(erased["cra"] / original["cra"], 4),
         masked_fraction=round(result.masked_fraction, 4),
         train_seconds=round(train_seconds, 1),
-        original={key: round(original[key], 4) for key in ("strict_ua", "ua", "ira", "cra")},
         overrides=args.overrides,
         anchor=config.concept.anchor,
         seed=args.seed,

@@ -38,8 +38,10 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "erasekit.toyworld",
         "erasekit.cli",
     ),
-    "training": ("erasekit.evaluation", "erasekit.toyworld", "erasekit.cli"),
-    "evaluation": ("erasekit.toyworld", "erasekit.cli"),
+    "training": ("erasekit.evaluation", "erasekit.toyworld", "erasekit.sweep", "erasekit.cli"),
+    "evaluation": ("erasekit.toyworld", "erasekit.sweep", "erasekit.cli"),
+    # beside evaluation: it may use the library and the ShapesCanvas world (its mask objective), not the CLI
+    "sweep": ("erasekit.cli",),
 }
 
 #: What importing a package in a fresh interpreter must not load (module-level imports only).
@@ -53,7 +55,10 @@ NOT_LOADED: dict[str, tuple[str, ...]] = {
     "erasekit.generate": ("erasekit.training", "erasekit.evaluation", "erasekit.toyworld"),
     "erasekit.training": ("erasekit.evaluation", "erasekit.toyworld", "erasekit.cli"),
     "erasekit.evaluation": ("erasekit.toyworld", "erasekit.cli"),
-    "erasekit.toyworld.demo": ("erasekit.cli",),
+    "erasekit.toyworld.demo": ("erasekit.cli", "erasekit.sweep"),
+    # the package and the command's body load neither torch nor the world: a bad space fails in a second
+    "erasekit.sweep": ("erasekit.cli", "erasekit.toyworld", "torch"),
+    "erasekit.sweep.command": ("erasekit.cli", "erasekit.toyworld", "torch"),
     "erasekit.cli": (),
 }
 
