@@ -35,12 +35,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from erasekit.pipeline import apply_masks
+    from erasekit.methods import erase
+    from erasekit.methods.mask import apply_masks
     from erasekit.toyworld import protocol
     from erasekit.toyworld.demo import erasure_config, judge
     from erasekit.toyworld.image_cache import original_images
     from erasekit.toyworld.world import World
-    from erasekit.training import erase
 
     torch.set_num_threads(args.threads)
     world = World.load()
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     samples = protocol.tuning_samples(args.concept, per_group=args.images)
     prompts, seeds = [s.prompt for s in samples], [s.seed for s in samples]
     started = time.perf_counter()
-    result = erase(config, args.output)
+    result = erase(config, args.output).result
     train_seconds = time.perf_counter() - started
     before, _ = original_images(world, prompts, seeds)
     masked = apply_masks(world.pipe, [args.output])

@@ -69,7 +69,7 @@ def test_family_journey(family, tmp_path):
         )
         == 0
     )
-    record = json.loads(open(f"{mask}/mask_config.json").read())
+    record = json.loads(open(f"{mask}/erasure.json").read())
     assert record["stats"]["masked_units"] > 0
     prompt = flags[1] if family == "dit" else "a photo of a cat"
     for name, masks in (("masked", ["--masks", mask]), ("plain", [])):

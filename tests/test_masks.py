@@ -10,7 +10,8 @@ from diffusers import FluxTransformer2DModel
 
 from erasekit.arch import FLUX, architecture_for, count_units, select_sites
 from erasekit.errors import MaskFileError, MaskMismatchError
-from erasekit.masks import (
+from erasekit.methods.base import denoiser_config_hash
+from erasekit.methods.mask import (
     MaskedModel,
     MaskSettings,
     base_model_record,
@@ -20,7 +21,6 @@ from erasekit.masks import (
     mask_values,
     save_mask_artifact,
 )
-from erasekit.masks.artifact import denoiser_config_hash
 
 
 def tiny_transformer(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> FluxTransformer2DModel:
@@ -242,7 +242,7 @@ def test_non_finite_logits_are_refused_on_write_and_load(value, tmp_path):
 def test_mask_config_that_is_not_a_json_object(tmp_path):
     path = _artifact(tiny_transformer(), tmp_path, "a", [])
     for text in ("[1, 2]", '"mask"', "3", "null"):
-        (path / "mask_config.json").write_text(text)
+        (path / "erasure.json").write_text(text)
         with pytest.raises(MaskFileError, match="not an erasekit mask config .*not an object"):
             load_mask_artifact(path)
 
@@ -260,17 +260,17 @@ def test_corrupt_or_incomplete_artifacts(tmp_path):
     with pytest.raises(MaskFileError, match="does not exist"):
         load_mask_artifact(tmp_path / "missing")
     (path / "masks.safetensors").write_bytes(b"")
-    (path / "mask_config.json").write_text(json.dumps({"format": "other"}))
+    (path / "erasure.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(MaskFileError, match="not an erasekit mask"):
         load_mask_artifact(path)
 
 
 def test_format_versions_newer_than_the_reader_are_refused_and_older_ones_read(tmp_path):
     from erasekit import __version__
-    from erasekit.masks.artifact import FORMAT_VERSION
+    from erasekit.methods.mask.artifact import FORMAT_VERSION
 
     path = _artifact(tiny_transformer(), tmp_path, "a", [])
-    config_file = path / "mask_config.json"
+    config_file = path / "erasure.json"
     record = json.loads(config_file.read_text())
     assert record["format_version"] == FORMAT_VERSION == 1
     record["format_version"] = 7

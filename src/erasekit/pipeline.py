@@ -126,4 +126,3 @@ def _check_denoiser_class(index_file: Path, model: str) -> bool:
             ours = architecture_by_class_name(entry[1]).pruned_component_source()
             return component.name == ours.name and component.read_bytes() == ours.read_bytes()
     return False
-

@@ -232,6 +232,26 @@ class Erasure(ABC):
         recorded = self.record.get("generation")
         return dict(recorded) if isinstance(recorded, dict) else generation_defaults(self.record.get("settings", {}))
 
+    def provenance(self) -> dict[str, Any]:
+        """What pins this erasure's folder: the method, the sha256 of its payload (``sha256``: of the one
+        payload file, else of the name -> sha256 map) and of its record file (``config_sha256``)."""
+        if self.path is None:
+            return {"method": self.method}
+        payload = {name: file_sha256(self.path / name) for name in self.payload if (self.path / name).is_file()}
+        record_file = self.path / RECORD_NAME
+        if not record_file.is_file() and self.legacy_record:
+            record_file = self.path / self.legacy_record
+        digest = next(iter(payload.values())) if len(payload) == 1 else json_sha256(payload)
+        return {"method": self.method, "sha256": digest, "config_sha256": file_sha256(record_file)}
+
+    def changed_text(self) -> str:
+        """What this erasure changed, in a few words (the CLI's summary line)."""
+        return self.cost.changes or self.method
+
+    def report(self) -> dict[str, Any]:
+        """The method's own numbers for a report such as the demo's ``metrics.json`` (default: none)."""
+        return {}
+
     def check(self, pipe: Any) -> None:
         """Refuse a pipeline of another model than the one this erasure was made on."""
         check_model(self.record, denoiser_of(pipe)[1], self.where)
@@ -240,12 +260,22 @@ class Erasure(ABC):
     def apply(self, pipe: Any) -> ErasureHandle:
         """Apply to a loaded pipeline; the handle's ``remove()`` restores its original outputs exactly."""
 
+    def check_foldable(self, mode: str) -> None:
+        """Refuse in one line a fold this erasure cannot do (an inference-time method, another mode)."""
+        if not self.foldable:
+            raise UnsupportedError(
+                f"a {self.method} erasure changes sampling, not weights, and cannot be folded; "
+                "use it with `erasekit generate --erasure` or `erasekit evaluate --erasure`"
+            )
+        if mode not in self.fold_modes:
+            raise UnsupportedError(
+                f"a {self.method} erasure folds with --mode {' or '.join(self.fold_modes)}, not {mode!r}"
+            )
+
     def fold(self, pipe: Any, mode: str) -> Any:
         """Bake the erasure into ``pipe``'s weights (in place); returns the pipeline."""
-        raise UnsupportedError(
-            f"a {self.method} erasure changes sampling, not weights, and cannot be folded; "
-            "use it with `erasekit generate --erasure` or `erasekit evaluate --erasure`"
-        )
+        self.check_foldable(mode)
+        raise NotImplementedError(f"{type(self).__name__} is foldable but does not implement fold")
 
     @classmethod
     def combine(cls, erasures: list[Erasure]) -> Erasure:
@@ -485,12 +515,7 @@ def fold_erasures(pipe: Any, paths: Sequence[str | Path], mode: str) -> Any:
         erasure.check(pipe)
     combined = combine_erasures(erasures)
     for erasure in combined:
-        if not erasure.foldable:
-            erasure.fold(pipe, mode)  # raises the method's one-line refusal
-        if mode not in erasure.fold_modes:
-            raise UnsupportedError(
-                f"a {erasure.method} erasure folds with --mode {' or '.join(erasure.fold_modes)}, not {mode!r}"
-            )
+        erasure.check_foldable(mode)
     for erasure in combined:
         erasure.fold(pipe, mode)
     return pipe
@@ -524,9 +549,7 @@ def save_folded_pipeline(pipe: Any, output: str | Path, mode: str, provenance: d
 
 
 # --------------------------------------------------------------------------- the library's erase
-def erase(
-    config: EraseConfig, output: str | Path, *, resume: bool = False, stop_after: int | None = None
-) -> Erasure:
+def erase(config: EraseConfig, output: str | Path, *, resume: bool = False, stop_after: int | None = None) -> Erasure:
     """Load ``config.model``, fit ``config.method`` on it, write the artefact to ``output``.
 
     Example:

@@ -11,7 +11,7 @@ from ...arch import denoiser_of
 from ...config import EraseConfig, MaskConfig
 from ...data import build_concept_prompts
 from ...training.run import make_accelerator, staging_path
-from ..base import Erasure, Method, register_method
+from ..base import Cost, Erasure, Method, register_method
 from .artifact import (
     CHANGES,
     CONFIG_NAME,
@@ -64,6 +64,16 @@ class MaskErasure(Erasure):
                         "total": sum(v.numel() for v in self.logits.values())}}  # fmt: skip
 
     @property
+    def cost(self) -> Cost:
+        """The recorded cost; a mask folder of an earlier version has its stats only."""
+        if isinstance(self.record.get("cost"), dict):
+            return Cost.from_dict(self.record["cost"])
+        stats = self.record.get("stats", {})
+        seconds = self.record.get("training", {}).get("seconds", 0.0)
+        size = (self.path / WEIGHTS_NAME).stat().st_size if self.path and (self.path / WEIGHTS_NAME).is_file() else 0
+        return Cost(CHANGES, stats.get("masked_units", 0), stats.get("total_units", 0), 0, seconds, 0, size)
+
+    @property
     def masked_fraction(self) -> float:
         return fraction_of(self.masked_units)
 
@@ -86,6 +96,7 @@ class MaskErasure(Erasure):
 
     def fold(self, pipe: Any, mode: str) -> Any:
         """Zero-fold (same shapes) or prune-fold (masked heads and neurons removed) into ``pipe``."""
+        self.check_foldable(mode)
         self.check(pipe)
         return fold_into_pipeline(pipe, self.masked_model(pipe).install(), mode)
 
@@ -100,6 +111,9 @@ class MaskErasure(Erasure):
         record["combined_from"] = [str(m.path) for m in masks]
         record.pop("masked", None)  # the counts of the first mask alone would be wrong
         return cls(logits, record)
+
+    def changed_text(self) -> str:
+        return f"{self.masked_fraction:.2%} of masked units off"
 
     def report(self) -> dict[str, Any]:
         """The mask's own numbers for a report (the demo's metrics)."""

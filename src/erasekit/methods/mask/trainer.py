@@ -362,4 +362,3 @@ def validate_training_config(config: EraseConfig) -> None:
     for kind in UNIT_KINDS:
         if getattr(config.mask, kind).lr < 0:
             raise ConfigError(f"mask.{kind}.lr must not be negative")
-
