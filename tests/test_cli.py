@@ -284,7 +284,7 @@ CHILD = textwrap.dedent(
 def masked_reference_latents(model: Path, mask: Path) -> dict[str, torch.Tensor]:
     """Final latents of the stock pipeline call, unmasked and with the mask's hooks installed."""
     from erasekit.methods.mask import apply_masks
-from erasekit.pipeline import load_pipeline
+    from erasekit.pipeline import load_pipeline
 
     pipe = load_pipeline(str(model), "float32", "cpu")
 
