@@ -123,6 +123,11 @@ def masks(tiny_flux_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict
     first = next(iter(tensors))
     tensors[first][0] = float("nan")
     save_file(tensors, str(nan_logits / "masks.safetensors"))
+    from erasekit.outputs import file_sha256
+
+    record = json.loads((nan_logits / "erasure.json").read_text())  # a record that matches the damaged payload
+    record["payload"]["masks.safetensors"] = file_sha256(nan_logits / "masks.safetensors")
+    (nan_logits / "erasure.json").write_text(json.dumps(record))
 
     # a truncated masks.safetensors (as after an interrupted copy)
     corrupt = root / "corrupt"
@@ -418,9 +423,9 @@ def test_invalid_training_value(tiny_flux_path, runs, capsys):
     [
         ("other-model", "was made for another FluxTransformer2DModel"),
         ("other-class", "was made for a SomeOtherTransformer2DModel"),
-        ("corrupt", "is corrupt or not a safetensors file"),
+        ("corrupt", "masks.safetensors does not match the sha256 recorded in erasure.json"),
         ("other-depth", "'other/shallower-tiny-flux', denoiser config sha256"),
-        ("not-object", "is not an erasekit mask config (a JSON list, not an object)"),
+        ("not-object", "is not an erasekit erasure record (a JSON list, not an object)"),
         ("nan-logits", "holds non-finite logits"),
         ("newer-version", "has format_version 2, newer than the version 1 that erasekit"),
     ],

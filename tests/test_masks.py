@@ -169,7 +169,7 @@ def test_artifact_roundtrip_and_combination(tmp_path):
     key = "neurons/transformer_blocks.0.ff.net.2"
     a = load_mask_artifact(_artifact(model, tmp_path, "a", [(key, 0)]))
     b = load_mask_artifact(_artifact(model, tmp_path, "b", [(key, 1)]))
-    assert a.config["format"] == "erasekit-mask" and a.config["erasekit_version"]
+    assert a.config["format"] == "erasekit-erasure" and a.config["erasekit_version"]
     assert len(check_artifact(a, FLUX, model)) == len(FLUX.sites(model))
     combined = combine_logits([a, b])
     keep = combined[key] > 0
@@ -235,6 +235,13 @@ def test_non_finite_logits_are_refused_on_write_and_load(value, tmp_path):
     from safetensors.torch import save_file
 
     save_file(logits, str(path / "masks.safetensors"))
+    with pytest.raises(MaskFileError, match="does not match the sha256 recorded in erasure.json"):
+        load_mask_artifact(path)  # the payload changed behind the record's back
+    from erasekit.outputs import file_sha256
+
+    record = json.loads((path / "erasure.json").read_text())
+    record["payload"]["masks.safetensors"] = file_sha256(path / "masks.safetensors")
+    (path / "erasure.json").write_text(json.dumps(record))
     with pytest.raises(MaskFileError, match=f"non-finite logits .*{sites[1].key}"):
         load_mask_artifact(path)
 
@@ -243,7 +250,7 @@ def test_mask_config_that_is_not_a_json_object(tmp_path):
     path = _artifact(tiny_transformer(), tmp_path, "a", [])
     for text in ("[1, 2]", '"mask"', "3", "null"):
         (path / "erasure.json").write_text(text)
-        with pytest.raises(MaskFileError, match="not an erasekit mask config .*not an object"):
+        with pytest.raises(MaskFileError, match="not an erasekit erasure record .*not an object"):
             load_mask_artifact(path)
 
 
@@ -261,7 +268,7 @@ def test_corrupt_or_incomplete_artifacts(tmp_path):
         load_mask_artifact(tmp_path / "missing")
     (path / "masks.safetensors").write_bytes(b"")
     (path / "erasure.json").write_text(json.dumps({"format": "other"}))
-    with pytest.raises(MaskFileError, match="not an erasekit mask"):
+    with pytest.raises(MaskFileError, match="not an erasekit erasure record"):
         load_mask_artifact(path)
 
 

@@ -135,7 +135,9 @@ def write_record(folder: Path, record: dict[str, Any], payload: Sequence[str]) -
     Returns the record written.
     """
     hashes = {name: file_sha256(folder / name) for name in payload}
-    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "erasekit_version": __version__, **record}
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "erasekit_version": __version__}
+    # a record read from an older artefact brings its own format fields: this one is written in today's
+    full = {**header, **{k: v for k, v in record.items() if k not in header}}
     full["payload"] = hashes
     full["cost"] = {**dict(full.get("cost") or {}), "artifact_bytes": sum((folder / n).stat().st_size for n in payload)}
     (folder / RECORD_NAME).write_text(json.dumps(full, indent=2, sort_keys=False, default=str))
