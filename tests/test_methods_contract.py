@@ -356,6 +356,7 @@ def test_the_cli_refuses_bad_erasures_with_exit_2_and_writes_nothing(
     record = json.loads((good / RECORD_NAME).read_text())
     record["format_version"] = 99
     (good / RECORD_NAME).write_text(json.dumps(record))
+    capsys.readouterr()  # loading the pipeline above drew progress bars
     out = tmp_path / "images"
     argv = ["generate", "--model", tiny_flux_path, "--erasure", str(good), "--prompt", "a cat", "--output", str(out)]
     assert main(argv) == 2
