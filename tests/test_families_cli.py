@@ -134,7 +134,8 @@ def test_sampling_scheduler_is_applied_and_checked(tmp_path):
     from erasekit.config import load_config
     from erasekit.errors import ConfigError
     from erasekit.tiny import build_tiny_sd_pipeline
-    from erasekit.training import MaskTrainer, make_accelerator
+    from erasekit.methods.mask.trainer import MaskTrainer
+    from erasekit.training import make_accelerator
 
     pipe = build_tiny_sd_pipeline(seed=0)
     config = load_config(None, ["model.device=cpu", "concept.concept=cat", "sampling.scheduler=euler"])

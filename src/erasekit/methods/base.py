@@ -38,6 +38,8 @@ from ..errors import (
     UnsupportedError,
 )
 from ..outputs import atomic_directory, check_output, commit_directory, file_sha256, json_sha256
+from ..pipeline import load_pipeline
+from ..training.run import make_accelerator, staging_path
 
 FORMAT = "erasekit-erasure"
 FORMAT_VERSION = 1
@@ -559,9 +561,6 @@ def erase(config: EraseConfig, output: str | Path, *, resume: bool = False, stop
         >>> cfg = load_config("configs/flux-schnell.yaml", ["concept.concept=Hulk", "concept.anchor=a man"])
         >>> erase(cfg, "erasures/hulk")  # doctest: +SKIP
     """
-    from ..pipeline import load_pipeline
-    from ..training.run import make_accelerator, staging_path
-
     method = get_method(config.method)
     method.validate(config)  # bad settings fail before any weights are loaded
     output = Path(output)

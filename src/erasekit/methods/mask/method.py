@@ -60,8 +60,8 @@ class MaskErasure(Erasure):
         recorded = self.record.get("masked")
         if isinstance(recorded, dict):
             return recorded
-        return {"all": {"masked": sum(int((v <= 0).sum()) for v in self.logits.values()),
-                        "total": sum(v.numel() for v in self.logits.values())}}  # fmt: skip
+        masked = sum(int((v <= 0).sum()) for v in self.logits.values())
+        return {"all": {"masked": masked, "total": sum(v.numel() for v in self.logits.values())}}
 
     @property
     def cost(self) -> Cost:
