@@ -133,8 +133,8 @@ def test_family_journey(family, tmp_path):
 def test_sampling_scheduler_is_applied_and_checked(tmp_path):
     from erasekit.config import load_config
     from erasekit.errors import ConfigError
-    from erasekit.tiny import build_tiny_sd_pipeline
     from erasekit.methods.mask.trainer import MaskTrainer
+    from erasekit.tiny import build_tiny_sd_pipeline
     from erasekit.training import make_accelerator
 
     pipe = build_tiny_sd_pipeline(seed=0)
