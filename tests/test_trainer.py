@@ -195,6 +195,18 @@ def test_resume_matches_an_uninterrupted_run(
             assert float(mine[column]) == pytest.approx(float(theirs[column]), rel=1e-6, abs=1e-9), column
 
 
+def test_resume_reads_a_checkpoint_of_the_earlier_mask_trainer(
+    pipe: Any, tiny_train_config: Any, six_steps: TrainResult, tmp_path: Path
+) -> None:
+    """Checkpoints written before the shared training run held the logits as ``logits.safetensors``."""
+    config = tiny_train_config(train__iterations=6, train__checkpoint_every=2)
+    output = tmp_path / "mask"
+    run(pipe, config, output, stop_after=2)
+    latest = staging_path(output) / CHECKPOINTS / "step-0000002"
+    (latest / "tensors.safetensors").rename(latest / "logits.safetensors")
+    assert_same_logits(run(pipe, config, output, resume=True).logits, six_steps.logits)
+
+
 def test_resume_with_other_settings_is_refused(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
     output = tmp_path / "mask"
     run(pipe, tiny_train_config(train__iterations=6, train__checkpoint_every=2), output, stop_after=2)

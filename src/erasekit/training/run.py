@@ -217,7 +217,10 @@ class TrainingRun:
         if not checkpoints:
             raise ErasekitError(f"nothing to resume: {self.staging} has no checkpoint; start without --resume")
         latest = checkpoints[-1]
-        tensors = load_file(str(latest / CHECKPOINT_TENSORS))
+        tensors_file = latest / CHECKPOINT_TENSORS
+        if not tensors_file.is_file():  # a mask run interrupted under erasekit before the training run existed
+            tensors_file = latest / "logits.safetensors"
+        tensors = load_file(str(tensors_file))
         optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location="cpu", weights_only=True))
         state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
         scheduler.load_state_dict(state["scheduler"])
