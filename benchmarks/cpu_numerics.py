@@ -34,10 +34,10 @@ import torch
 torch.set_num_threads(threads)
 from erasekit.toyworld.demo import erasure_config
 from erasekit.toyworld.world import World
-from erasekit.training import erase
+from erasekit.methods import erase
 config = erasure_config(World.load(), "circle", [f"train.iterations={iterations}"], anchor="square")
 with tempfile.TemporaryDirectory() as folder:
-    result = erase(config, os.path.join(folder, "mask"))
+    result = erase(config, os.path.join(folder, "mask")).result
 from erasekit.outputs import tensors_sha256  # the demo's mask_sha256: the logits are float32 already
 print(json.dumps({"seconds_per_iteration": result.seconds / iterations, "digest": tensors_sha256(result.logits)[:16],
                   "capability": torch.backends.cpu.get_cpu_capability()}))

@@ -29,7 +29,7 @@ import torch
 
 from erasekit.arch import architecture_by_class_name
 from erasekit.arch.base import known_config
-from erasekit.masks import MaskedModel, MaskSettings
+from erasekit.methods.mask import MaskedModel, MaskSettings
 from erasekit.training.gradient import checkpointed_gradient
 
 MODELS = {

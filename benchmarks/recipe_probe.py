@@ -35,18 +35,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from erasekit.methods import erase
     from erasekit.sweep.shapes import mask_scores, score_row
     from erasekit.toyworld import protocol
     from erasekit.toyworld.demo import erasure_config
     from erasekit.toyworld.world import World
-    from erasekit.training import erase
 
     torch.set_num_threads(args.threads)
     world = World.load()
     config = erasure_config(world, args.concept, [*args.overrides, f"train.seed={args.seed}"], anchor=args.anchor)
     samples = protocol.tuning_samples(args.concept, per_group=args.images)
     started = time.perf_counter()
-    result = erase(config, args.output)
+    result = erase(config, args.output).result
     train_seconds = time.perf_counter() - started
     # the judging an `erasekit sweep` trial does too: one function, so the two cannot drift apart
     row = score_row(*mask_scores(world, args.concept, args.output, samples))

@@ -2,7 +2,7 @@
 """Benchmark: gradient of a final-latent loss w.r.t. mask logits through a whole FLUX trajectory.
 
 Three ways of getting the same gradient (``erasekit.training.gradient``) are compared on one
-``FluxTransformer2DModel`` with random weights and a :class:`~erasekit.masks.model.MaskedModel`
+``FluxTransformer2DModel`` with random weights and a :class:`~erasekit.methods.mask.model.MaskedModel`
 (hard-concrete masks on every FLUX site: neurons, norm channels, heads) installed in train mode:
 
 * ``naive``    -- one autograd graph over all T steps (memory grows with T);
@@ -198,7 +198,7 @@ def _build(spec: ModelSpec, device: str, dtype_name: str, init_lambda: float) ->
     from diffusers import FluxTransformer2DModel
 
     from erasekit.arch.flux import FLUX
-    from erasekit.masks.model import MaskedModel
+    from erasekit.methods.mask.model import MaskedModel
 
     dtype = getattr(torch, dtype_name)
     dev = torch.device(device)

@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from erasekit.config import load_config
+from erasekit.methods.mask.trainer import MaskTrainer
 from erasekit.pipeline import load_pipeline
-from erasekit.training.trainer import MaskTrainer, make_accelerator, staging_path
+from erasekit.training.run import make_accelerator, staging_path
 
 
 def main() -> None:

@@ -123,8 +123,8 @@ def test_erase_writes_a_mask_with_units_switched_off(erased: tuple[Path, str], t
     assert Path(match.group(1)) == mask
     assert float(match.group(2)) > 0
 
-    config = json.loads((mask / "mask_config.json").read_text())
-    assert config["format"] == "erasekit-mask"
+    config = json.loads((mask / "erasure.json").read_text())
+    assert config["format"] == "erasekit-erasure" and config["method"] == "mask"
     assert config["concept"] == "cat" and config["anchor"] == "dog"
     assert config["unit_kinds"] == ["heads", "neurons", "norm"]
     assert config["base_model"]["id"] == str(tiny_model)
@@ -216,11 +216,11 @@ def test_generate_with_masks_changes_the_images(
 @pytest.mark.slow
 def test_generate_defaults_come_from_the_mask(mask_dir: Path) -> None:
     """Without --steps/--resolution/--max-sequence-length, generate samples the mask's training trajectory."""
-    from erasekit.cli import _mask_sampling_defaults
+    from erasekit.cli import _generation_defaults
 
-    defaults = _mask_sampling_defaults([str(mask_dir)])
+    defaults = _generation_defaults([str(mask_dir)])
     assert (defaults["steps"], defaults["resolution"], defaults["max_sequence_length"]) == (2, 32, 16)
-    assert _mask_sampling_defaults([]) == {}
+    assert _generation_defaults([]) == {}
 
 
 def test_generate_from_a_prompt_file(work: Path, tiny_model: Path, plain_images: Path, capsys) -> None:
@@ -283,7 +283,8 @@ CHILD = textwrap.dedent(
 
 def masked_reference_latents(model: Path, mask: Path) -> dict[str, torch.Tensor]:
     """Final latents of the stock pipeline call, unmasked and with the mask's hooks installed."""
-    from erasekit.pipeline import apply_masks, load_pipeline
+    from erasekit.methods.mask import apply_masks
+    from erasekit.pipeline import load_pipeline
 
     pipe = load_pipeline(str(model), "float32", "cpu")
 
@@ -411,8 +412,8 @@ def test_import_minimalist_flux_masks(tmp_path: Path, capsys) -> None:
     assert code == 0
     assert f"imported masks written to {target}" in capsys.readouterr().out
 
-    config = json.loads((target / "mask_config.json").read_text())
-    assert config["format"] == "erasekit-mask"
+    config = json.loads((target / "erasure.json").read_text())
+    assert config["format"] == "erasekit-erasure" and config["method"] == "mask"
     assert config["base_model"]["id"] == "black-forest-labs/FLUX.1-schnell"
     assert config["base_model"]["denoiser_class"] == "FluxTransformer2DModel"
     assert config["masked_units_per_kind"] == {"heads": 0, "neurons": 293859, "norm": 62143}
@@ -445,7 +446,7 @@ def test_console_script_exit_codes_and_one_line_errors(tmp_path: Path, tiny_mode
     assert usage.returncode == 2 and "invalid choice" in usage.stderr
 
     # fails after the pipeline was loaded (a mask made for another denoiser): no library output around the message
-    from erasekit.masks.artifact import save_mask_artifact
+    from erasekit.methods.mask.artifact import save_mask_artifact
 
     mask = save_mask_artifact(
         tmp_path / "foreign-mask", {}, {"base_model": {"id": "elsewhere", "denoiser_class": "OtherTransformer"}}

@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from erasekit.config import load_config
+from erasekit.methods.mask.trainer import MaskTrainer
 from erasekit.pipeline import load_pipeline
-from erasekit.training.trainer import MaskTrainer, make_accelerator, staging_path
+from erasekit.training.run import make_accelerator, staging_path
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 TIMEOUT_S = 420
@@ -94,7 +95,7 @@ def test_two_processes_equal_one_process_with_double_batch(tiny_train_overrides:
         assert torch.equal(logits[0][key], logits[1][key]), f"ranks disagree on {key}"
 
     assert output.is_dir() and not staging_path(output).exists()
-    record = json.loads((output / "mask_config.json").read_text())
+    record = json.loads((output / "erasure.json").read_text())
     assert record["training"]["processes"] == 2
     saved = load_file(str(output / "masks.safetensors"))
     assert all(torch.equal(saved[k], logits[0][k]) for k in saved)

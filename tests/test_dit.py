@@ -17,8 +17,8 @@ from erasekit.arch.dit import DIT, class_ids, id2label_of
 from erasekit.arch.samplers import run_trajectory
 from erasekit.errors import ConfigError, MaskMismatchError, ModelLoadError, PromptError
 from erasekit.generate import generate_latents
-from erasekit.masks import MaskedModel, MaskSettings
-from erasekit.masks.fold import fold_into_pipeline, save_folded_pipeline
+from erasekit.methods.mask import MaskedModel, MaskSettings
+from erasekit.methods.mask.fold import fold_into_pipeline, save_folded_pipeline
 from erasekit.tiny.dit import TINY_ID2LABEL, build_tiny_dit_pipeline, save_tiny_dit_pipeline
 from erasekit.training.gradient import checkpointed_gradient, naive_gradient
 
@@ -259,9 +259,10 @@ def test_tiny_pipeline_saves_atomically_with_its_labels(tmp_path):
 
 def test_trainer_erases_a_class_towards_an_anchor_class(pipe, tmp_path):
     from erasekit.config import load_config
-    from erasekit.pipeline import apply_masks
+    from erasekit.methods.mask import apply_masks
+    from erasekit.methods.mask.trainer import MaskTrainer
     from erasekit.tiny import build_tiny_flux_pipeline
-    from erasekit.training.trainer import MaskTrainer, make_accelerator
+    from erasekit.training.run import make_accelerator
 
     overrides = [
         "model.id=tiny-dit",
@@ -284,7 +285,7 @@ def test_trainer_erases_a_class_towards_an_anchor_class(pipe, tmp_path):
         "tabby cat",
     ]
     result = trainer.fit()
-    record = json.loads((result.output / "mask_config.json").read_text())
+    record = json.loads((result.output / "erasure.json").read_text())
     assert record["family"] == "dit" and record["concept"] == "golden retriever" and record["anchor"] == "tabby cat"
     with pytest.raises(MaskMismatchError, match="DiTTransformer2DModel"):
         apply_masks(build_tiny_flux_pipeline(seed=0), [result.output])

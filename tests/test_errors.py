@@ -68,7 +68,7 @@ def foreign_class() -> str:
 def write_mask(folder: Path, denoiser: torch.nn.Module, model_id: str, seed: int = 0) -> Path:
     """A mask artefact with random logits for every site of ``denoiser`` (no training)."""
     from erasekit.arch import architecture_for
-    from erasekit.masks.artifact import base_model_record, save_mask_artifact
+    from erasekit.methods.mask.artifact import base_model_record, save_mask_artifact
 
     generator = torch.Generator().manual_seed(seed)
     sites = architecture_for(denoiser).sites(denoiser)
@@ -98,9 +98,9 @@ def masks(tiny_flux_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict
     # the mask of this model, but recorded as made for another denoiser class
     other_class = root / "other-class"
     shutil.copytree(good, other_class)
-    record = json.loads((other_class / "mask_config.json").read_text())
+    record = json.loads((other_class / "erasure.json").read_text())
     record["base_model"]["denoiser_class"] = "SomeOtherTransformer2DModel"
-    (other_class / "mask_config.json").write_text(json.dumps(record))
+    (other_class / "erasure.json").write_text(json.dumps(record))
 
     # a mask of a shallower model of the same width (1+1 blocks against 2+2): every key and shape fits
     config = json.loads((Path(tiny_flux_path) / "transformer" / "config.json").read_text())
@@ -112,7 +112,7 @@ def masks(tiny_flux_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict
     # valid JSON that is not an object
     not_object = root / "not-object"
     shutil.copytree(good, not_object)
-    (not_object / "mask_config.json").write_text("[1, 2, 3]")
+    (not_object / "erasure.json").write_text("[1, 2, 3]")
 
     # NaN logits (written by something other than erasekit, or damaged): NaN > 0 is False, so NaN would read as closed
     from safetensors.torch import load_file, save_file
@@ -123,6 +123,11 @@ def masks(tiny_flux_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict
     first = next(iter(tensors))
     tensors[first][0] = float("nan")
     save_file(tensors, str(nan_logits / "masks.safetensors"))
+    from erasekit.outputs import file_sha256
+
+    record = json.loads((nan_logits / "erasure.json").read_text())  # a record that matches the damaged payload
+    record["payload"]["masks.safetensors"] = file_sha256(nan_logits / "masks.safetensors")
+    (nan_logits / "erasure.json").write_text(json.dumps(record))
 
     # a truncated masks.safetensors (as after an interrupted copy)
     corrupt = root / "corrupt"
@@ -133,9 +138,9 @@ def masks(tiny_flux_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict
     # written by a newer erasekit whose format this one would misread
     newer = root / "newer-version"
     shutil.copytree(good, newer)
-    record = json.loads((newer / "mask_config.json").read_text())
+    record = json.loads((newer / "erasure.json").read_text())
     record["format_version"] = 2
-    (newer / "mask_config.json").write_text(json.dumps(record))
+    (newer / "erasure.json").write_text(json.dumps(record))
     return {
         "good": good,
         "other-model": other_mask,
@@ -418,9 +423,9 @@ def test_invalid_training_value(tiny_flux_path, runs, capsys):
     [
         ("other-model", "was made for another FluxTransformer2DModel"),
         ("other-class", "was made for a SomeOtherTransformer2DModel"),
-        ("corrupt", "is corrupt or not a safetensors file"),
+        ("corrupt", "masks.safetensors does not match the sha256 recorded in erasure.json"),
         ("other-depth", "'other/shallower-tiny-flux', denoiser config sha256"),
-        ("not-object", "is not an erasekit mask config (a JSON list, not an object)"),
+        ("not-object", "is not an erasekit erasure record (a JSON list, not an object)"),
         ("nan-logits", "holds non-finite logits"),
         ("newer-version", "has format_version 2, newer than the version 1 that erasekit"),
     ],
@@ -587,7 +592,7 @@ def test_sampling_settings_the_model_cannot_use_fail_before_training_and_the_rer
 def test_a_failed_run_without_a_checkpoint_leaves_no_staging_folder(tiny_flux_path, runs, capsys, monkeypatch):
     """Whatever fails mid-training before the first checkpoint leaves nothing that --resume could use,
     so nothing at all."""
-    from erasekit.training import trainer
+    from erasekit.methods.mask import trainer
 
     def broken(*args, **kwargs):
         raise ValueError("something the up-front checks did not foresee")
@@ -690,7 +695,7 @@ def test_non_bmp_text_in_concept_anchor_and_paths_arrives_unchanged(tiny_flux_pa
         str(output),
     ]
     assert main(argv) == 0, capsys.readouterr().err
-    record = json.loads((output / "mask_config.json").read_text(encoding="utf-8"))
+    record = json.loads((output / "erasure.json").read_text(encoding="utf-8"))
     assert (record["concept"], record["anchor"], record["base_model"]["id"]) == ("a 🐈 cat", "a 🐕 dog", str(model))
     capsys.readouterr()
 

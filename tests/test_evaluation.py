@@ -361,7 +361,7 @@ BAD_INPUTS = {
     ),
     "missing mask": (
         ["--prompts", "concept:cat", "--masks", "/nonexistent/mask"],
-        "mask folder '/nonexistent/mask' does not exist",
+        "erasure folder '/nonexistent/mask' does not exist",
     ),
 }
 

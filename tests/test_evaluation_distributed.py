@@ -51,7 +51,7 @@ def test_two_processes_write_the_same_evaluation_as_one(tiny_flux_path: str, tmp
              "--max-sequence-length", "16", "--device", "cpu", "--dtype", "float32",
              "--metrics", "ssim,psnr,cost"]  # fmt: skip
     # a mask: zero logits on one site keep nothing there (logit <= 0), so the variant differs from the original
-    from erasekit.masks.artifact import save_mask_artifact
+    from erasekit.methods.mask.artifact import save_mask_artifact
     from erasekit.pipeline import denoiser_of, load_pipeline
 
     pipe = load_pipeline(tiny_flux_path, "float32", "cpu")
@@ -62,7 +62,7 @@ def test_two_processes_write_the_same_evaluation_as_one(tiny_flux_path: str, tmp
             [torch.full((site.num_units // 2,), -1.0), torch.full((site.num_units - site.num_units // 2,), 1.0)]
         )
     }
-    from erasekit.masks.artifact import base_model_record
+    from erasekit.methods.mask.artifact import base_model_record
 
     mask = save_mask_artifact(
         tmp_path / "half-mask", logits, {"base_model": base_model_record(denoiser, tiny_flux_path)}

@@ -69,7 +69,7 @@ def test_family_journey(family, tmp_path):
         )
         == 0
     )
-    record = json.loads(open(f"{mask}/mask_config.json").read())
+    record = json.loads(open(f"{mask}/erasure.json").read())
     assert record["stats"]["masked_units"] > 0
     prompt = flags[1] if family == "dit" else "a photo of a cat"
     for name, masks in (("masked", ["--masks", mask]), ("plain", [])):
@@ -133,8 +133,9 @@ def test_family_journey(family, tmp_path):
 def test_sampling_scheduler_is_applied_and_checked(tmp_path):
     from erasekit.config import load_config
     from erasekit.errors import ConfigError
+    from erasekit.methods.mask.trainer import MaskTrainer
     from erasekit.tiny import build_tiny_sd_pipeline
-    from erasekit.training import MaskTrainer, make_accelerator
+    from erasekit.training import make_accelerator
 
     pipe = build_tiny_sd_pipeline(seed=0)
     config = load_config(None, ["model.device=cpu", "concept.concept=cat", "sampling.scheduler=euler"])

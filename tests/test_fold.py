@@ -11,8 +11,8 @@ import torch
 
 from erasekit.arch import FLUX
 from erasekit.generate import generate_latents
-from erasekit.masks import MaskedModel
-from erasekit.masks.fold import fold_into_pipeline, save_folded_pipeline
+from erasekit.methods.mask import MaskedModel
+from erasekit.methods.mask.fold import fold_into_pipeline, save_folded_pipeline
 from erasekit.tiny import build_tiny_flux_pipeline
 
 SAMPLE = dict(steps=3, resolution=32, max_sequence_length=16)

@@ -7,7 +7,7 @@ import torch
 
 from erasekit.arch import FLUX
 from erasekit.arch.samplers import run_trajectory
-from erasekit.masks import MaskedModel, MaskSettings
+from erasekit.methods.mask import MaskedModel, MaskSettings
 from erasekit.tiny import build_tiny_flux_pipeline
 from erasekit.training import gradient as gradient_module
 from erasekit.training.gradient import checkpointed_gradient, naive_gradient, two_call_gradient

@@ -53,4 +53,4 @@ def test_accelerate_launch_cpu_with_two_processes_warns(tiny_flux_path, tmp_path
     assert done.returncode == 0, done.stderr[-4000:]
     assert "accelerate launch started ONE process" in done.stderr
     assert "torchrun --standalone --nproc_per_node N -m erasekit.cli erase" in done.stderr
-    assert json.loads((output / "mask_config.json").read_text())["training"]["processes"] == 1
+    assert json.loads((output / "erasure.json").read_text())["training"]["processes"] == 1

@@ -1,4 +1,5 @@
-"""Imports go one way: cli -> evaluation / toyworld -> training / masks -> arch -> outputs (docs/design.md).
+"""Imports go one way: cli -> evaluation / toyworld -> methods -> training -> pipeline / generate -> arch -> outputs
+(docs/design.md).
 
 Two checks: every package imports on its own in a fresh interpreter (an import cycle often breaks only
 when one particular module is imported first) without loading a layer above it, and an AST walk over
@@ -20,9 +21,9 @@ SOURCE = Path(__file__).resolve().parent.parent / "src" / "erasekit"
 
 #: Per package (or module), the erasekit modules it may never import, at module level or in a function.
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "outputs": ("erasekit.arch", "erasekit.masks", "erasekit.pipeline", "erasekit.training", "erasekit.generate"),
+    "outputs": ("erasekit.arch", "erasekit.methods", "erasekit.pipeline", "erasekit.training", "erasekit.generate"),
     "arch": (
-        "erasekit.masks",
+        "erasekit.methods",
         "erasekit.pipeline",
         "erasekit.generate",
         "erasekit.training",
@@ -30,15 +31,17 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "erasekit.toyworld",
         "erasekit.cli",
     ),
-    "masks": (
-        "erasekit.pipeline",
+    "pipeline": (
+        "erasekit.methods",
         "erasekit.generate",
         "erasekit.training",
         "erasekit.evaluation",
         "erasekit.toyworld",
         "erasekit.cli",
     ),
-    "training": ("erasekit.evaluation", "erasekit.toyworld", "erasekit.sweep", "erasekit.cli"),
+    "generate": ("erasekit.methods", "erasekit.training", "erasekit.evaluation", "erasekit.toyworld", "erasekit.cli"),
+    "training": ("erasekit.methods", "erasekit.evaluation", "erasekit.toyworld", "erasekit.sweep", "erasekit.cli"),
+    "methods": ("erasekit.evaluation", "erasekit.toyworld", "erasekit.sweep", "erasekit.cli"),
     "evaluation": ("erasekit.toyworld", "erasekit.sweep", "erasekit.cli"),
     # beside evaluation: it may use the library and the ShapesCanvas world (its mask objective), not the CLI
     "sweep": ("erasekit.cli",),
@@ -47,13 +50,13 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
 #: What importing a package in a fresh interpreter must not load (module-level imports only).
 NOT_LOADED: dict[str, tuple[str, ...]] = {
     "erasekit.outputs": ("erasekit.arch", "torch"),  # the CLI checks --output before torch is imported
-    "erasekit.arch": ("erasekit.masks", "erasekit.pipeline", "erasekit.training"),
-    "erasekit.masks": ("erasekit.pipeline", "erasekit.generate", "erasekit.training"),
-    "erasekit.masks.fold": ("erasekit.pipeline", "erasekit.generate", "erasekit.training"),
-    "erasekit.masks.reference": ("erasekit.pipeline", "erasekit.generate", "erasekit.training"),
-    "erasekit.pipeline": ("erasekit.generate", "erasekit.training", "erasekit.evaluation"),
-    "erasekit.generate": ("erasekit.training", "erasekit.evaluation", "erasekit.toyworld"),
-    "erasekit.training": ("erasekit.evaluation", "erasekit.toyworld", "erasekit.cli"),
+    "erasekit.arch": ("erasekit.methods", "erasekit.pipeline", "erasekit.training"),
+    "erasekit.pipeline": ("erasekit.methods", "erasekit.generate", "erasekit.training", "erasekit.evaluation"),
+    "erasekit.generate": ("erasekit.methods", "erasekit.training", "erasekit.evaluation", "erasekit.toyworld"),
+    "erasekit.training": ("erasekit.methods", "erasekit.evaluation", "erasekit.toyworld", "erasekit.cli"),
+    "erasekit.methods": ("erasekit.evaluation", "erasekit.toyworld", "erasekit.cli"),
+    "erasekit.methods.mask.fold": ("erasekit.evaluation", "erasekit.toyworld", "erasekit.cli"),
+    "erasekit.methods.mask.reference": ("erasekit.evaluation", "erasekit.toyworld", "erasekit.cli"),
     "erasekit.evaluation": ("erasekit.toyworld", "erasekit.cli"),
     "erasekit.toyworld.demo": ("erasekit.cli", "erasekit.sweep"),
     # the package and the command's body load neither torch nor the world: a bad space fails in a second
@@ -97,8 +100,8 @@ def _violations(layer: str) -> list[str]:
 
 
 def test_the_import_walk_resolves_relative_imports():
-    names = imported_modules(SOURCE / "masks" / "fold.py")
-    assert {"erasekit.arch", "erasekit.outputs", "erasekit.masks.model"} <= names
+    names = imported_modules(SOURCE / "methods" / "mask" / "fold.py")
+    assert {"erasekit.arch", "erasekit.methods.base", "erasekit.methods.mask.model"} <= names
     assert "erasekit.arch.samplers" in imported_modules(SOURCE / "training" / "gradient.py")
     assert "erasekit.errors" in imported_modules(SOURCE / "arch" / "base.py")
 
@@ -110,11 +113,11 @@ def test_no_module_imports_a_layer_above_it(layer):
 
 def test_the_walk_catches_an_import_that_goes_up(tmp_path, monkeypatch):
     fake = tmp_path / "erasekit"
-    (fake / "masks").mkdir(parents=True)
-    (fake / "masks" / "bad.py").write_text("def f():\n    from .. import pipeline\n")  # inside a function
-    (fake / "masks" / "good.py").write_text("from ..arch import denoiser_of\n")
+    (fake / "training").mkdir(parents=True)
+    (fake / "training" / "bad.py").write_text("def f():\n    from .. import methods\n")  # inside a function
+    (fake / "training" / "good.py").write_text("from ..arch import denoiser_of\n")
     monkeypatch.setattr(sys.modules[__name__], "SOURCE", fake)
-    assert _violations("masks") == ["masks/bad.py imports erasekit.pipeline"]
+    assert _violations("training") == ["training/bad.py imports erasekit.methods"]
 
 
 @pytest.mark.parametrize("module", sorted(NOT_LOADED))

@@ -10,7 +10,8 @@ from diffusers import FluxTransformer2DModel
 
 from erasekit.arch import FLUX, architecture_for, count_units, select_sites
 from erasekit.errors import MaskFileError, MaskMismatchError
-from erasekit.masks import (
+from erasekit.methods.base import denoiser_config_hash
+from erasekit.methods.mask import (
     MaskedModel,
     MaskSettings,
     base_model_record,
@@ -20,7 +21,6 @@ from erasekit.masks import (
     mask_values,
     save_mask_artifact,
 )
-from erasekit.masks.artifact import denoiser_config_hash
 
 
 def tiny_transformer(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> FluxTransformer2DModel:
@@ -169,7 +169,7 @@ def test_artifact_roundtrip_and_combination(tmp_path):
     key = "neurons/transformer_blocks.0.ff.net.2"
     a = load_mask_artifact(_artifact(model, tmp_path, "a", [(key, 0)]))
     b = load_mask_artifact(_artifact(model, tmp_path, "b", [(key, 1)]))
-    assert a.config["format"] == "erasekit-mask" and a.config["erasekit_version"]
+    assert a.config["format"] == "erasekit-erasure" and a.config["erasekit_version"]
     assert len(check_artifact(a, FLUX, model)) == len(FLUX.sites(model))
     combined = combine_logits([a, b])
     keep = combined[key] > 0
@@ -235,6 +235,13 @@ def test_non_finite_logits_are_refused_on_write_and_load(value, tmp_path):
     from safetensors.torch import save_file
 
     save_file(logits, str(path / "masks.safetensors"))
+    with pytest.raises(MaskFileError, match="does not match the sha256 recorded in erasure.json"):
+        load_mask_artifact(path)  # the payload changed behind the record's back
+    from erasekit.outputs import file_sha256
+
+    record = json.loads((path / "erasure.json").read_text())
+    record["payload"]["masks.safetensors"] = file_sha256(path / "masks.safetensors")
+    (path / "erasure.json").write_text(json.dumps(record))
     with pytest.raises(MaskFileError, match=f"non-finite logits .*{sites[1].key}"):
         load_mask_artifact(path)
 
@@ -242,8 +249,8 @@ def test_non_finite_logits_are_refused_on_write_and_load(value, tmp_path):
 def test_mask_config_that_is_not_a_json_object(tmp_path):
     path = _artifact(tiny_transformer(), tmp_path, "a", [])
     for text in ("[1, 2]", '"mask"', "3", "null"):
-        (path / "mask_config.json").write_text(text)
-        with pytest.raises(MaskFileError, match="not an erasekit mask config .*not an object"):
+        (path / "erasure.json").write_text(text)
+        with pytest.raises(MaskFileError, match="not an erasekit erasure record .*not an object"):
             load_mask_artifact(path)
 
 
@@ -260,17 +267,17 @@ def test_corrupt_or_incomplete_artifacts(tmp_path):
     with pytest.raises(MaskFileError, match="does not exist"):
         load_mask_artifact(tmp_path / "missing")
     (path / "masks.safetensors").write_bytes(b"")
-    (path / "mask_config.json").write_text(json.dumps({"format": "other"}))
-    with pytest.raises(MaskFileError, match="not an erasekit mask"):
+    (path / "erasure.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(MaskFileError, match="not an erasekit erasure record"):
         load_mask_artifact(path)
 
 
 def test_format_versions_newer_than_the_reader_are_refused_and_older_ones_read(tmp_path):
     from erasekit import __version__
-    from erasekit.masks.artifact import FORMAT_VERSION
+    from erasekit.methods.mask.artifact import FORMAT_VERSION
 
     path = _artifact(tiny_transformer(), tmp_path, "a", [])
-    config_file = path / "mask_config.json"
+    config_file = path / "erasure.json"
     record = json.loads(config_file.read_text())
     assert record["format_version"] == FORMAT_VERSION == 1
     record["format_version"] = 7

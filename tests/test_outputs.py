@@ -174,7 +174,7 @@ def test_world_hash_and_record_digests_are_unchanged(tmp_path):
     from torch import nn
 
     from erasekit.evaluation.prompts import PromptItem, PromptSet
-    from erasekit.masks.artifact import denoiser_config_hash
+    from erasekit.methods.base import denoiser_config_hash
     from erasekit.toyworld import image_cache
 
     world = SimpleNamespace(pipeline_path=str(_hashed_folder(tmp_path / "world")))

@@ -16,8 +16,8 @@ from erasekit.arch.pixart import PIXART, StatelessSampler
 from erasekit.arch.samplers import run_trajectory
 from erasekit.errors import MaskMismatchError, ModelLoadError
 from erasekit.generate import generate_latents
-from erasekit.masks import MaskedModel, MaskSettings
-from erasekit.masks.fold import fold_into_pipeline, save_folded_pipeline
+from erasekit.methods.mask import MaskedModel, MaskSettings
+from erasekit.methods.mask.fold import fold_into_pipeline, save_folded_pipeline
 from erasekit.tiny.pixart import TinyPixArtSpec, build_tiny_pixart_pipeline, save_tiny_pixart_pipeline
 from erasekit.training.gradient import checkpointed_gradient, naive_gradient
 
@@ -265,9 +265,10 @@ def test_tiny_pipeline_saves_atomically_and_reloads(tmp_path):
 
 def test_trainer_writes_an_artifact_refused_by_flux_and_vice_versa(pipe, tmp_path):
     from erasekit.config import load_config
-    from erasekit.pipeline import apply_masks
+    from erasekit.methods.mask import apply_masks
+    from erasekit.methods.mask.trainer import MaskTrainer
     from erasekit.tiny import build_tiny_flux_pipeline
-    from erasekit.training.trainer import MaskTrainer, make_accelerator
+    from erasekit.training.run import make_accelerator
 
     cfg = load_config(
         "configs/pixart-sigma.yaml",
@@ -290,7 +291,7 @@ def test_trainer_writes_an_artifact_refused_by_flux_and_vice_versa(pipe, tmp_pat
     trainer = MaskTrainer(copy.deepcopy(pipe), cfg, output, make_accelerator(cfg, tmp_path / "logs"))
     result = trainer.fit()
     assert result.output == output and (output / "masks.safetensors").is_file()
-    record = json.loads((output / "mask_config.json").read_text())
+    record = json.loads((output / "erasure.json").read_text())
     assert record["family"] == "pixart" and record["base_model"]["denoiser_class"] == "PixArtTransformer2DModel"
     masked = apply_masks(pipe, [output])  # fits its own family
     masked.remove()
@@ -298,7 +299,7 @@ def test_trainer_writes_an_artifact_refused_by_flux_and_vice_versa(pipe, tmp_pat
         apply_masks(build_tiny_flux_pipeline(seed=0), [output])
 
     from erasekit.arch import FLUX
-    from erasekit.masks import base_model_record, save_mask_artifact
+    from erasekit.methods.mask import base_model_record, save_mask_artifact
 
     flux = build_tiny_flux_pipeline(seed=0)
     flux_logits = {s.key: torch.ones(s.num_units) for s in FLUX.sites(flux.transformer)}

@@ -1,4 +1,4 @@
-"""Tests of importing the reference implementation's FLUX masks (``erasekit.masks.reference``)."""
+"""Tests of importing the reference implementation's FLUX masks (``erasekit.methods.mask.reference``)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from diffusers import FluxTransformer2DModel
 from erasekit.arch import FLUX
 from erasekit.errors import MaskFileError, MaskMismatchError
 from erasekit.inspect import instantiate_denoiser_on_meta
-from erasekit.masks import check_artifact, load_mask_artifact
-from erasekit.masks.reference import import_minimalist_flux, import_minimalist_flux_artifact, load_reference_list
+from erasekit.methods.mask import check_artifact, load_mask_artifact
+from erasekit.methods.mask.reference import import_minimalist_flux, import_minimalist_flux_artifact, load_reference_list
 from reference_data import data_file, needs_data
 
 SCHNELL = "black-forest-labs/FLUX.1-schnell"

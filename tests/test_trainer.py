@@ -16,11 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import erasekit.training.trainer as trainer_module
+import erasekit.methods.mask.trainer as trainer_module
 from erasekit.config import EraseConfig, load_config
 from erasekit.errors import ErasekitError, TrainingDivergedError
+from erasekit.methods import erase
+from erasekit.methods.mask.trainer import MaskTrainer, TrainResult
 from erasekit.pipeline import load_pipeline
-from erasekit.training.trainer import CHECKPOINTS, MaskTrainer, TrainResult, erase, make_accelerator, staging_path
+from erasekit.training.run import CHECKPOINTS, make_accelerator, staging_path
 
 INIT = 0.5  # mask.init_lambda of the tiny training config (conftest)
 LOG_COLUMNS = ("loss", "erase", "preserve", "sparsity", "masked_fraction")
@@ -92,7 +94,7 @@ def test_short_run_writes_the_artifact(pipe: Any, tiny_train_config: Any, tmp_pa
     assert not staging_path(output).exists()
     assert not (output / CHECKPOINTS).exists()
 
-    record = json.loads((output / "mask_config.json").read_text())
+    record = json.loads((output / "erasure.json").read_text())
     assert record["method"] == "mask"
     assert record["base_model"]["id"] == config.model.id
     assert record["base_model"]["denoiser_class"] == "FluxTransformer2DModel"
@@ -141,7 +143,7 @@ def test_same_seed_gives_identical_logits(pipe: Any, tiny_train_config: Any, tmp
 def test_erase_loads_the_model_and_trains(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
     """The library entry point: load ``config.model``, train, write; the same logits as a run on a loaded pipe."""
     config = tiny_train_config(train__iterations=2)
-    result = erase(config, tmp_path / "via-erase")
+    result = erase(config, tmp_path / "via-erase").result
     assert result.output == tmp_path / "via-erase" and (result.output / "masks.safetensors").is_file()
     assert not staging_path(result.output).exists()
     direct = run(pipe, config, tmp_path / "direct")
@@ -193,6 +195,18 @@ def test_resume_matches_an_uninterrupted_run(
             assert float(mine[column]) == pytest.approx(float(theirs[column]), rel=1e-6, abs=1e-9), column
 
 
+def test_resume_reads_a_checkpoint_of_the_earlier_mask_trainer(
+    pipe: Any, tiny_train_config: Any, six_steps: TrainResult, tmp_path: Path
+) -> None:
+    """Checkpoints written before the shared training run held the logits as ``logits.safetensors``."""
+    config = tiny_train_config(train__iterations=6, train__checkpoint_every=2)
+    output = tmp_path / "mask"
+    run(pipe, config, output, stop_after=2)
+    latest = staging_path(output) / CHECKPOINTS / "step-0000002"
+    (latest / "tensors.safetensors").rename(latest / "logits.safetensors")
+    assert_same_logits(run(pipe, config, output, resume=True).logits, six_steps.logits)
+
+
 def test_resume_with_other_settings_is_refused(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
     output = tmp_path / "mask"
     run(pipe, tiny_train_config(train__iterations=6, train__checkpoint_every=2), output, stop_after=2)
@@ -210,7 +224,7 @@ def test_checkpoints_keep_only_the_latest(pipe: Any, tiny_train_config: Any, tmp
     assert sorted(p.name for p in root.iterdir()) == ["step-0000003"]
     latest = root / "step-0000003"
     assert json.loads((latest / "state.json").read_text()) == {"step": 3}
-    assert {p.name for p in latest.iterdir()} >= {"logits.safetensors", "optimizer.pt", "state.pt"}
+    assert {p.name for p in latest.iterdir()} >= {"tensors.safetensors", "optimizer.pt", "state.pt"}
 
 
 # --------------------------------------------------------------------------- refusing
@@ -400,7 +414,7 @@ def test_final_threshold_closes_the_units_below_it(pipe: Any, tiny_train_config:
     closed = int((values <= t).sum())
     assert closed != int((values <= 0).sum())
     assert sum(c["masked"] for c in shifted.masked_units.values()) == closed
-    record = json.loads((tmp_path / "shifted" / "mask_config.json").read_text())
+    record = json.loads((tmp_path / "shifted" / "erasure.json").read_text())
     assert record["stats"]["masked_units"] == closed
     assert shifted.masked_fraction == pytest.approx(closed / values.numel())
 

@@ -18,10 +18,9 @@ from erasekit.arch.unet import KNOWN_CONFIGS, SUPPORTED_SCHEDULERS, UNET, transf
 from erasekit.arch.unet_pruned import PrunedUNet2DConditionModel
 from erasekit.errors import MaskMismatchError
 from erasekit.generate import generate_latents
-from erasekit.masks import MaskedModel, MaskSettings
-from erasekit.masks.artifact import base_model_record, save_mask_artifact
-from erasekit.masks.fold import fold_into_pipeline, save_folded_pipeline
-from erasekit.pipeline import apply_masks
+from erasekit.methods.mask import MaskedModel, MaskSettings, apply_masks
+from erasekit.methods.mask.artifact import base_model_record, save_mask_artifact
+from erasekit.methods.mask.fold import fold_into_pipeline, save_folded_pipeline
 from erasekit.tiny import build_tiny_flux_pipeline
 from erasekit.tiny.unet import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline, save_tiny_sd_pipeline
 from erasekit.training.gradient import checkpointed_gradient, naive_gradient
@@ -383,7 +382,7 @@ def test_published_sdxl_config_matches_its_added_embedding():
 # ---------------------------------------------------------------------- training and refusal
 def test_trainer_writes_an_artifact_and_masks_do_not_cross_families(tmp_path):
     from erasekit.config import load_config
-    from erasekit.training.trainer import erase
+    from erasekit.methods import erase
 
     model_dir = save_tiny_sd_pipeline(tmp_path / "tiny-sd", seed=0)
     cfg = load_config(
@@ -402,8 +401,8 @@ def test_trainer_writes_an_artifact_and_masks_do_not_cross_families(tmp_path):
             "train.checkpoint_every=0",
         ],
     )
-    result = erase(cfg, tmp_path / "mask")
-    record = json.loads((result.output / "mask_config.json").read_text())
+    result = erase(cfg, tmp_path / "mask").result
+    record = json.loads((result.output / "erasure.json").read_text())
     assert record["family"] == "unet"
     assert record["base_model"]["denoiser_class"] == "UNet2DConditionModel"
     assert set(record["unit_kinds"]) == {"heads", "neurons"}

@@ -24,19 +24,19 @@ DEMO_THREADS = 2
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, help="denoising steps (default: the mask's training steps, else 4)")
-    p.add_argument("--resolution", type=int, help="image side in pixels (default: the mask's, else 512)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the erasure's training steps, else 4)")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default: the erasure's, else 512)")
     p.add_argument(
         "--guidance",
         type=float,
         help="guidance scale: classifier-free for SD/SDXL/SD3/PixArt/DiT, distilled for FLUX.1-dev "
-        "(default: the mask's, else none)",
+        "(default: the erasure's, else none)",
     )
-    p.add_argument("--max-sequence-length", type=int, help="text tokens (default: the mask's, else 256)")
+    p.add_argument("--max-sequence-length", type=int, help="text tokens (default: the erasure's, else 256)")
     p.add_argument(
         "--scheduler",
         choices=("pipeline", "ddim", "euler", "dpm", "pndm", "flow-euler"),
-        help="sampler (default: the mask's, else the pipeline's own)",
+        help="sampler (default: the erasure's, else the pipeline's own)",
     )
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, float16, bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("erase", help="learn a sparse mask that erases a concept")
+    p = sub.add_parser("erase", help="fit an erasure of a concept (default method: the sparse mask)")
+    p.add_argument("--method", help="the erasure method (default: the config's method, mask); see `erasekit methods`")
     p.add_argument("--model", help="hub id or pipeline folder (default: the config's model.id)")
     p.add_argument("--concept", help="the concept to erase, e.g. nudity or 'Hulk'")
     p.add_argument("--anchor", help="what the concept becomes in target prompts, e.g. 'a man' (default: dropped)")
@@ -67,13 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="image side in pixels (sampling.resolution)")
     p.add_argument("--iterations", type=int, help="optimiser steps (train.iterations)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --output")
-    p.add_argument("--output", required=True, help="mask folder to create")
+    p.add_argument("--output", required=True, help="erasure folder to create")
     p.set_defaults(func=cmd_erase, pinned_numerics=True)
 
-    p = sub.add_parser("generate", help="generate images, optionally with masks applied")
+    p = sub.add_parser("generate", help="generate images, optionally with erasures applied")
     p.add_argument("--model", required=True, help="hub id or pipeline folder")
     p.add_argument(
-        "--masks", action="append", default=[], metavar="DIR", help="mask folder (repeatable: masks combine)"
+        "--erasure",
+        "--masks",
+        dest="masks",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="erasure folder of `erasekit erase` (repeatable: masks combine); --masks is an alias",
     )
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -88,11 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="hub id or pipeline folder")
     p.add_argument(
+        "--erasure",
         "--masks",
+        dest="masks",
         action="append",
         default=[],
         metavar="DIR",
-        help="an erased variant (repeatable: one variant each; DIR1,DIR2 combines masks into one variant)",
+        help="an erased variant (repeatable: one variant each; DIR1,DIR2 combines erasures into one variant); "
+        "--masks is an alias",
     )
     p.add_argument(
         "--prompts",
@@ -148,15 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_evaluate, pinned_numerics=True)
 
-    p = sub.add_parser("fold", help="bake masks into the weights and save a stock diffusers pipeline")
-    p.add_argument("--model", required=True, help="hub id or pipeline folder the masks were trained on")
-    p.add_argument("--masks", action="append", required=True, metavar="DIR", help="mask folder (repeatable)")
+    p = sub.add_parser("fold", help="bake erasures into the weights and save a stock diffusers pipeline")
+    p.add_argument("--model", required=True, help="hub id or pipeline folder the erasures were made on")
+    p.add_argument(
+        "--erasure",
+        "--masks",
+        dest="masks",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="erasure folder (repeatable; --masks is an alias); inference-time erasures cannot be folded",
+    )
     p.add_argument(
         "--mode", choices=("zero", "prune"), default="prune", help="zero: same shapes; prune: masked units removed"
     )
     p.add_argument("--dtype", default="float32", help="dtype to load and save in: float32 (default), float16, bfloat16")
     p.add_argument("--output", required=True, help="pipeline folder to create")
     p.set_defaults(func=cmd_fold)
+
+    p = sub.add_parser("methods", help="list the erasure methods: what each changes, trains?, needs CFG?, families")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("inspect", help="count a model's maskable units (weights are not loaded)")
     p.add_argument("model", help="hub id, pipeline folder, transformer folder or config.json")
@@ -197,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: an object's nearest neighbour in the model, square for circle; "
         "each other value in turn for a colour, style or background)",
     )
+    p.add_argument("--method", default="mask", help="the erasure method (default: mask); see `erasekit methods`")
     p.add_argument("--world", help="a ShapesCanvas world folder (default: the shipped one)")
     p.add_argument(
         "--images",
@@ -250,11 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_erase(args: argparse.Namespace) -> int:
     from .config import load_config, set_value
-    from .training import erase
+    from .methods import erase
 
     config = load_config(args.config, args.overrides)
     # the flags win over --set, and their text is taken as it is (not parsed as YAML)
     for flag, key in (
+        ("method", "method"),
         ("model", "model.id"),
         ("concept", "concept.concept"),
         ("anchor", "concept.anchor"),
@@ -265,21 +289,22 @@ def cmd_erase(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             set_value(config, key, value)
-    result = erase(config, args.output, resume=args.resume)
+    erasure = erase(config, args.output, resume=args.resume)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under accelerate launch, one line for the whole run
         return 0
-    print(f"mask written to {result.output} ({result.masked_fraction:.2%} of masked units off, {result.seconds:.1f} s)")
+    print(f"{erasure.method} written to {args.output} ({erasure.changed_text()}, {erasure.cost.seconds:.1f} s)")
     return 0
 
 
-def _mask_sampling_defaults(mask_dirs: list[str]) -> dict[str, Any]:
-    from .masks import load_mask_artifact
+def _generation_defaults(erasure_dirs: list[str]) -> dict[str, Any]:
+    """The sampling settings of the first erasure (what generate and evaluate default to)."""
+    from .methods import load_erasure
 
-    if not mask_dirs:
+    if not erasure_dirs:
         return {}
-    return load_mask_artifact(mask_dirs[0]).sampling_defaults
+    return load_erasure(erasure_dirs[0]).generation_defaults
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -287,7 +312,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .data import read_prompt_file
     from .errors import PromptError
     from .generate import generate_images, save_images
-    from .pipeline import apply_masks, load_pipeline
+    from .methods import apply_erasures
+    from .pipeline import load_pipeline
 
     prompts = read_prompt_file(args.prompt_file) if args.prompt_file else [p for p in args.prompt]
     if any(not p.strip() for p in prompts):
@@ -300,11 +326,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     f"--{flag.replace('_', '-')} must be "
                     f"{'non-negative' if flag == 'seed' else 'at least 1'}, got {value}"
                 )
-    defaults = _mask_sampling_defaults(args.masks)
+    defaults = _generation_defaults(args.masks)
     pipe = load_pipeline(args.model, args.dtype, args.device)
     set_scheduler(pipe, args.scheduler or defaults.get("scheduler", "pipeline"))
     if args.masks:
-        apply_masks(pipe, args.masks)
+        apply_erasures(pipe, args.masks)
     images = generate_images(
         pipe,
         prompts,
@@ -327,8 +353,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import EvaluationConfig, run_evaluation
 
     mask_groups = [[m.strip() for m in value.split(",") if m.strip()] for value in args.masks]
-    # sampling defaults come from the first mask, as in `erasekit generate`
-    defaults = _mask_sampling_defaults([g[0] for g in mask_groups if g][:1])
+    # sampling defaults come from the first erasure, as in `erasekit generate`
+    defaults = _generation_defaults([g[0] for g in mask_groups if g][:1])
     config = EvaluationConfig(
         model=args.model,
         prompts=args.prompts,
@@ -371,22 +397,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_fold(args: argparse.Namespace) -> int:
     from .arch import denoiser_of
-    from .masks.fold import fold_into_pipeline, save_folded_pipeline
-    from .pipeline import apply_masks, load_pipeline
+    from .methods import fold_erasures, load_erasure, save_folded_pipeline
+    from .pipeline import load_pipeline
 
+    erasures = [load_erasure(m) for m in args.masks]
+    for erasure in erasures:  # an inference-time erasure is refused before the model is loaded
+        erasure.check_foldable(args.mode)
     pipe = load_pipeline(args.model, args.dtype, "cpu")
-    masked = apply_masks(pipe, args.masks)
-    counts = masked.masked_counts()
     before = sum(p.numel() for p in denoiser_of(pipe)[1].parameters())
-    fold_into_pipeline(pipe, masked, args.mode)
+    fold_erasures(pipe, args.masks, args.mode)
     after = sum(p.numel() for p in denoiser_of(pipe)[1].parameters())
-    provenance = {"model": args.model, "masks": [str(Path(m).resolve()) for m in args.masks], "masked": counts}
+    provenance = {
+        "model": args.model,
+        "masks": [str(Path(m).resolve()) for m in args.masks],
+        "methods": [e.method for e in erasures],
+        "costs": [e.cost.to_dict() for e in erasures],
+    }
     save_folded_pipeline(pipe, args.output, args.mode, provenance)
     load_hint = ", trust_remote_code=True" if args.mode == "prune" else ""
     print(
         f"{args.mode}-folded pipeline written to {args.output} (denoiser parameters {before:,} -> {after:,}); "
         f"load it with DiffusionPipeline.from_pretrained({args.output!r}{load_hint})"
     )
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import available_methods, get_method
+
+    rows = [get_method(name).describe() for name in available_methods()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'method':<16}{'trains':<8}{'CFG':<6}{'changes':<36}families")
+    for row in rows:
+        print(
+            f"{row['name']:<16}{'yes' if row['trains'] else 'no':<8}{'yes' if row['needs_cfg'] else 'no':<6}"
+            f"{row['changes']:<36}{', '.join(row['families'])}"
+        )
     return 0
 
 
@@ -399,7 +447,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_import_masks(args: argparse.Namespace) -> int:
-    from .masks.reference import import_minimalist_flux_artifact
+    from .methods.mask.reference import import_minimalist_flux_artifact
 
     if not (args.attn or args.ff or args.norm):
         raise ErasekitError("give at least one of --attn, --ff, --norm")
@@ -461,6 +509,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             anchor=args.anchor,
             overrides=args.overrides,
             world_path=args.world,
+            method=args.method,
         )
         print(Path(args.output, "spread.md").read_text(encoding="utf-8"))
         return 0
@@ -473,6 +522,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         anchor=args.anchor,
         overrides=overrides,
         overwrite=args.overwrite,
+        method=args.method,
     )
     print(f"erasing {metrics['concept']!r} from the ShapesCanvas model")
     print(format_table(metrics))

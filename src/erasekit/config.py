@@ -180,6 +180,8 @@ class TrainConfig:
 class EraseConfig:
     """Everything ``erasekit erase`` needs."""
 
+    method: str = "mask"
+    """The erasure method (``erasekit methods`` lists them); its settings are the section of that name."""
     model: ModelConfig = field(default_factory=ModelConfig)
     concept: ConceptConfig = field(default_factory=ConceptConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)

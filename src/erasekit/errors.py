@@ -21,12 +21,26 @@ class ModelLoadError(ErasekitError):
     """A model path or hub id could not be loaded, or its family is not supported."""
 
 
-class MaskMismatchError(ErasekitError):
-    """A mask artefact does not fit the model it is applied to."""
+class ErasureMismatchError(ErasekitError):
+    """An erasure (a mask or any other method's artefact) does not fit the model it is applied to."""
 
 
-class MaskFileError(ErasekitError):
-    """A mask artefact is missing, incomplete or corrupt."""
+class ErasureFileError(ErasekitError):
+    """An erasure artefact is missing, incomplete, corrupt or of a newer format."""
+
+
+#: The mask's names for the same errors (a mask is one kind of erasure).
+MaskMismatchError = ErasureMismatchError
+MaskFileError = ErasureFileError
+
+
+class UnknownMethodError(ConfigError):
+    """No erasure method is registered under the name asked for."""
+
+
+class UnsupportedError(ErasekitError):
+    """A method cannot do what was asked: a model family it does not support, or a fold of an
+    inference-time erasure."""
 
 
 class PromptError(ErasekitError):

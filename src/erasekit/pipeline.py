@@ -1,4 +1,4 @@
-"""Loading pipelines and applying saved masks to them."""
+"""Loading pipelines (applying erasures to them: :mod:`erasekit.methods`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from typing import Any
 
 import torch
 
-# denoiser_of lives in arch (masks need it, and masks sit below this module); imported here for its callers
-from .arch import architecture_by_class_name, architecture_for, denoiser_of, supported_classes
+# denoiser_of lives in arch (every layer needs it); imported here for its callers
+from .arch import architecture_by_class_name, architecture_for, denoiser_of, supported_classes  # noqa: F401
 from .errors import ModelLoadError
 from .inspect import looks_like_path
-from .masks import MaskedModel, check_artifact, combine_logits, load_mask_artifact
 
 logger = logging.getLogger(__name__)
 
@@ -127,19 +126,3 @@ def _check_denoiser_class(index_file: Path, model: str) -> bool:
             ours = architecture_by_class_name(entry[1]).pruned_component_source()
             return component.name == ours.name and component.read_bytes() == ours.read_bytes()
     return False
-
-
-def apply_masks(pipe: Any, mask_dirs: list[str | Path]) -> MaskedModel:
-    """Load mask artefacts, check them against the pipeline, combine them (AND) and install hooks.
-
-    Returns the installed :class:`MaskedModel` in binary mode; call ``.remove()`` to undo.
-    """
-    arch, denoiser = denoiser_of(pipe)
-    artifacts = [load_mask_artifact(d) for d in mask_dirs]
-    for artifact in artifacts:
-        check_artifact(artifact, arch, denoiser)
-    logits = combine_logits(artifacts)
-    sites = [s for s in arch.sites(denoiser) if s.key in logits]
-    masked = MaskedModel(denoiser, sites, logits=logits)
-    masked.set_mode("binary")
-    return masked.install()

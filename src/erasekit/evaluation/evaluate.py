@@ -154,19 +154,15 @@ def _check_metrics(names: list[str], config: EvaluationConfig, detector: str | N
 
 
 def _mask_record(folder: str) -> dict[str, Any]:
-    from ..masks.artifact import CONFIG_NAME, WEIGHTS_NAME
+    """What pins an erasure folder: its method, the sha256 of its payload and of its record file."""
+    from ..methods import load_erasure
 
-    root = Path(folder)
-    return {
-        "path": folder,
-        "sha256": file_sha256(root / WEIGHTS_NAME),
-        "config_sha256": file_sha256(root / CONFIG_NAME),
-    }
+    return {"path": folder, **load_erasure(folder).provenance()}
 
 
 def _model_record(model: str, pipe: Any) -> dict[str, Any]:
     from ..arch import denoiser_of
-    from ..masks.artifact import denoiser_config_hash
+    from ..methods.base import denoiser_config_hash
 
     _, denoiser = denoiser_of(pipe)
     record: dict[str, Any] = {
@@ -222,13 +218,13 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult | None:
     metric_names = parse_metrics(config.metrics, _default_metrics(config, detector_name, prompt_set))
     _check_metrics(metric_names, config, detector_name, prompt_set)
 
-    from ..masks import load_mask_artifact
+    from ..methods import load_erasure
 
     for group in config.masks:
         if not group:
-            raise ErasekitError("an empty --masks value; pass a mask folder (or A,B to combine two)")
+            raise ErasekitError("an empty --erasure value; pass an erasure folder (or A,B to combine two)")
         for folder in group:
-            load_mask_artifact(folder)
+            load_erasure(folder)
     detector: Detector | None = None
     if detector_name is not None:
         detector_model = config.detector_model or (config.clip_model if detector_name == "clip" else None)
@@ -241,12 +237,13 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationResult | None:
     # each process of a multi-GPU launch uses its own device
     device = str(state.device) if state.num_processes > 1 and config.device == "auto" else config.device
     from ..arch.samplers import set_scheduler
-    from ..pipeline import apply_masks, load_pipeline
+    from ..methods import apply_erasures
+    from ..pipeline import load_pipeline
 
     pipe = load_pipeline(config.model, config.dtype, device)
     set_scheduler(pipe, config.scheduler)
-    for group in config.masks:  # fail on a mask that does not fit the model before generating anything
-        apply_masks(pipe, group).remove()
+    for group in config.masks:  # fail on an erasure that does not fit the model before generating anything
+        apply_erasures(pipe, group).remove()
 
     variants = variants_from_masks(config.masks)
     jobs = plan_jobs(prompt_set, config.seeds, config.guidance, config.default_guidance)

@@ -244,20 +244,26 @@ def fid_kid(
 
 
 def mask_cost(mask_dirs: Sequence[str]) -> dict[str, Any]:
-    """Artefact size on disk and the masked fraction of each mask folder."""
-    from ..masks import load_mask_artifact
+    """Artefact size on disk and the cost of each erasure folder (for a mask: its masked fraction)."""
+    from ..methods import load_erasure
 
     out: dict[str, Any] = {"artifact_bytes": 0, "masks": []}
     for folder in mask_dirs:
         size = sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
-        stats = load_mask_artifact(folder).config.get("stats", {})
+        erasure = load_erasure(folder)
+        cost = erasure.cost
         out["artifact_bytes"] += size
         out["masks"].append(
             {
                 "bytes": size,
-                "masked_fraction": stats.get("masked_fraction"),
-                "masked_units": stats.get("masked_units"),
-                "total_units": stats.get("total_units"),
+                "method": erasure.method,
+                "changes": cost.changes,
+                "masked_fraction": cost.units_changed / cost.units_total if cost.units_total else None,
+                "masked_units": cost.units_changed if cost.units_total else None,
+                "total_units": cost.units_total or None,
+                "parameters_changed": cost.parameters_changed,
+                "seconds": cost.seconds,
+                "peak_memory_bytes": cost.peak_memory_bytes,
             }
         )
     return out

@@ -148,10 +148,10 @@ def generate_variants(
 ) -> RunStats:
     """Generate this process's share of every variant's images into ``images_dir/VARIANT/``.
 
-    Existing images are kept (resume). Masks are installed for a variant and removed after it, so
+    Existing images are kept (resume). Erasures are applied for a variant and removed after it, so
     the same pipeline serves all variants.
     """
-    from ..pipeline import apply_masks
+    from ..methods import apply_erasures
 
     stats = RunStats()
     batches = make_batches(jobs, settings.batch_size)
@@ -159,7 +159,7 @@ def generate_variants(
     for variant in variants:
         folder = images_dir / variant.name
         folder.mkdir(parents=True, exist_ok=True)
-        masked = apply_masks(pipe, list(variant.mask_dirs)) if variant.mask_dirs else None
+        masked = apply_erasures(pipe, list(variant.mask_dirs)) if variant.mask_dirs else None
         start = time.perf_counter()
         generated = skipped = 0
         try:

@@ -16,12 +16,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..pipeline import apply_masks
+from ..methods import apply_erasures, erase  # the method's fit and apply: the imports to follow if they move
 from ..toyworld import protocol
 from ..toyworld.demo import erasure_config, judge
 from ..toyworld.image_cache import original_images
 from ..toyworld.world import World
-from ..training import erase  # the method's fit function: the one import to follow when it moves
 
 #: The judged numbers a row of :func:`mask_scores` carries.
 SCORES = ("strict_ua", "strict_synonym_ua", "ua", "ambiguous", "ira", "cra")
@@ -38,7 +37,7 @@ def mask_scores(
     samples = list(samples)
     prompts, seeds = [s.prompt for s in samples], [s.seed for s in samples]
     before, _ = original_images(world, prompts, seeds)
-    masked = apply_masks(world.pipe, [mask])
+    masked = apply_erasures(world.pipe, [mask])
     try:
         after = world.generate(prompts, seeds)
     finally:

@@ -76,6 +76,7 @@ def run_spread(
     overrides: list[str] | None = None,
     world_path: str | Path | None = None,
     progress: bool = True,
+    method: str = "mask",
 ) -> dict[str, Any]:
     """Train the demo recipe once per training seed and thread count and summarise the runs.
 
@@ -113,6 +114,7 @@ def run_spread(
                     overrides=[*(overrides or []), f"train.seed={seed}"],
                     progress=progress,
                     overwrite=run.exists(),
+                    method=method,
                 )
     finally:
         torch.set_num_threads(previous_threads)

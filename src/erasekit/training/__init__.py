@@ -1,14 +1,15 @@
-"""Trajectory gradients and the mask trainer."""
+"""What iterative erasure methods share: trajectory gradients and the training run's life-cycle."""
 
 from .gradient import checkpointed_gradient, naive_gradient, two_call_gradient
-from .trainer import MaskTrainer, TrainResult, erase, make_accelerator
+from .run import CHECKPOINTS, PromptEncoder, TrainingRun, make_accelerator, staging_path
 
 __all__ = [
-    "MaskTrainer",
-    "TrainResult",
+    "CHECKPOINTS",
+    "PromptEncoder",
+    "TrainingRun",
     "checkpointed_gradient",
-    "erase",
     "make_accelerator",
     "naive_gradient",
+    "staging_path",
     "two_call_gradient",
 ]

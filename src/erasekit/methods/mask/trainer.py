@@ -1,13 +1,10 @@
-"""The mask trainer: trajectory losses, checkpointed gradients, accelerate, checkpoints and resume."""
+"""The mask trainer: the trajectory loss and its checkpointed gradients (the run's life-cycle: training.run)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,28 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from ..arch import count_units, select_sites
-from ..arch.samplers import run_trajectory, set_scheduler
-from ..config import UNIT_KINDS, EraseConfig, config_to_dict, save_config
-from ..data import build_concept_prompts
-from ..errors import ConfigError, ErasekitError, TrainingDivergedError
-from ..launch import warn_if_single_process
-from ..masks import MaskedModel, MaskSettings, base_model_record
-from ..masks.artifact import write_mask_files
-from ..masks.model import fraction_of
-from ..outputs import check_output, commit_directory
-from ..pipeline import denoiser_of, load_pipeline, resolve_device
-from .gradient import checkpointed_gradient, naive_gradient
-from .tracking import CSVTracker
+from ...arch import count_units, select_sites
+from ...arch.samplers import run_trajectory, set_scheduler
+from ...config import UNIT_KINDS, EraseConfig, config_to_dict
+from ...data import build_concept_prompts
+from ...errors import ConfigError, TrainingDivergedError
+from ...pipeline import denoiser_of
+from ...training.gradient import checkpointed_gradient, naive_gradient
+from ...training.run import PromptEncoder, TrainingRun, freeze, validate_run_config
+from ..base import base_model_record, peak_memory_bytes
+from .artifact import write_mask_files
+from .model import MaskedModel, fraction_of
+from .parameterization import MaskSettings
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 #: Training noise seeds lie below this, so that no evaluation draw that seeds its images from 900_000 up
 #: (the ShapesCanvas protocol's) shares a noise with a training sample, whatever ``train.seed`` is; an
 #: earlier ``seed * 1_000_003`` put training seed 1's noises on the protocol's evaluation images.
@@ -56,62 +48,11 @@ class TrainResult:
     """Per unit kind: ``{"masked": n, "total": N}``."""
 
 
-class PromptEncoder:
-    """Runs the text encoders once per distinct prompt (no grad) and caches the outputs."""
-
-    def __init__(self, arch: Any, pipe: Any, max_sequence_length: int) -> None:
-        self.arch, self.pipe, self.max_sequence_length = arch, pipe, max_sequence_length
-        self.cache: dict[str, dict[str, torch.Tensor]] = {}
-
-    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-        if missing:
-            encoded = self.arch.encode_prompts(self.pipe, missing, self.max_sequence_length)
-            for row, prompt in enumerate(missing):
-                self.cache[prompt] = {k: v[row : row + 1] for k, v in encoded.items()}
-        return {k: torch.cat([self.cache[p][k] for p in prompts]) for k in self.cache[prompts[0]]}
-
-
 def distance(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-sample mean squared (``mse``) or absolute (``l1``) distance, float32."""
     diff = a.float() - b.float()
     per = diff.pow(2) if kind == "mse" else diff.abs()
     return per.flatten(1).mean(1)
-
-
-def staging_path(output: Path) -> Path:
-    """Where a run writes until it finishes (then renamed to ``output``); ``--resume`` continues it."""
-    return output.with_name(output.name + ".incomplete")
-
-
-def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flat(f"{prefix}.{k}" if prefix else k, v, out)
-    else:
-        out[prefix] = value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value)
-    return out
-
-
-def make_accelerator(config: EraseConfig, logging_dir: Path) -> Accelerator:
-    """An Accelerator with the configured trackers (csv built in; others when installed)."""
-    trackers: list[Any] = []
-    for name in config.train.trackers:
-        if name == "csv":
-            trackers.append(CSVTracker(logging_dir))
-        elif name in ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive"):
-            from accelerate.utils import is_tensorboard_available, is_wandb_available
-
-            available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}.get(name, True)
-            if available:
-                trackers.append(name)
-            else:
-                logger.warning("tracker %s is not installed; skipping it", name)
-        else:
-            raise ConfigError(f"train.trackers: unknown tracker {name!r}; use csv, tensorboard or wandb")
-    accelerator = Accelerator(cpu=config.model.device == "cpu", log_with=trackers or None, project_dir=str(logging_dir))
-    warn_if_single_process(accelerator.num_processes, "erase")
-    return accelerator
 
 
 class MaskTrainer:
@@ -135,7 +76,8 @@ class MaskTrainer:
     ) -> None:
         self.pipe, self.config, self.accelerator = pipe, config, accelerator
         self.output = Path(output)
-        self.staging = staging_path(self.output)
+        self.run = TrainingRun(config, self.output, accelerator)
+        self.staging = self.run.staging
         self.model_id = model_id or config.model.id
         self.arch, self.denoiser = denoiser_of(pipe)
         set_scheduler(pipe, config.sampling.scheduler)
@@ -151,9 +93,7 @@ class MaskTrainer:
             raise ConfigError(
                 "no mask units selected: enable mask.heads, mask.neurons or mask.norm, or widen its include regex"
             )
-        for component in pipe.components.values():  # only the mask logits learn
-            if isinstance(component, torch.nn.Module):
-                component.requires_grad_(False)
+        freeze(pipe)  # only the mask logits learn
 
     # ------------------------------------------------------------------ helpers
     def _check_sampling(self) -> None:
@@ -179,51 +119,6 @@ class MaskTrainer:
         masked.set_mode("train")
         return masked.install()
 
-    def _checkpoint(self, step: int, masked: MaskedModel, optimizer: Any, scheduler: Any) -> None:
-        root = self.staging / CHECKPOINTS
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{step:07d}"
-        tmp = root / f".step-{step:07d}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(masked.logits_dict(), str(tmp / "logits.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(p for p in root.glob("step-*") if p != final):
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _check_same_run(self) -> None:
-        """A resumed run must use the settings of the run it continues (else its result means nothing)."""
-        saved_file = self.staging / "config.yaml"
-        if not saved_file.is_file():
-            return
-        saved = _flat("", yaml.safe_load(saved_file.read_text()) or {}, {})
-        current = _flat("", config_to_dict(self.config), {})
-        for key in sorted(set(saved) | set(current)):
-            if saved.get(key) != current.get(key):
-                raise ErasekitError(
-                    f"--resume with other settings: {key} was {saved.get(key)!r} in the interrupted run, now "
-                    f"{current.get(key)!r}; resume with the same config, or remove {self.staging} to start afresh"
-                )
-
-    def _restore(self, masked: MaskedModel, optimizer: Any, scheduler: Any) -> int:
-        self._check_same_run()
-        checkpoints = sorted((self.staging / CHECKPOINTS).glob("step-*"))
-        if not checkpoints:
-            raise ErasekitError(f"nothing to resume: {self.staging} has no checkpoint; start without --resume")
-        latest = checkpoints[-1]
-        masked.load_logits(load_file(str(latest / "logits.safetensors")))
-        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location="cpu", weights_only=True))
-        state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        step = int(json.loads((latest / "state.json").read_text())["step"])
-        logger.info("resuming from %s (step %d)", latest, step)
-        return step
-
     # ------------------------------------------------------------------ training
     def fit(
         self, resume: bool = False, stop_after: int | None = None, on_step: Callable[[int], None] | None = None
@@ -238,14 +133,8 @@ class MaskTrainer:
         """
         from diffusers.optimization import get_scheduler
 
-        cfg, acc = self.config, self.accelerator
-        if self.output.exists():
-            raise ErasekitError(f"output {str(self.output)!r} already exists; choose another --output or remove it")
-        if self.staging.exists() and not resume:
-            raise ErasekitError(
-                f"{self.staging} holds an interrupted run; pass --resume to continue it, or remove that folder"
-            )
-        acc.wait_for_everyone()  # every process checks before the main one creates the staging folder
+        cfg, acc, run = self.config, self.accelerator, self.run
+        run.check_start(resume)
         started = time.perf_counter()
         masked = self._build_mask()
         try:
@@ -261,27 +150,18 @@ class MaskTrainer:
                 num_warmup_steps=cfg.train.warmup_steps,
                 num_training_steps=cfg.train.iterations,
             )
-            start = self._restore(masked, optimizer, scheduler) if resume else 0
-            if acc.is_main_process:
-                self.staging.mkdir(parents=True, exist_ok=True)
-                save_config(cfg, self.staging / "config.yaml")
-            acc.wait_for_everyone()
-            acc.init_trackers("erasekit", config=_flat("", config_to_dict(cfg), {}))
-            for tracker in acc.trackers:
-                if isinstance(tracker, CSVTracker):
-                    tracker.truncate_after(start)
+            start = 0
+            if resume:
+                start, logits = run.restore(optimizer, scheduler)
+                masked.load_logits(logits)
+            run.begin(start)
             self._loop(masked, params, optimizer, scheduler, start, stop_after, on_step)
         except BaseException as exc:
-            # the staging folder is kept only for --resume: a checkpoint to go on from, of a run that did not diverge
-            if acc.is_main_process and (
-                isinstance(exc, TrainingDivergedError) or not any((self.staging / CHECKPOINTS).glob("step-*"))
-            ):
-                shutil.rmtree(self.staging, ignore_errors=True)
+            run.abort(exc)
             raise
         finally:
             masked.remove()
-            for tracker in acc.trackers:  # not acc.end_training(): it destroys the process group still needed below
-                tracker.finish()
+            run.finish_trackers()
         finished = stop_after is None or stop_after >= cfg.train.iterations
         if finished and cfg.mask.final_threshold:
             masked.shift_logits(-cfg.mask.final_threshold)
@@ -326,13 +206,7 @@ class MaskTrainer:
             """Global numbers of this process's ``size`` samples of micro-step ``k`` (prompt rows and noise seeds)."""
             return [k * size * world + rank * size + j for j in range(size)]
 
-        with tqdm(
-            total=cfg.train.iterations,
-            initial=start,
-            desc="erase",
-            disable=not acc.is_local_main_process,
-            dynamic_ncols=True,
-        ) as bar:
+        with self.run.progress(start) as bar:
             for step in range(start, end):
                 grads = [torch.zeros_like(p) for p in params]
                 terms = torch.zeros(2, dtype=torch.float64)
@@ -446,17 +320,11 @@ class MaskTrainer:
                         values[f"masked_{kind}"] = c["masked"] / c["total"]
                     for group in optimizer.param_groups:
                         values[f"lr_{group['name']}"] = group["lr"]
-                    acc.log(values, step=done)
+                    self.run.log(values, step=done)
                 bar.set_postfix(loss=f"{loss:.4g}", masked=f"{fraction:.2%}")
                 bar.update(1)
-                if (
-                    cfg.train.checkpoint_every > 0
-                    and done % cfg.train.checkpoint_every == 0
-                    and done < cfg.train.iterations
-                ):
-                    if acc.is_main_process:
-                        self._checkpoint(done, masked, optimizer, scheduler)
-                    acc.wait_for_everyone()
+                if self.run.wants_checkpoint(done):
+                    self.run.checkpoint(done, masked.logits_dict(), optimizer, scheduler)
                 if on_step is not None:
                     on_step(done)
 
@@ -478,35 +346,15 @@ class MaskTrainer:
                 "processes": self.accelerator.num_processes,
             },
             "masked": counts,
+            "cost": {"peak_memory_bytes": peak_memory_bytes(self.accelerator.device)},
         }
         write_mask_files(self.staging, masked.logits_dict(), record)
-        shutil.rmtree(self.staging / CHECKPOINTS, ignore_errors=True)
-        commit_directory(self.staging, self.output)
+        self.run.commit()
 
 
 def validate_training_config(config: EraseConfig) -> None:
-    """Reject settings the trainer cannot run with, naming the key."""
-    checks = [
-        ("train.iterations", config.train.iterations >= 1),
-        ("train.batch_size", config.train.batch_size >= 1),
-        (
-            "train.preservation_batch_size",
-            config.train.preservation_batch_size is None or config.train.preservation_batch_size >= 1,
-        ),
-        ("train.gradient_accumulation", config.train.gradient_accumulation >= 1),
-        ("sampling.steps", config.sampling.steps >= 1),
-        ("sampling.resolution", config.sampling.resolution >= 1),
-        ("train.log_every", config.train.log_every >= 1),
-    ]
-    if config.sampling.generation_steps is not None:
-        checks.append(("sampling.generation_steps", config.sampling.generation_steps >= 1))
-    for key, ok in checks:
-        if not ok:
-            raise ConfigError(f"{key} must be at least 1")
-    try:
-        resolve_device(config.model.device)
-    except ErasekitError as exc:
-        raise ConfigError(f"model.device: {exc}") from None
+    """Reject settings the mask trainer cannot run with, naming the key."""
+    validate_run_config(config)
     if config.loss.intermediate_preservation < 0:
         raise ConfigError("loss.intermediate_preservation must not be negative (0 preserves the final latents alone)")
     if config.loss.negative_guidance < 0:
@@ -514,27 +362,3 @@ def validate_training_config(config: EraseConfig) -> None:
     for kind in UNIT_KINDS:
         if getattr(config.mask, kind).lr < 0:
             raise ConfigError(f"mask.{kind}.lr must not be negative")
-
-
-def erase(config: EraseConfig, output: str | Path, resume: bool = False, stop_after: int | None = None) -> TrainResult:
-    """Load ``config.model``, learn the mask, write the artefact to ``output``. The library's ``erase``.
-
-    Example:
-        >>> from erasekit.config import load_config
-        >>> cfg = load_config("configs/flux-schnell.yaml", ["concept.concept=Hulk", "concept.anchor=a man"])
-        >>> erase(cfg, "masks/hulk")  # doctest: +SKIP
-    """
-    output = Path(output)
-    build_concept_prompts(config.concept)  # fail on bad prompts before loading any weights
-    validate_training_config(config)
-    check_output(output)
-    staging = staging_path(output)
-    if staging.exists() and not resume:
-        raise ErasekitError(f"{staging} holds an interrupted run; pass --resume to continue it, or remove that folder")
-    accelerator = make_accelerator(config, staging)
-    pipe = load_pipeline(config.model.id, config.model.dtype, str(accelerator.device), config.model.revision)
-    trainer = MaskTrainer(pipe, config, output, accelerator)
-    try:
-        return trainer.fit(resume=resume, stop_after=stop_after)
-    finally:
-        accelerator.state.destroy_process_group()  # fit finished the trackers

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch.base import MaskSite
-from ..errors import MaskMismatchError
+from ...arch.base import MaskSite
+from ...errors import MaskMismatchError
 from .parameterization import MaskSettings, binary_mask, closed_probability, draw_noise, mask_values
 
 MODES = ("train", "binary")

@@ -1,14 +1,14 @@
-"""The mask artefact: a folder with ``mask_config.json`` and ``masks.safetensors``.
+"""The mask artefact: an erasure folder (``erasure.json``) with ``masks.safetensors`` as its payload.
 
 ``masks.safetensors`` holds one float32 logit tensor per masked site, keyed ``kind/module.path``;
-a unit is kept where its logit is positive. ``mask_config.json`` records how the mask was made
-and for which denoiser (class and a hash of its config), so that loading it onto another model
-fails with a message naming the mismatch.
+a unit is kept where its logit is positive. ``erasure.json`` records how the mask was made and for
+which denoiser (class and a hash of its config), so that loading it onto another model fails with a
+message naming the mismatch. Mask folders of earlier erasekit versions (``mask_config.json``, format
+``erasekit-mask``) still load.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +19,44 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
-from ..arch.base import Architecture, MaskSite
-from ..errors import MaskFileError, MaskMismatchError
-from ..outputs import atomic_directory, commit_directory, json_sha256
+from ...arch.base import Architecture, MaskSite
+from ...errors import MaskFileError, MaskMismatchError
+from ...outputs import atomic_directory, commit_directory
+from ..base import (
+    FORMAT_VERSION,
+    RECORD_NAME,
+    base_model_record,
+    check_format_version,
+    check_model,
+    denoiser_config_hash,
+    generation_defaults,
+    read_json_object,
+    read_record,
+    write_record,
+)
 
+#: The record file of mask folders written before the erasure format (read, never written).
 CONFIG_NAME = "mask_config.json"
 WEIGHTS_NAME = "masks.safetensors"
-FORMAT = "erasekit-mask"
-FORMAT_VERSION = 1
+#: The ``format`` of those older records.
+LEGACY_FORMAT = "erasekit-mask"
+CHANGES = "mask over heads/neurons/channels"
+
+__all__ = [
+    "CHANGES",
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "RECORD_NAME",
+    "WEIGHTS_NAME",
+    "MaskArtifact",
+    "base_model_record",
+    "check_artifact",
+    "combine_logits",
+    "denoiser_config_hash",
+    "load_mask_artifact",
+    "save_mask_artifact",
+    "write_mask_files",
+]
 
 
 @dataclass
@@ -46,28 +75,7 @@ class MaskArtifact:
     def sampling_defaults(self) -> dict[str, Any]:
         """Sampling settings to generate with: the training trajectory's, with ``sampling.generation_steps``
         as the steps where it was set."""
-        sampling = dict(self.config.get("settings", {}).get("sampling", {}))
-        generation_steps = sampling.pop("generation_steps", None)
-        if generation_steps is not None:
-            sampling["steps"] = generation_steps
-        return sampling
-
-
-def denoiser_config_hash(denoiser: nn.Module) -> str:
-    """sha256 of the denoiser's public config (class name included), independent of key order."""
-    config = {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")}
-    config["_class_name"] = type(denoiser).__name__
-    return json_sha256(config, ensure_ascii=True, default=list)
-
-
-def base_model_record(denoiser: nn.Module, model_id: str, revision: str | None = None) -> dict[str, Any]:
-    """What a mask artefact records about the model it was trained on."""
-    return {
-        "id": model_id,
-        "revision": revision,
-        "denoiser_class": type(denoiser).__name__,
-        "denoiser_config_sha256": denoiser_config_hash(denoiser),
-    }
+        return generation_defaults(self.config.get("settings", {}))
 
 
 def save_mask_artifact(
@@ -85,8 +93,12 @@ def save_mask_artifact(
     return target
 
 
-def write_mask_files(folder: Path, logits: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    """Write the two artefact files into an existing folder."""
+def write_mask_files(folder: Path, logits: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, Any]:
+    """Write ``masks.safetensors`` and ``erasure.json`` into an existing folder; returns the record.
+
+    ``config`` is the method-specific part of the record (base model, concept, settings, training, ...);
+    the mask's stats, concepts, generation defaults and cost are filled in where it leaves them out.
+    """
     tensors = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in logits.items()}
     bad = _non_finite(tensors)
     if bad:
@@ -94,36 +106,41 @@ def write_mask_files(folder: Path, logits: dict[str, torch.Tensor], config: dict
         raise MaskFileError(
             f"refusing to write a mask with non-finite logits ({bad}); lower the mask learning rates (mask.*.lr)"
         )
-    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "erasekit_version": __version__, **config}
     masked = sum(int((v <= 0).sum()) for v in tensors.values())
     total = sum(v.numel() for v in tensors.values())
+    record = {"method": "mask", **config}
     record.setdefault(
         "stats", {"masked_units": masked, "total_units": total, "masked_fraction": masked / total if total else 0.0}
     )
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
-    (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=False, default=str))
+    if "concept" in record:
+        record.setdefault("concepts", [record["concept"]] if record["concept"] else [])
+    record.setdefault("generation", generation_defaults(record.get("settings", {})))
+    training = record.get("training")
+    seconds = float(training.get("seconds", 0.0)) if isinstance(training, dict) else 0.0
+    cost = {"changes": CHANGES, "units_changed": masked, "units_total": total, "parameters_changed": 0}
+    record["cost"] = {**cost, "seconds": seconds, **dict(record.get("cost") or {})}
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": LEGACY_FORMAT})
+    return write_record(folder, record, [WEIGHTS_NAME])
 
 
 def load_mask_artifact(path: str | Path) -> MaskArtifact:
-    """Read a mask artefact; a missing or corrupt file raises :class:`MaskFileError`."""
+    """Read a mask artefact (an erasure folder, or a ``mask_config.json`` folder of an earlier version).
+
+    Raises:
+        MaskFileError: a missing, corrupt or newer-format file.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise MaskFileError(f"mask folder {str(folder)!r} does not exist; pass the --output folder of `erasekit erase`")
-    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for file in (config_file, weights_file):
-        if not file.is_file():
-            raise MaskFileError(f"mask folder {str(folder)!r} has no {file.name}; it is not an erasekit mask artefact")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise MaskFileError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(config, dict):
-        raise MaskFileError(
-            f"{config_file} is not an erasekit mask config (a JSON {type(config).__name__}, not an object)"
-        )
-    if config.get("format") != FORMAT:
-        raise MaskFileError(f"{config_file} is not an erasekit mask config (format {config.get('format')!r})")
-    _check_format_version(config, config_file)
+    if (folder / RECORD_NAME).is_file():
+        config = read_record(folder)
+        if config.get("method") != "mask":
+            raise MaskFileError(f"{str(folder)!r} holds a {config.get('method')!r} erasure, not a mask")
+    else:
+        config = _read_legacy_config(folder)
+    weights_file = folder / WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise MaskFileError(f"mask folder {str(folder)!r} has no {WEIGHTS_NAME}; it is not an erasekit mask artefact")
     try:
         logits = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -135,17 +152,17 @@ def load_mask_artifact(path: str | Path) -> MaskArtifact:
     return MaskArtifact(logits={k: v.to(torch.float32) for k, v in logits.items()}, config=config, path=folder)
 
 
-def _check_format_version(config: dict[str, Any], config_file: Path) -> None:
-    """Refuse an artefact written in a newer format than this erasekit reads (docs/design.md, the
-    version rule); every older version stays readable. A config without the field is version 1."""
-    version = config.get("format_version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise MaskFileError(f"{config_file} has format_version {version!r}; expected a positive integer")
-    if version > FORMAT_VERSION:
-        raise MaskFileError(
-            f"{config_file} has format_version {version}, newer than the version {FORMAT_VERSION} that "
-            f"erasekit {__version__} reads; upgrade erasekit to load it"
-        )
+def _read_legacy_config(folder: Path) -> dict[str, Any]:
+    """The ``mask_config.json`` of a mask folder written before the erasure format."""
+    config_file = folder / CONFIG_NAME
+    for file in (config_file, folder / WEIGHTS_NAME):
+        if not file.is_file():
+            raise MaskFileError(f"mask folder {str(folder)!r} has no {file.name}; it is not an erasekit mask artefact")
+    config = read_json_object(config_file, "mask config")
+    if config.get("format") != LEGACY_FORMAT:
+        raise MaskFileError(f"{config_file} is not an erasekit mask config (format {config.get('format')!r})")
+    check_format_version(config, config_file)
+    return config
 
 
 def _non_finite(logits: dict[str, torch.Tensor]) -> str:
@@ -159,22 +176,11 @@ def check_artifact(artifact: MaskArtifact, arch: Architecture, denoiser: nn.Modu
     """Check an artefact against a denoiser; return the sites its keys name (in model order).
 
     Raises:
-        MaskMismatchError: naming the first problem (another model class, an unknown key, a shape).
+        MaskMismatchError: naming the first problem (another model class or config, an unknown key, a shape).
     """
     where = f"mask {str(artifact.path)!r}" if artifact.path else "mask"
+    check_model(artifact.config, denoiser, where)
     base = artifact.config.get("base_model", {})
-    trained_on = base.get("denoiser_class")
-    here = type(denoiser).__name__
-    if trained_on and trained_on != here:
-        raise MaskMismatchError(f"{where} was made for a {trained_on} (model {base.get('id')!r}), not this {here}")
-    # same class and width but another depth (or any other config change) can fit every key and shape
-    recorded, actual = base.get("denoiser_config_sha256"), denoiser_config_hash(denoiser)
-    if recorded and recorded != actual:
-        raise MaskMismatchError(
-            f"{where} was made for another {here} (model {base.get('id')!r}, denoiser config sha256 {recorded[:12]}), "
-            f"not this one (model {denoiser.config.get('_name_or_path', '?')!r}, sha256 {actual[:12]}); "
-            "use the model the mask was trained on"
-        )
     sites = {s.key: s for s in arch.sites(denoiser)}
     for key, value in artifact.logits.items():
         site = sites.get(key)

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch.base import architecture_for
-from ..errors import MaskFileError, MaskMismatchError
-from ..outputs import file_sha256
+from ...arch.base import architecture_for
+from ...errors import MaskFileError, MaskMismatchError
+from ...outputs import file_sha256
 from .artifact import base_model_record, save_mask_artifact
 
 __all__ = ["import_minimalist_flux", "import_minimalist_flux_artifact", "load_reference_list"]
@@ -183,7 +183,7 @@ def import_minimalist_flux_artifact(
             and :func:`import_minimalist_flux`.
         FileExistsError: ``output`` exists and ``overwrite`` is false.
     """
-    from ..inspect import instantiate_denoiser_on_meta
+    from ...inspect import instantiate_denoiser_on_meta
 
     denoiser = instantiate_denoiser_on_meta(model)
     logits = import_minimalist_flux(attn, ff, norm, denoiser)
