@@ -338,3 +338,19 @@ def test_one_real_mask_trial_on_shapescanvas_through_the_command(tmp_path):
     assert "| base |" in (out / "front.md").read_text() and len(lines) == 2
     tuning = {s.seed for s in protocol.tuning_samples("circle", per_group=2)}
     assert not tuning & {s.seed for s in protocol.evaluation_samples("circle", per_group=2)}
+
+
+def test_the_cli_runs_the_sweep_command_and_a_bad_space_exits_2_in_one_line(tmp_path, capsys):
+    from erasekit.cli import main as cli
+
+    space = tmp_path / "space.yaml"
+    space.write_text("loss.erase_weight: {type: float, low: 2.0, high: 1.0}\n")
+    code = cli(["sweep", "--space", str(space), "--trials", "2", "--output", str(tmp_path / "sweep")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("erasekit sweep: error:") and "loss.erase_weight" in err
+    assert not (tmp_path / "sweep").exists()
+    assert (
+        cli(["sweep", "--method", "nope", "--space", str(space), "--trials", "1", "--output", str(tmp_path / "s")]) == 2
+    )
+    assert "mask" in capsys.readouterr().err

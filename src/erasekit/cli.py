@@ -256,6 +256,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo, pinned_numerics=True, resumes_output=_measures_spread)
 
+    p = sub.add_parser(
+        "sweep",
+        help="tune a method's ShapesCanvas recipe with Optuna; the Pareto front rescored on the evaluation draw",
+    )
+    p.add_argument("--method", default="mask", help="the method to tune (default: mask)")
+    p.add_argument("--space", required=True, help="space.yaml: recipe keys and their ranges (docs/sweeps.md)")
+    p.add_argument("--trials", type=int, required=True, help="completed trials the study should hold (all workers)")
+    p.add_argument("--output", required=True, help="the sweep folder; an existing one is continued")
+    p.add_argument("--config", help="base recipe (YAML) every trial starts from, on top of the demo's")
+    p.add_argument("--storage", help="database URL shared by several workers (default: sqlite in --output)")
+    p.add_argument("--sampler", choices=("tpe", "grid"), default="tpe", help="tpe (default) or grid")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    p.add_argument("--concept", default="circle", help="the ShapesCanvas concept to erase (default: circle)")
+    p.add_argument("--anchor", help="what the concept becomes (as erasekit demo --anchor)")
+    p.add_argument("--images", type=int, default=96, help="images per group of the tuning draw (default 96)")
+    p.add_argument("--train-seed", type=int, default=0, help="every trial's training seed (default 0)")
+    p.add_argument(
+        "--no-rescore", action="store_true", help="do not rescore the front on the evaluation draw (extra workers)"
+    )
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("toyworld", help="the ShapesCanvas world: retrain it, or measure its quality")
     world_sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="ACTION")
     w = world_sub.add_parser("train", help="train the world from scratch (pipeline + detectors) into a new folder")
@@ -527,6 +548,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"erasing {metrics['concept']!r} from the ShapesCanvas model")
     print(format_table(metrics))
     print(f"report: {Path(args.output) / 'report.html'}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep.command import main as sweep
+
+    sweep(
+        method=args.method,
+        space=args.space,
+        trials=args.trials,
+        output=args.output,
+        config=args.config,
+        storage=args.storage,
+        sampler=args.sampler,
+        seed=args.seed,
+        concept=args.concept,
+        anchor=args.anchor,
+        images=args.images,
+        train_seed=args.train_seed,
+        rescore=not args.no_rescore,
+    )
     return 0
 
 
