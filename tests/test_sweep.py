@@ -328,7 +328,7 @@ def test_one_real_mask_trial_on_shapescanvas_through_the_command(tmp_path):
     scores = json.loads((folder / "scores.json").read_text())
     assert list(trial.values) == [scores["strict_ua"], scores["ira"]]
     assert 0 <= scores["strict_ua"] <= scores["ua"] + 1e-9 and scores["ira"] in (0.0, 0.5, 1.0)  # 2 in-domain images
-    trained = json.loads((folder / "mask" / "mask_config.json").read_text())
+    trained = json.loads((folder / "mask" / "erasure.json").read_text())
     assert json.dumps(trained).count(repr(trial.params["loss.erase_weight"])) >= 1  # the trial's value was trained
     assert 'iterations": 2' in json.dumps(trained)  # and the base recipe's
     # the front and the base recipe, rescored on the evaluation draw (disjoint from the tuning draw)
