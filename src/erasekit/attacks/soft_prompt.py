@@ -192,13 +192,13 @@ class SoftPromptAttack(Attack):
         used = [budget] * rows
         stopped = [False] * rows
         done = torch.zeros(rows, dtype=torch.bool)
+        captured: dict[str, torch.Tensor] = {}
+
+        def loss_fn(z: torch.Tensor) -> torch.Tensor:
+            captured["z"] = z.detach()  # the final latent of this pass, for the judge when it is asked
+            return _row_distance(z, target).sum()
+
         for iteration in range(budget):
-            captured: dict[str, torch.Tensor] = {}
-
-            def loss_fn(z: torch.Tensor) -> torch.Tensor:
-                captured["z"] = z.detach()
-                return _row_distance(z, target).sum()
-
             # built with gradients on: a family may combine the embeddings (e.g. with the negative
             # prompt for guidance) when it builds the trajectory, and that must stay differentiable
             with torch.enable_grad():
