@@ -80,6 +80,37 @@ def _row_distance(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (z.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
+def soft_prompt_objective(
+    arch: Any,
+    pipe: Any,
+    start: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor],
+    target: torch.Tensor,
+    seeds: list[int],
+    sampling: Sampling,
+) -> tuple[torch.Tensor, list[torch.Tensor], tuple[torch.Tensor, Any]]:
+    """The soft-prompt objective and its gradient through the whole trajectory.
+
+    ``start``: the encoding of the batch (the keys of ``params`` replaced by those leaf tensors);
+    the objective is the sum over rows of the mean squared distance between the final latent and
+    ``target``. Returns ``(loss, grads in the order of params, (final latent, trajectory))``.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def loss_fn(z: torch.Tensor) -> torch.Tensor:
+        captured["z"] = z.detach()  # the final latent of this pass, for the judge when it is asked
+        return _row_distance(z, target).sum()
+
+    # built with gradients on: a family may combine the embeddings (e.g. with the negative prompt for
+    # guidance) when it builds the trajectory, and that must stay differentiable
+    with torch.enable_grad():
+        trajectory = arch.trajectory(pipe, {**start, **params}, seeds, **sampling.as_kwargs())
+    loss, grads = checkpointed_gradient(
+        trajectory.step, trajectory.noise, trajectory.num_steps, loss_fn, list(params.values())
+    )
+    return loss, grads, (captured["z"], trajectory)
+
+
 @register_attack
 class SoftPromptAttack(Attack):
     """Optimise the conditioning embeddings through the whole trajectory (see the module docstring)."""
@@ -192,23 +223,11 @@ class SoftPromptAttack(Attack):
         used = [budget] * rows
         stopped = [False] * rows
         done = torch.zeros(rows, dtype=torch.bool)
-        captured: dict[str, torch.Tensor] = {}
-
-        def loss_fn(z: torch.Tensor) -> torch.Tensor:
-            captured["z"] = z.detach()  # the final latent of this pass, for the judge when it is asked
-            return _row_distance(z, target).sum()
-
         for iteration in range(budget):
-            # built with gradients on: a family may combine the embeddings (e.g. with the negative
-            # prompt for guidance) when it builds the trajectory, and that must stay differentiable
-            with torch.enable_grad():
-                trajectory = arch.trajectory(pipe, {**start, **params}, seeds, **sampling.as_kwargs())
-            _, grads = checkpointed_gradient(
-                trajectory.step, trajectory.noise, trajectory.num_steps, loss_fn, list(params.values())
-            )
+            _, grads, final = soft_prompt_objective(arch, pipe, start, params, target, seeds, sampling)
             if config.stop_on_success:
                 # the judge sees the image of the embeddings as they are before this update
-                hits = torch.tensor(judge_images(judge, _images(trajectory, captured["z"])))
+                hits = torch.tensor(judge_images(judge, _images(final[1], final[0])))
                 for row in torch.nonzero(hits & ~done).flatten().tolist():
                     used[row], stopped[row] = iteration, True
                 done |= hits
