@@ -40,6 +40,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     ),
     "training": ("erasekit.evaluation", "erasekit.toyworld", "erasekit.cli"),
     "evaluation": ("erasekit.toyworld", "erasekit.cli"),
+    "attacks": ("erasekit.toyworld", "erasekit.cli"),
 }
 
 #: What importing a package in a fresh interpreter must not load (module-level imports only).
@@ -53,6 +54,7 @@ NOT_LOADED: dict[str, tuple[str, ...]] = {
     "erasekit.generate": ("erasekit.training", "erasekit.evaluation", "erasekit.toyworld"),
     "erasekit.training": ("erasekit.evaluation", "erasekit.toyworld", "erasekit.cli"),
     "erasekit.evaluation": ("erasekit.toyworld", "erasekit.cli"),
+    "erasekit.attacks": ("erasekit.toyworld", "erasekit.cli"),
     "erasekit.toyworld.demo": ("erasekit.cli",),
     "erasekit.cli": (),
 }
