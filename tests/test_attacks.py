@@ -178,8 +178,8 @@ def test_soft_prompt_lowers_its_objective(pipe):
 
 def test_soft_prompt_gradient_matches_finite_differences(pipe):
     """The trajectory gradient w.r.t. the embeddings, along one random direction, equals the central
-    difference of the objective (float64, with true classifier-free guidance so the embeddings also pass
-    through the guided batch)."""
+    difference of the objective (final and intermediate states; float64, with true classifier-free
+    guidance so the embeddings also pass through the guided batch)."""
     pipe64 = pipe.to(torch.float64)
     try:
         sampling = Sampling(steps=3, resolution=32, guidance_scale=2.0, max_sequence_length=16)
@@ -187,9 +187,12 @@ def test_soft_prompt_gradient_matches_finite_differences(pipe):
         start = arch.encode_prompts(pipe64, ["a shape"], sampling.max_sequence_length)
         wanted = arch.encode_prompts(pipe64, ["a cat"], sampling.max_sequence_length)
         trajectory = arch.trajectory(pipe64, wanted, [7], **sampling.as_kwargs())
-        target = run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps)[-1]
+        path = run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps, keep=True)
+        target = path[-1]
         params = {k: start[k].detach().clone().requires_grad_(True) for k in ("prompt_embeds", "pooled_prompt_embeds")}
-        loss, grads, _ = soft_prompt_objective(arch, pipe64, start, params, target, [7], sampling)
+        loss, grads, _ = soft_prompt_objective(
+            arch, pipe64, start, params, target, [7], sampling, path=path, path_weight=0.5
+        )
 
         generator = torch.Generator().manual_seed(0)
         direction = {k: torch.randn(p.shape, generator=generator, dtype=p.dtype) for k, p in params.items()}
@@ -201,8 +204,9 @@ def test_soft_prompt_gradient_matches_finite_differences(pipe):
             shifted = {k: (p + sign * h * direction[k]).detach() for k, p in params.items()}
             with torch.no_grad():
                 traj = arch.trajectory(pipe64, {**start, **shifted}, [7], **sampling.as_kwargs())
-                z = run_trajectory(traj.step, traj.noise, traj.num_steps)[-1]
-            return float((z - target).pow(2).flatten(1).mean(1).sum())
+                states = run_trajectory(traj.step, traj.noise, traj.num_steps, keep=True)
+            distances = [float((z - p).pow(2).flatten(1).mean(1).sum()) for z, p in zip(states[1:], path[1:])]
+            return distances[-1] + 0.5 * sum(distances[:-1])
 
         numeric = (objective(1.0) - objective(-1.0)) / (2 * h)
         assert abs(analytic) > 1e-6
