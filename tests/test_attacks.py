@@ -356,6 +356,7 @@ def test_completion_runs_within_budget_and_hands_over(pipe, tmp_path: Path):
         ("soft-prompt", {"seeds": []}, ConfigError),
         ("soft-prompt", {"config": {"learning_rate": 1.0}}, ConfigError),
         ("soft-prompt", {"concept": " "}, PromptError),
+        ("soft-prompt", {"config": {"init_prompt": "a cat on a mat"}}, ConfigError),
         ("completion", {"budget": 2}, ConfigError),
         ("completion", {"config": {"stop_on_success": True}}, ConfigError),
         ("completion", {"judge": "no-such-detector"}, ErasekitError),

@@ -153,7 +153,8 @@ class AttackConfig:
 # --------------------------------------------------------------------------- results
 @dataclass
 class SeedResult:
-    """One seed: the judge's verdict before the attack (the erased model on the concept prompt) and after."""
+    """One seed: the judge's verdict before the attack (the erased model on the concept prompt, or the
+    attack's target prompt where it has one, from the same noise) and after."""
 
     seed: int
     pre_success: bool

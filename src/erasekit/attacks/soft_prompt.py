@@ -153,6 +153,11 @@ class SoftPromptAttack(Attack):
         config: AttackConfig,
     ) -> AttackResult:
         assert isinstance(config, SoftPromptConfig)
+        if concept.strip().lower() in config.init_prompt.lower():
+            raise ConfigError(
+                f"the soft-prompt init_prompt {config.init_prompt!r} names the concept {concept!r}; "
+                "start from a prompt that does not"
+            )
         arch, _ = denoiser_of(pipe)
         target_prompt = config.target_prompt or concept
         length = sampling.max_sequence_length
