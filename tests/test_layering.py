@@ -45,6 +45,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "evaluation": ("erasekit.toyworld", "erasekit.sweep", "erasekit.cli"),
     # beside evaluation: it may use the library and the ShapesCanvas world (its mask objective), not the CLI
     "sweep": ("erasekit.cli",),
+    "attacks": ("erasekit.toyworld", "erasekit.cli"),
 }
 
 #: What importing a package in a fresh interpreter must not load (module-level imports only).
@@ -62,6 +63,7 @@ NOT_LOADED: dict[str, tuple[str, ...]] = {
     # the package and the command's body load neither torch nor the world: a bad space fails in a second
     "erasekit.sweep": ("erasekit.cli", "erasekit.toyworld", "torch"),
     "erasekit.sweep.command": ("erasekit.cli", "erasekit.toyworld", "torch"),
+    "erasekit.attacks": ("erasekit.toyworld", "erasekit.cli"),
     "erasekit.cli": (),
 }
 

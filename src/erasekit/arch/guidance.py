@@ -160,13 +160,16 @@ class GuidedDenoiser:
         self.cond_first = cond_first
         self.supports_cfg = supports_cfg
         self.family = family
-        # keyed by the guidance object itself (identity), which also keeps it alive: an id() could be reused
-        self._conditioning: dict[Guidance, tuple[tuple[str, ...], dict[str, Any]]] = {}
+        # keyed by the guidance object itself (identity), which also keeps it alive: an id() could be reused;
+        # and by whether gradients are on: stacked once under no_grad (a checkpointed forward pass), the
+        # conditioning would be a constant to the recomputation that needs its gradient (soft-prompt attacks)
+        self._conditioning: dict[tuple[Guidance, bool], tuple[tuple[str, ...], dict[str, Any]]] = {}
         self._carries: dict[Guidance, dict[int, Any]] = {}
         default.check(supports_cfg, family)
 
     def _prepared(self, guidance: Guidance) -> tuple[tuple[str, ...], dict[str, Any]]:
-        if guidance not in self._conditioning:
+        key = (guidance, torch.is_grad_enabled())
+        if key not in self._conditioning:
             guidance.check(self.supports_cfg, self.family)
             order = tuple(guidance.roles)
             if self.cond_first and "cond" in order:
@@ -178,9 +181,9 @@ class GuidedDenoiser:
                     stacked[name] = torch.cat([p[name] for p in parts])
                 else:
                     stacked[name] = first
-            self._conditioning[guidance] = (order, stacked)
-            self._carries[guidance] = {}
-        return self._conditioning[guidance]
+            self._conditioning[key] = (order, stacked)
+            self._carries.setdefault(guidance, {})
+        return self._conditioning[key]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, i: int, guidance: Guidance | None = None) -> torch.Tensor:
         """The prediction at step ``i`` for the (model-scaled) latent rows ``x`` at timestep ``t``."""
