@@ -389,3 +389,21 @@ def test_an_existing_output_is_refused_before_any_work(pipe, tmp_path: Path):
             output=tmp_path / "run",
         )
     assert judge.seen == 0
+
+
+def test_the_attack_command_runs_on_the_embedded_world_and_refuses_an_unknown_attack(tmp_path, capsys):
+    from erasekit.cli import main as cli
+
+    out = tmp_path / "completion"
+    args = ["attack", "--world", "shapes", "--concept", "circle", "--attack", "completion"]
+    assert cli([*args, "--set", "prompt=a red circle", "--seed", "100", "--seed", "101", "--output", str(out)]) == 0
+    assert "before the attack" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["attack"] == "completion" and summary["seeds"] == [100, 101] and summary["budget"] == 6
+    assert summary["pre_attack_rate"] == 1.0 and summary["judge"]["name"] == "shapes"
+    assert len(list((out / "images").iterdir())) == 2
+    bad = ["attack", "--world", "shapes", "--concept", "circle", "--attack", "nope", "--output", str(tmp_path / "x")]
+    assert cli(bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown attack 'nope'" in err and "soft-prompt" in err
+    assert not (tmp_path / "x").exists()

@@ -256,6 +256,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo, pinned_numerics=True, resumes_output=_measures_spread)
 
+    p = sub.add_parser("attack", help="attack an erasure: search prompts or embeddings that bring the concept back")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="hub id or pipeline folder")
+    model.add_argument(
+        "--world", choices=("shapes",), help="the embedded ShapesCanvas model, its sampling and its judge"
+    )
+    p.add_argument("--erasure", "--masks", dest="erasure", metavar="DIR", help="erasure folder (default: none)")
+    p.add_argument("--concept", required=True, help="the concept the erasure removed")
+    p.add_argument("--attack", required=True, help="the attack (soft-prompt, completion)")
+    p.add_argument("--budget", type=int, help="the attack's budget in its own unit (default: the attack's)")
+    p.add_argument("--seed", type=int, action="append", help="noise seed (repeatable; default 0-15)")
+    p.add_argument("--detector", help="the judge: shapes, nudenet, clip (default: shapes with --world)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an attack setting, e.g. lr=0.1 or start_prompt='a shape' (repeatable)",
+    )
+    _add_generation_flags(p)
+    p.add_argument("--output", required=True, help="folder to create (prompts or embeddings, images, summary)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    p.set_defaults(func=cmd_attack, pinned_numerics=True)
+
     p = sub.add_parser(
         "sweep",
         help="tune a method's ShapesCanvas recipe with Optuna; the Pareto front rescored on the evaluation draw",
@@ -548,6 +573,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"erasing {metrics['concept']!r} from the ShapesCanvas model")
     print(format_table(metrics))
     print(f"report: {Path(args.output) / 'report.html'}")
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .arch.samplers import set_scheduler
+    from .attacks import Sampling, get_attack, run_attack
+    from .errors import ConfigError
+    from .methods import load_erasure
+    from .pipeline import load_pipeline
+
+    get_attack(args.attack)  # an unknown attack or a bad erasure fails before the model loads
+    erasure = load_erasure(args.erasure) if args.erasure else None
+    settings: dict[str, Any] = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE")
+        settings[key.strip()] = yaml.safe_load(value)
+    defaults = dict(erasure.generation_defaults) if erasure is not None else {}
+    if args.world:
+        from .toyworld.world import World
+
+        world = World.load()
+        model, defaults = str(world.pipeline_path), {**defaults, **world.sampling}
+    else:
+        model = args.model
+    detector = args.detector or ("shapes" if args.world else None)
+    if detector is None:
+        raise ConfigError("--detector is needed with --model: shapes, nudenet or clip")
+    sampling = Sampling(
+        steps=args.steps if args.steps is not None else defaults.get("steps", 4),
+        resolution=args.resolution if args.resolution is not None else defaults.get("resolution", 512),
+        guidance_scale=args.guidance if args.guidance is not None else defaults.get("guidance_scale", 0.0),
+        max_sequence_length=args.max_sequence_length
+        if args.max_sequence_length is not None
+        else defaults.get("max_sequence_length", 256),
+    )
+    pipe = load_pipeline(model, args.dtype, args.device)
+    set_scheduler(pipe, args.scheduler or defaults.get("scheduler", "pipeline"))
+    result = run_attack(
+        pipe,
+        args.attack,
+        erasure=erasure,
+        concept=args.concept,
+        judge=detector,
+        seeds=args.seed or list(range(16)),
+        sampling=sampling,
+        budget=args.budget,
+        output=args.output,
+        config=settings,
+        overwrite=args.overwrite,
+    )
+    rate = result.attack_success_rate
+    print(
+        f"{args.attack}: concept shown on {result.pre_rate:.1%} of seeds before the attack, {result.post_rate:.1%} "
+        f"after; attack success {'n/a (all shown before)' if rate is None else f'{rate:.1%}'} "
+        f"({len(result.seeds)} seeds, budget {result.budget}, {result.seconds:.0f} s); written to {args.output}"
+    )
     return 0
 
 
