@@ -159,3 +159,30 @@ def test_a_kind_the_family_lacks_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unet has no text-conditioning modules of kind context"):
         get_method("uce").fit(build_tiny_sd_pipeline(seed=0), _config("uce.kinds=[context]"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_cli_erases_and_merge_folds_a_uce_edit(
+    tiny_flux_path: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from diffusers import DiffusionPipeline
+
+    from erasekit.cli import main
+
+    erasure = tmp_path / "uce"
+    sets = ["sampling.steps=2", "sampling.resolution=32", "sampling.max_sequence_length=16", "model.device=cpu"]
+    argv = ["erase", "--method", "uce", "--model", tiny_flux_path, "--concept", "cat", "--anchor", "dog"]
+    assert main([*argv, *(a for s in sets for a in ("--set", s)), "--output", str(erasure)]) == 0
+    capsys.readouterr()
+    pruned = tmp_path / "pruned"
+    assert main(["fold", "--model", tiny_flux_path, "--erasure", str(erasure), "--output", str(pruned)]) == 2
+    err = capsys.readouterr().err
+    assert "a uce erasure edits weights and folds with --mode merge" in err and err.count("\n") == 1
+    assert not pruned.exists()
+    merged = tmp_path / "merged"
+    args = ["fold", "--model", tiny_flux_path, "--erasure", str(erasure), "--mode", "merge", "--output", str(merged)]
+    assert main(args) == 0
+    stock = DiffusionPipeline.from_pretrained(merged)
+    edited = load_erasure(erasure)
+    assert isinstance(edited, UCEErasure)
+    for name, value in edited.weights.items():
+        assert torch.equal(stock.transformer.get_parameter(name), value)
