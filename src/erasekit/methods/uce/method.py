@@ -224,7 +224,11 @@ class UCEMethod(Method):
         record["modules"] = sorted(name.removesuffix(".weight") for name in edits)
         erasure = UCEErasure.from_edits(denoiser, edits, record)
         assert isinstance(erasure, UCEErasure)
-        erasure.save(output)
+        # training-free: under `accelerate launch` every process computes the same edit, one writes it
+        if accelerator is None or accelerator.is_main_process:
+            erasure.save(output)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
         return erasure
 
 
