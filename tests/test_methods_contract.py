@@ -99,6 +99,8 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
         "mask.neurons.lr=2.0",
         "mask.norm.lr=2.0",
     ],
+    # a strong edit (little pull to the original weights, no preservation) so the tiny outputs move
+    "uce": ["uce.lam=0.01", "uce.preserve_scale=0.0"],
 }
 PROMPTS = {"dit": ["golden retriever", "volcano"]}
 

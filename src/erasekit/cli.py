@@ -170,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="erasure folder (repeatable; --masks is an alias); inference-time erasures cannot be folded",
     )
     p.add_argument(
-        "--mode", choices=("zero", "prune"), default="prune", help="zero: same shapes; prune: masked units removed"
+        "--mode",
+        choices=("zero", "prune", "merge"),
+        default="prune",
+        help="masks: zero (same shapes) or prune (masked units removed); weight edits (uce, esd...): merge",
     )
     p.add_argument("--dtype", default="float32", help="dtype to load and save in: float32 (default), float16, bfloat16")
     p.add_argument("--output", required=True, help="pipeline folder to create")

@@ -108,6 +108,28 @@ class MaskConfig:
 
 
 @dataclass
+class UCEConfig:
+    """Unified Concept Editing (``method: uce``): the closed-form edit of the text-conditioning projections.
+
+    Defaults are the official code's (lambda 0.5, both scales 1)."""
+
+    kinds: list[str] = field(default_factory=list)
+    """Text-conditioning module kinds to edit (``key_value``, ``context``, ``pooled``); empty: the family's
+    default, ``key_value`` (``attn2.to_k/to_v``) for unet and pixart, ``context`` and ``pooled``
+    (``context_embedder`` and the pooled-text projection, the only exact closed form there) for flux and sd3."""
+    lam: float = 0.5
+    """Pull towards the original weights (lambda)."""
+    erase_scale: float = 1.0
+    """Weight of the edited concept prompts (s_e); lowering it fixed noisy object erasures upstream."""
+    preserve_scale: float = 1.0
+    """Weight of the preservation prompts (s_p)."""
+    concepts: list[str] = field(default_factory=list)
+    """More concepts erased in the same edit, each to ``concept.anchor`` through ``concept.templates``."""
+    batch_size: int = 8
+    """Prompts per pass when reading the projections' inputs."""
+
+
+@dataclass
 class SamplingConfig:
     """The denoising trajectory the mask is trained through (and generation defaults)."""
 
@@ -188,6 +210,7 @@ class EraseConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    uce: UCEConfig = field(default_factory=UCEConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -3,7 +3,10 @@
 Importing this package registers every method that ships with erasekit (one import line each below).
 """
 
-from . import mask  # noqa: F401  (registers "mask")
+from . import (
+    mask,  # noqa: F401  (registers "mask")
+    uce,  # noqa: F401  (registers "uce")
+)
 from .base import (
     FORMAT,
     FORMAT_VERSION,

@@ -11,11 +11,14 @@ from erasekit.methods.uce.kernels import (
     uce_statistics,
     uce_targets,
 )
+from erasekit.methods.uce.method import UCEErasure, UCEMethod
 
 __all__ = [
     "UCE_DEFAULT_ERASE_SCALE",
     "UCE_DEFAULT_LAMBDA",
     "UCE_DEFAULT_PRESERVE_SCALE",
+    "UCEErasure",
+    "UCEMethod",
     "UCEStatistics",
     "last_word_token_index",
     "uce_edit",
