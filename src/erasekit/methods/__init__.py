@@ -21,6 +21,7 @@ from .base import (
     register_method,
     save_folded_pipeline,
 )
+from .concept_prune import ConceptPruneMethod  # noqa: F401  (registers "concept-prune")
 
 __all__ = [
     "FORMAT",
