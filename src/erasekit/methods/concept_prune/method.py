@@ -49,6 +49,7 @@ class ConceptPruneErasure(MaskErasure):
     """A ConceptPrune result: a binary mask over feed-forward neurons (everything else is the mask's)."""
 
     method = "concept-prune"
+    legacy_record = None  # the mask's older folders are masks, never ConceptPrune results
 
     def changed_text(self) -> str:
         return f"{self.masked_fraction:.2%} of feed-forward neurons pruned"
