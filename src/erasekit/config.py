@@ -199,6 +199,23 @@ class TrainConfig:
 
 
 @dataclass
+class ConceptPruneConfig:
+    """ConceptPrune (``method: concept-prune``): WANDA scores of the feed-forward neurons on concept vs base
+    prompts over the first denoising steps; the skilled ones are pruned (defaults: the official code's)."""
+
+    top_share: float = 0.01
+    """Share of each layer's neurons selected per step (among those scoring higher on the concept)."""
+    timesteps: int = 10
+    """The first steps of the trajectory scored (all of them when it has fewer); the union is pruned."""
+    base: str = "anchor"
+    """The base prompts: ``anchor`` (each concept prompt's anchor prompt, same noise) or ``preservation``."""
+    batch_size: int = 8
+    """Prompts per forward pass while scoring."""
+    seed: int = 0
+    """Seed of the scoring noises."""
+
+
+@dataclass
 class EraseConfig:
     """Everything ``erasekit erase`` needs."""
 
@@ -211,6 +228,7 @@ class EraseConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     uce: UCEConfig = field(default_factory=UCEConfig)
+    concept_prune: ConceptPruneConfig = field(default_factory=ConceptPruneConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -218,6 +236,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mask.parameterization": ("sigmoid", "hard_concrete", "binary"),
     "loss.distance": ("mse", "l1"),
     "sampling.scheduler": ("pipeline", "ddim", "euler", "dpm", "pndm", "flow-euler"),
+    "concept_prune.base": ("anchor", "preservation"),
 }
 
 

@@ -4,6 +4,7 @@ Importing this package registers every method that ships with erasekit (one impo
 """
 
 from . import (
+    concept_prune,  # noqa: F401  (registers "concept-prune")
     mask,  # noqa: F401  (registers "mask")
     uce,  # noqa: F401  (registers "uce")
 )

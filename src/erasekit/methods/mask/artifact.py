@@ -123,8 +123,11 @@ def write_mask_files(folder: Path, logits: dict[str, torch.Tensor], config: dict
     return write_record(folder, record, [WEIGHTS_NAME])
 
 
-def load_mask_artifact(path: str | Path) -> MaskArtifact:
+def load_mask_artifact(path: str | Path, method: str = "mask") -> MaskArtifact:
     """Read a mask artefact (an erasure folder, or a ``mask_config.json`` folder of an earlier version).
+
+    ``method``: the method the erasure record must name (a method whose result is a mask, such as
+    ``concept-prune``, writes the same artefact under its own name).
 
     Raises:
         MaskFileError: a missing, corrupt or newer-format file.
@@ -134,8 +137,8 @@ def load_mask_artifact(path: str | Path) -> MaskArtifact:
         raise MaskFileError(f"mask folder {str(folder)!r} does not exist; pass the --output folder of `erasekit erase`")
     if (folder / RECORD_NAME).is_file():
         config = read_record(folder)
-        if config.get("method") != "mask":
-            raise MaskFileError(f"{str(folder)!r} holds a {config.get('method')!r} erasure, not a mask")
+        if config.get("method") != method:
+            raise MaskFileError(f"{str(folder)!r} holds a {config.get('method')!r} erasure, not a {method} one")
     else:
         config = _read_legacy_config(folder)
     weights_file = folder / WEIGHTS_NAME

@@ -135,7 +135,7 @@ class MaskErasure(Erasure):
 
     @classmethod
     def from_folder(cls, folder: Path, record: dict[str, Any]) -> MaskErasure:
-        artifact = load_mask_artifact(folder)
+        artifact = load_mask_artifact(folder, cls.method)
         return cls(artifact.logits, artifact.config, folder)
 
     @classmethod
