@@ -478,12 +478,19 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'method':<16}{'trains':<8}{'CFG':<6}{'changes':<36}families")
-    for row in rows:
-        print(
-            f"{row['name']:<16}{'yes' if row['trains'] else 'no':<8}{'yes' if row['needs_cfg'] else 'no':<6}"
-            f"{row['changes']:<36}{', '.join(row['families'])}"
+    table = [("method", "trains", "CFG", "changes", "families")] + [
+        (
+            row["name"],
+            "yes" if row["trains"] else "no",
+            "yes" if row["needs_cfg"] else "no",
+            row["changes"],
+            ", ".join(row["families"]),
         )
+        for row in rows
+    ]
+    widths = [max(len(line[column]) for line in table) + 2 for column in range(4)]  # the last column runs on
+    for line in table:
+        print("".join(cell.ljust(width) for cell, width in zip(line, widths)) + line[4])
     return 0
 
 
