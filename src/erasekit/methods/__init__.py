@@ -3,7 +3,11 @@
 Importing this package registers every method that ships with erasekit (one import line each below).
 """
 
-from . import mask  # noqa: F401  (registers "mask")
+from . import (
+    ca,  # noqa: F401  (registers "ca")
+    esd,  # noqa: F401  (registers "esd")
+    mask,  # noqa: F401  (registers "mask")
+)
 from .base import (
     FORMAT,
     FORMAT_VERSION,
