@@ -124,7 +124,7 @@ def test_esd_parameter_sets_are_the_architectures_text_conditioning(tmp_path: Pa
     dit_config = _config(
         "esd", "concept.concept=golden retriever", "concept.anchor=tabby cat", recipe="configs/dit-xl-2.yaml"
     )
-    with pytest.raises(ConfigError, match=r"the dit family has none \(it is class-conditioned\); use esd.variant=esd-u"):
+    with pytest.raises(ConfigError, match=r"dit family has none \(it is class-conditioned\); use esd.variant=esd-u"):
         EsdTrainer(dit, dit_config, tmp_path / "d", make_accelerator(dit_config, tmp_path))
 
 
