@@ -190,6 +190,10 @@ class EsdConfig:
     """Negative guidance: target = neutral - eta * (concept - neutral), from the frozen model."""
     lr: float = 5e-5
     """Adam learning rate."""
+    iterations: int | None = None
+    """Optimiser steps (replaces ``train.iterations`` for this method; None: ``train.iterations``)."""
+    batch_size: int | None = None
+    """Training samples per process per micro-step (replaces ``train.batch_size``; None: that)."""
     start_guidance: float = 3.0
     """Classifier-free guidance (on guidance-distilled FLUX: the guidance input) of the frozen model when it
     samples the training latents x_t from noise to the random step."""
@@ -209,6 +213,10 @@ class CaConfig:
     prior_weight: float = 0.0
     """Weight of the prior-preservation loss (the ordinary denoising loss on the anchor images with the
     anchor prompt); 0 switches it off (official objects/styles), official nudity uses it (1.0)."""
+    iterations: int | None = None
+    """Optimiser steps (replaces ``train.iterations`` for this method; None: ``train.iterations``)."""
+    batch_size: int | None = None
+    """Training samples per process per micro-step (replaces ``train.batch_size``; None: that)."""
     anchor_images: int = 8
     """Images of the anchor the original model generates before training (the official code generates
     them first too); each step noises one of them at a random step."""

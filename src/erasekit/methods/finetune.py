@@ -16,6 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,18 @@ from .weights import WeightEditErasure, erasure_record
 
 #: Noise seeds of training samples lie in ``[0, TRAINING_NOISE_SEEDS)`` (as the mask trainer's do).
 TRAINING_NOISE_SEEDS = 900_000
+
+
+def with_run_length(config: EraseConfig, settings: Any) -> EraseConfig:
+    """``config`` with the method section's ``iterations`` and ``batch_size`` (where set) as the run's
+    ``train.iterations`` and ``train.batch_size``: one recipe file holds every method's length, and the run
+    (its progress, checkpoints, resume check and the artefact's settings) sees the resolved values."""
+    changes = {
+        key: getattr(settings, key) for key in ("iterations", "batch_size") if getattr(settings, key, None) is not None
+    }
+    if not changes:
+        return config
+    return replace(config, train=replace(config.train, **changes))
 
 
 class WeightTrainer(ABC):
@@ -61,6 +74,7 @@ class WeightTrainer(ABC):
         lr: float,
         model_id: str | None = None,
     ) -> None:
+        config = with_run_length(config, getattr(config, config.method, None))
         validate_run_config(config)
         if not lr > 0:
             raise ConfigError(f"{config.method}.lr must be positive, got {lr}")
@@ -225,4 +239,4 @@ class WeightTrainer(ABC):
                     self.run.checkpoint(done, tensors, optimizer, scheduler)
 
 
-__all__ = ["TRAINING_NOISE_SEEDS", "WeightTrainer"]
+__all__ = ["TRAINING_NOISE_SEEDS", "WeightTrainer", "with_run_length"]

@@ -24,7 +24,7 @@ from ...errors import ConfigError
 from ...training.run import PromptEncoder, make_accelerator, staging_path, validate_run_config
 from ..base import Method, register_method
 from ..esd.kernels import module_name_predicate
-from ..finetune import WeightTrainer
+from ..finetune import WeightTrainer, with_run_length
 from ..weights import WeightEditErasure
 from .kernels import ca_loss, ca_parameters
 
@@ -157,7 +157,7 @@ class CaMethod(Method):
 
     def validate(self, config: EraseConfig) -> None:
         build_concept_prompts(config.concept)
-        validate_run_config(config)
+        validate_run_config(with_run_length(config, config.ca))
         check_ca_settings(config.ca)
 
     def fit(

@@ -27,7 +27,7 @@ from ...data import build_concept_prompts
 from ...errors import ConfigError
 from ...training.run import PromptEncoder, make_accelerator, staging_path, validate_run_config
 from ..base import Method, register_method
-from ..finetune import WeightTrainer
+from ..finetune import WeightTrainer, with_run_length
 from ..weights import WeightEditErasure
 from .kernels import ESD_VARIANTS, esd_loss, esd_parameters, esd_target_from_model, module_name_predicate
 
@@ -126,7 +126,7 @@ class EsdMethod(Method):
 
     def validate(self, config: EraseConfig) -> None:
         build_concept_prompts(config.concept)
-        validate_run_config(config)
+        validate_run_config(with_run_length(config, config.esd))
         check_esd_settings(config.esd)
 
     def fit(
