@@ -380,7 +380,10 @@ def run_demo(
             "images_per_group": per_group,
             "sampling": world.sampling,
             "erasure": {
-                "iterations": config.train.iterations,
+                # what the fit ran (a method's section may set its own length): its recorded settings
+                "iterations": erasure.record.get("settings", {})
+                .get("train", {})
+                .get("iterations", config.train.iterations),
                 "seed": config.train.seed,
                 "seconds": round(erasure.cost.seconds, 3),
             },
