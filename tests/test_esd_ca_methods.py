@@ -239,3 +239,13 @@ def test_bad_settings_are_refused_before_loading_weights(overrides: list[str], m
     with pytest.raises(ConfigError, match=message):
         config = load_config(None, ["concept.concept=cat", *overrides])
         get_method(config.method).validate(config)
+
+
+def test_a_method_section_sets_the_runs_length() -> None:
+    from erasekit.methods.finetune import with_run_length
+
+    config = load_config(None, ["method=esd", "train.iterations=300", "train.batch_size=4", "esd.iterations=7"])
+    resolved = with_run_length(config, config.esd)
+    assert (resolved.train.iterations, resolved.train.batch_size) == (7, 4)
+    assert config.train.iterations == 300  # the caller's config is not changed
+    assert with_run_length(config, config.ca) is config  # nothing set: the shared values
