@@ -4,7 +4,7 @@ Recipes are chosen on :func:`erasekit.toyworld.protocol.tuning_samples` (scenes 
 evaluation never draws), so that one chosen because it crossed the bar is not fitted to the evaluation
 draw; ``erasekit demo`` (and its ``--seed`` spread) then measures the chosen one on the protocol. Prints
 one JSON line: the strict and detector UA, the judges' disagreement, IRA and CRA (also relative to the
-original model's on the same draw), the masked fraction and the seconds.
+original model's on the same draw), what the erasure changed and the seconds. Any method (``--method``).
 
 Usage::
 
@@ -23,7 +23,8 @@ from erasekit.reproducibility import pin_cpu_numerics
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", required=True, help="mask folder to create")
+    parser.add_argument("--output", required=True, help="erasure folder to create")
+    parser.add_argument("--method", default="mask", help="the erasure method (erasekit methods)")
     parser.add_argument("--concept", default="circle")
     parser.add_argument("--anchor", default=None, help="as erasekit demo --anchor")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
@@ -44,14 +45,17 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     world = World.load()
     config = erasure_config(world, args.concept, [*args.overrides, f"train.seed={args.seed}"], anchor=args.anchor)
+    config.method = args.method
     samples = protocol.tuning_samples(args.concept, per_group=args.images)
     started = time.perf_counter()
-    result = erase(config, args.output).result
+    erasure = erase(config, args.output)
     train_seconds = time.perf_counter() - started
     # the judging an `erasekit sweep` trial does too: one function, so the two cannot drift apart
     row = score_row(*mask_scores(world, args.concept, args.output, samples))
     row.update(
-        masked_fraction=round(result.masked_fraction, 4),
+        method=args.method,
+        changed=erasure.changed_text(),
+        masked_fraction=erasure.report().get("masked_fraction"),
         train_seconds=round(train_seconds, 1),
         overrides=args.overrides,
         anchor=config.concept.anchor,

@@ -102,6 +102,9 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
     # a strong edit (little pull to the original weights, no preservation) so the tiny outputs move
     "uce": ["uce.lam=0.01", "uce.preserve_scale=0.0"],
     "concept-prune": ["concept_prune.top_share=0.05"],
+    # esd-u and attn: the parameter sets DiT (class-conditioned, no text projections) has too
+    "esd": ["train.iterations=2", "esd.variant=esd-u", "esd.lr=1e-3", "esd.start_guidance=2.0"],
+    "ca": ["train.iterations=2", "ca.parameters=attn", "ca.lr=1e-3", "ca.anchor_images=2", "ca.prior_weight=0.5"],
 }
 PROMPTS = {"dit": ["golden retriever", "volcano"]}
 

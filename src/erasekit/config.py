@@ -216,6 +216,52 @@ class ConceptPruneConfig:
 
 
 @dataclass
+class EsdConfig:
+    """ESD (Gandikota et al., ICCV 2023): fine-tune the denoiser so that the concept prompt predicts what the
+    frozen original predicts *away* from the concept (negative guidance). Its length is ``train.iterations``
+    (official: 200). Defaults: the new official SD code."""
+
+    variant: str = "esd-x"
+    """``esd-x``: the text-conditioning projections (cross-attention keys/values; on FLUX and SD3 the
+    context embedder, pooled-text projection and the text stream's key/value projections); ``esd-u``: every
+    other denoiser parameter (for global concepts such as a style or nudity); ``esd-all``: everything."""
+    eta: float = 2.0
+    """Negative guidance: target = neutral - eta * (concept - neutral), from the frozen model."""
+    lr: float = 5e-5
+    """Adam learning rate."""
+    iterations: int | None = None
+    """Optimiser steps (replaces ``train.iterations`` for this method; None: ``train.iterations``)."""
+    batch_size: int | None = None
+    """Training samples per process per micro-step (replaces ``train.batch_size``; None: that)."""
+    start_guidance: float = 3.0
+    """Classifier-free guidance (on guidance-distilled FLUX: the guidance input) of the frozen model when it
+    samples the training latents x_t from noise to the random step."""
+
+
+@dataclass
+class CaConfig:
+    """Concept ablation (Kumari et al., ICCV 2023), model-based: on noised images of the anchor, the
+    concept prompt's prediction is pulled to the model's own anchor-prompt prediction (stop-gradient). Its
+    length is ``train.iterations`` (official objects/styles: 100)."""
+
+    parameters: str = "cross-attn"
+    """``cross-attn``: the text-conditioning projections (default); ``attn``: every attention projection
+    (the official choice for nudity); ``full-weight``: the whole denoiser."""
+    lr: float = 1.6e-5
+    """Adam learning rate: the official 2e-6 scaled as its ``scale_lr`` does (batch 4 on 2 GPUs)."""
+    prior_weight: float = 0.0
+    """Weight of the prior-preservation loss (the ordinary denoising loss on the anchor images with the
+    anchor prompt); 0 switches it off (official objects/styles), official nudity uses it (1.0)."""
+    iterations: int | None = None
+    """Optimiser steps (replaces ``train.iterations`` for this method; None: ``train.iterations``)."""
+    batch_size: int | None = None
+    """Training samples per process per micro-step (replaces ``train.batch_size``; None: that)."""
+    anchor_images: int = 8
+    """Images of the anchor the original model generates before training (the official code generates
+    them first too); each step noises one of them at a random step."""
+
+
+@dataclass
 class EraseConfig:
     """Everything ``erasekit erase`` needs."""
 
@@ -229,6 +275,8 @@ class EraseConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     uce: UCEConfig = field(default_factory=UCEConfig)
     concept_prune: ConceptPruneConfig = field(default_factory=ConceptPruneConfig)
+    esd: EsdConfig = field(default_factory=EsdConfig)
+    ca: CaConfig = field(default_factory=CaConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -237,6 +285,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.distance": ("mse", "l1"),
     "sampling.scheduler": ("pipeline", "ddim", "euler", "dpm", "pndm", "flow-euler"),
     "concept_prune.base": ("anchor", "preservation"),
+    "esd.variant": ("esd-x", "esd-u", "esd-all"),
+    "ca.parameters": ("cross-attn", "attn", "full-weight"),
 }
 
 

@@ -4,7 +4,9 @@ Importing this package registers every method that ships with erasekit (one impo
 """
 
 from . import (
+    ca,  # noqa: F401  (registers "ca")
     concept_prune,  # noqa: F401  (registers "concept-prune")
+    esd,  # noqa: F401  (registers "esd")
     mask,  # noqa: F401  (registers "mask")
     uce,  # noqa: F401  (registers "uce")
 )

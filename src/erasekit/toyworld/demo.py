@@ -217,11 +217,6 @@ def _db(psnr: float | None) -> str:
     return "identical images" if psnr is None else f"{psnr:.2f} dB"
 
 
-def _iterations(method: str, config: EraseConfig) -> int:
-    """The training steps of ``method``: its section's ``iterations`` where it has one, else ``train.iterations``."""
-    return int(getattr(get_method(method).settings(config), "iterations", config.train.iterations))
-
-
 def _method_line(metrics: dict[str, Any]) -> str:
     method = metrics.get("method", "mask")
     return "minimalist mask erasure" if "masked_fraction" in metrics else f"{method} ({get_method(method).summary})"
@@ -385,8 +380,12 @@ def run_demo(
             "images_per_group": per_group,
             "sampling": world.sampling,
             "erasure": {
-                # training steps of a method that trains (in its own section where it has them); none otherwise
-                **({"iterations": _iterations(method, config)} if get_method(method).trains else {}),
+                # what the fit ran (a method's section may set its own length), for a method that trains
+                **(
+                    {"iterations": erasure.record.get("settings", {}).get("train", {}).get("iterations")}
+                    if get_method(method).trains
+                    else {}
+                ),
                 "seed": config.train.seed,
                 "seconds": round(erasure.cost.seconds, 3),
             },

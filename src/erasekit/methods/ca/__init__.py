@@ -9,8 +9,11 @@ from erasekit.methods.ca.kernels import (
     ca_parameters,
     masked_mse,
 )
+from erasekit.methods.ca.method import CaErasure, CaMethod
 
 __all__ = [
+    "CaErasure",
+    "CaMethod",
     "CA_DEFAULT_LR",
     "CA_DEFAULT_STEPS",
     "CA_PARAMETER_GROUPS",

@@ -14,8 +14,11 @@ from erasekit.methods.esd.kernels import (
     module_name_predicate,
     select_parameters,
 )
+from erasekit.methods.esd.method import EsdErasure, EsdMethod
 
 __all__ = [
+    "EsdErasure",
+    "EsdMethod",
     "ESD_DEFAULT_ETA",
     "ESD_DEFAULT_ITERATIONS",
     "ESD_DEFAULT_LR",

@@ -1,0 +1,153 @@
+"""``esd``: Erased Stable Diffusion, the model fine-tuned away from the concept by negative guidance.
+
+Each training sample (the new official code's loop, with its known bugs left out):
+
+1. a random step ``i`` of the ``sampling.steps``-step schedule and fresh noise;
+2. the *frozen* original model samples the concept prompt from that noise to step ``i`` (classifier-free
+   guidance ``esd.start_guidance``; on guidance-distilled FLUX the guidance input) -> ``x_t``;
+3. the frozen model predicts ``x_t`` for the concept prompt and for the empty prompt (the family's
+   unconditional row: the empty prompt, DiT's null class) -> the target
+   ``neutral - eta (concept - neutral)`` (:func:`~.kernels.esd_target_from_model`);
+4. the model being trained predicts ``x_t`` for the concept prompt; MSE to the target (:func:`~.kernels.esd_loss`).
+
+Both predictions of step 3 are *conditional* predictions of the same call (no classifier-free guidance
+combination), which is the guidance-distilled form of the reference notes and the CFG form alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...arch.guidance import Conditional
+from ...config import EraseConfig, EsdConfig
+from ...data import build_concept_prompts
+from ...errors import ConfigError
+from ...training.run import PromptEncoder, make_accelerator, staging_path, validate_run_config
+from ..base import Method, register_method
+from ..finetune import WeightTrainer, with_run_length
+from ..weights import WeightEditErasure
+from .kernels import ESD_VARIANTS, esd_loss, esd_parameters, esd_target_from_model, module_name_predicate
+
+CHANGES = "denoiser weights fine-tuned (ESD)"
+
+
+class EsdErasure(WeightEditErasure):
+    """The parameters ESD fine-tuned (``weights.safetensors``); applied by copying them in."""
+
+    method = "esd"
+
+
+def check_esd_settings(settings: EsdConfig) -> None:
+    """Refuse ESD settings it cannot run with, naming the key."""
+    if settings.variant not in ESD_VARIANTS:
+        raise ConfigError(f"esd.variant: unknown variant {settings.variant!r}; choose one of {', '.join(ESD_VARIANTS)}")
+    if settings.eta < 0:
+        raise ConfigError("esd.eta must not be negative (0 makes the target the empty prompt's prediction)")
+    if not settings.lr > 0:
+        raise ConfigError(f"esd.lr must be positive, got {settings.lr}")
+    if settings.start_guidance < 0:
+        raise ConfigError("esd.start_guidance must not be negative")
+
+
+class EsdTrainer(WeightTrainer):
+    """ESD's parameter sets and loss on the shared fine-tuning loop."""
+
+    def __init__(
+        self, pipe: Any, config: EraseConfig, output: str | Path, accelerator: Any, model_id: str | None = None
+    ) -> None:
+        self.settings: EsdConfig = config.esd
+        check_esd_settings(self.settings)
+        super().__init__(
+            pipe,
+            config,
+            output,
+            accelerator,
+            erasure_class=EsdErasure,
+            changes=CHANGES,
+            lr=self.settings.lr,
+            model_id=model_id,
+        )
+        self.encode = PromptEncoder(self.arch, pipe, config.sampling.max_sequence_length)
+
+    def select(self) -> list[tuple[str, torch.nn.Parameter]]:
+        text = self.arch.text_conditioning_modules(self.denoiser)
+        if not text and self.settings.variant == "esd-x":
+            raise ConfigError(
+                f"esd.variant esd-x trains the text-conditioning projections, and the {self.arch.family} family "
+                "has none (it is class-conditioned); use esd.variant=esd-u"
+            )
+        return esd_parameters(self.denoiser.named_parameters(), module_name_predicate(text), self.settings.variant)
+
+    def loss(self, sample: int) -> tuple[torch.Tensor, dict[str, float]]:
+        s = self.config.sampling
+        prompt = self.prompts.concept[self.concept_row(sample)]
+        step = int(torch.randint(s.steps, (1,), generator=self.generator(sample)))
+        trajectory = self.arch.trajectory(
+            self.pipe,
+            self.encode([prompt]),
+            [self.noise_seed(sample)],
+            steps=s.steps,
+            resolution=s.resolution,
+            guidance_scale=self.settings.start_guidance,
+        )
+        assert trajectory.predict is not None
+        predict = trajectory.predict
+        concept, neutral = Conditional("cond"), Conditional("uncond")
+
+        def frozen(z: torch.Tensor, i: int, guidance: Conditional) -> torch.Tensor:
+            return predict(z, i, guidance)
+
+        with torch.no_grad(), self.original_weights():
+            z = trajectory.noise
+            for i in range(step):
+                z = trajectory.step(z, i)
+            target = esd_target_from_model(frozen, z, step, concept, neutral, self.settings.eta)  # type: ignore[arg-type]
+        prediction = predict(z, step, concept)
+        return esd_loss(prediction.float(), target.float()), {"timestep_index": float(step)}
+
+
+@register_method
+class EsdMethod(Method):
+    """ESD (Gandikota et al., ICCV 2023): the text-conditioning projections (``esd-x``) or the rest of the
+    denoiser (``esd-u``) fine-tuned towards the frozen model's negatively guided prediction."""
+
+    name = "esd"
+    config_class = EsdConfig
+    section = "esd"
+    erasure_class = EsdErasure
+    trains = True
+    needs_cfg = False
+    changes = CHANGES
+    families = ("dit", "flux", "pixart", "sd3", "unet")
+    summary = "ESD: fine-tune the denoiser towards the frozen model's negatively guided prediction"
+
+    def validate(self, config: EraseConfig) -> None:
+        build_concept_prompts(config.concept)
+        validate_run_config(with_run_length(config, config.esd))
+        check_esd_settings(config.esd)
+
+    def fit(
+        self,
+        pipe: Any,
+        config: EraseConfig,
+        output: str | Path,
+        *,
+        accelerator: Any = None,
+        resume: bool = False,
+        stop_after: int | None = None,
+        model_id: str | None = None,
+    ) -> EsdErasure:
+        output = Path(output)
+        if accelerator is None:
+            accelerator = make_accelerator(config, staging_path(output))
+        erasure = EsdTrainer(pipe, config, output, accelerator, model_id).fit(resume=resume, stop_after=stop_after)
+        if erasure is None:  # stopped early: no artefact; an empty erasure says so
+            return EsdErasure({}, {})
+        assert isinstance(erasure, EsdErasure)
+        return erasure
+
+
+__all__ = ["CHANGES", "EsdErasure", "EsdMethod", "EsdTrainer", "check_esd_settings"]
