@@ -99,6 +99,9 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
         "mask.neurons.lr=2.0",
         "mask.norm.lr=2.0",
     ],
+    # inference-time: SLD changes classifier-free guidance, which acts above scale 1
+    "sld": ["sampling.guidance_scale=4.0", "sld.preset=max"],
+    "flowedit": [],
 }
 PROMPTS = {"dit": ["golden retriever", "volcano"]}
 

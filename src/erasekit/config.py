@@ -177,6 +177,42 @@ class TrainConfig:
 
 
 @dataclass
+class SLDConfig:
+    """Safe Latent Diffusion (method ``sld``): inference-time safety guidance away from the concept.
+
+    ``preset`` picks the paper's settings (weak, medium, strong, max); each other field, when set,
+    overrides the preset's value of the same name.
+    """
+
+    preset: str = "medium"
+    safety_concept: str = ""
+    """The text the guidance steers away from (default: ``concept.concept``)."""
+    sld_guidance_scale: float | None = None
+    sld_warmup_steps: int | None = None
+    sld_threshold: float | None = None
+    sld_momentum_scale: float | None = None
+    sld_mom_beta: float | None = None
+
+
+@dataclass
+class FlowEditConfig:
+    """FlowEdit (method ``flowedit``): the model's own image of a prompt, edited along the flow from the
+    prompt to its concept-free version (the concept and its synonyms replaced by the anchor)."""
+
+    strength: float = 0.86
+    """The share of the sampling steps the edit runs over, from the end (``n_max = round(strength * steps)``;
+    FlowEdit's FLUX setting is 24 of 28 steps)."""
+    n_min: int = 0
+    """The last ``n_min`` steps sample the target prompt plainly."""
+    n_avg: int = 1
+    """Noise draws averaged per step."""
+    source_guidance_scale: float | None = None
+    """Classifier-free guidance of the source prompt's velocity (default: the generation's scale)."""
+    target_guidance_scale: float | None = None
+    """... and of the target prompt's (default: the generation's scale)."""
+
+
+@dataclass
 class EraseConfig:
     """Everything ``erasekit erase`` needs."""
 
@@ -188,6 +224,8 @@ class EraseConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sld: SLDConfig = field(default_factory=SLDConfig)
+    flowedit: FlowEditConfig = field(default_factory=FlowEditConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -195,6 +233,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mask.parameterization": ("sigmoid", "hard_concrete", "binary"),
     "loss.distance": ("mse", "l1"),
     "sampling.scheduler": ("pipeline", "ddim", "euler", "dpm", "pndm", "flow-euler"),
+    "sld.preset": ("weak", "medium", "strong", "max"),
 }
 
 

@@ -3,7 +3,11 @@
 Importing this package registers every method that ships with erasekit (one import line each below).
 """
 
-from . import mask  # noqa: F401  (registers "mask")
+from . import (  # noqa: F401  (each import registers its method)
+    flowedit,
+    mask,
+    sld,
+)
 from .base import (
     FORMAT,
     FORMAT_VERSION,
