@@ -202,6 +202,15 @@ def test_flowedit_leaves_prompts_without_the_concept_exactly_as_the_original_mod
     torch.testing.assert_close(mixed[:1], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_flowedit_edits_prompts_that_name_the_concept_as_a_word() -> None:
+    from erasekit.methods.flowedit.method import FlowEditOverride
+
+    edit = FlowEditOverride(["red", "crimson"], "blue", {})
+    assert edit.target_prompt("a Red circle, crimson style") == "a blue circle, blue style"
+    assert edit.target_prompt("a green circle in checkered style") is None  # "red" inside a word is not the concept
+    assert edit.target_prompt("red") == "blue"
+
+
 def test_flowedit_one_edit_step_by_hand(tmp_path: Path) -> None:
     """Two steps, the edit over the last one (strength 0.5): ``x_src + (0 - σ1) (v_tar - v_src)`` at the
     noised source ``(1 - σ1) x_src + σ1 ε``, with ε the first draw of the image's edit generator."""

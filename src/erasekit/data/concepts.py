@@ -44,9 +44,11 @@ def concept_names(cfg: ConceptConfig) -> list[str]:
 
 
 def concept_pattern(names: list[str]) -> re.Pattern[str]:
-    """Where a prompt names any of ``names`` (case-insensitive, the longest name first): the rule by which a
-    concept prompt's target replaces the concept with the anchor."""
-    return re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)), re.IGNORECASE)
+    """Where a prompt names any of ``names`` as a whole word (case-insensitive, the longest name first): the rule
+    by which a concept prompt's target replaces the concept with the anchor. Whole words: "red" must not
+    match inside "checkered"."""
+    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
 
 
 def retarget(prompt: str, pattern: re.Pattern[str], anchor: str) -> str:
