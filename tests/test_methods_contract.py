@@ -105,6 +105,9 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
     # esd-u and attn: the parameter sets DiT (class-conditioned, no text projections) has too
     "esd": ["train.iterations=2", "esd.variant=esd-u", "esd.lr=1e-3", "esd.start_guidance=2.0"],
     "ca": ["train.iterations=2", "ca.parameters=attn", "ca.lr=1e-3", "ca.anchor_images=2", "ca.prior_weight=0.5"],
+    # inference-time: SLD changes classifier-free guidance, which acts above scale 1
+    "sld": ["sampling.guidance_scale=4.0", "sld.preset=max"],
+    "flowedit": [],
 }
 PROMPTS = {"dit": ["golden retriever", "volcano"]}
 

@@ -262,6 +262,42 @@ class CaConfig:
 
 
 @dataclass
+class SLDConfig:
+    """Safe Latent Diffusion (method ``sld``): inference-time safety guidance away from the concept.
+
+    ``preset`` picks the paper's settings (weak, medium, strong, max); each other field, when set,
+    overrides the preset's value of the same name.
+    """
+
+    preset: str = "medium"
+    safety_concept: str = ""
+    """The text the guidance steers away from (default: ``concept.concept``)."""
+    sld_guidance_scale: float | None = None
+    sld_warmup_steps: int | None = None
+    sld_threshold: float | None = None
+    sld_momentum_scale: float | None = None
+    sld_mom_beta: float | None = None
+
+
+@dataclass
+class FlowEditConfig:
+    """FlowEdit (method ``flowedit``): the model's own image of a prompt, edited along the flow from the
+    prompt to its concept-free version (the concept and its synonyms replaced by the anchor)."""
+
+    strength: float = 0.86
+    """The share of the sampling steps the edit runs over, from the end (``n_max = round(strength * steps)``;
+    FlowEdit's FLUX setting is 24 of 28 steps)."""
+    n_min: int = 0
+    """The last ``n_min`` steps sample the target prompt plainly."""
+    n_avg: int = 1
+    """Noise draws averaged per step."""
+    source_guidance_scale: float | None = None
+    """Classifier-free guidance of the source prompt's velocity (default: the generation's scale)."""
+    target_guidance_scale: float | None = None
+    """... and of the target prompt's (default: the generation's scale)."""
+
+
+@dataclass
 class EraseConfig:
     """Everything ``erasekit erase`` needs."""
 
@@ -277,6 +313,8 @@ class EraseConfig:
     concept_prune: ConceptPruneConfig = field(default_factory=ConceptPruneConfig)
     esd: EsdConfig = field(default_factory=EsdConfig)
     ca: CaConfig = field(default_factory=CaConfig)
+    sld: SLDConfig = field(default_factory=SLDConfig)
+    flowedit: FlowEditConfig = field(default_factory=FlowEditConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -287,6 +325,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "concept_prune.base": ("anchor", "preservation"),
     "esd.variant": ("esd-x", "esd-u", "esd-all"),
     "ca.parameters": ("cross-attn", "attn", "full-weight"),
+    "sld.preset": ("weak", "medium", "strong", "max"),
 }
 
 

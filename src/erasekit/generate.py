@@ -14,6 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .arch import denoiser_of
+from .arch.override import sampling_override
 from .arch.samplers import run_trajectory
 from .outputs import atomic_directory, commit_directory
 
@@ -50,7 +51,22 @@ def generate_latents(
     guidance_scale: float = 0.0,
     max_sequence_length: int = 256,
 ) -> tuple[torch.Tensor, Any]:
-    """Final latents for ``prompts`` (one noise seed each) and the trajectory (for ``decode``)."""
+    """Final latents for ``prompts`` (one noise seed each) and the trajectory (for ``decode``).
+
+    The one place erasekit samples images: an inference-time erasure applied to ``pipe`` (a
+    :class:`~erasekit.arch.override.SamplingOverride`) samples instead of the default trajectory.
+    """
+    override = sampling_override(pipe)
+    if override is not None:
+        return override.sample(
+            pipe,
+            prompts,
+            seeds,
+            steps=steps,
+            resolution=resolution,
+            guidance_scale=guidance_scale,
+            max_sequence_length=max_sequence_length,
+        )
     arch, _ = denoiser_of(pipe)
     encoded = arch.encode_prompts(pipe, prompts, max_sequence_length)
     trajectory = arch.trajectory(

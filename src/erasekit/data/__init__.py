@@ -1,5 +1,12 @@
 """Concept specs and prompt sets."""
 
-from .concepts import ConceptPrompts, build_concept_prompts, read_prompt_file
+from .concepts import ConceptPrompts, build_concept_prompts, concept_names, concept_pattern, read_prompt_file, retarget
 
-__all__ = ["ConceptPrompts", "build_concept_prompts", "read_prompt_file"]
+__all__ = [
+    "ConceptPrompts",
+    "build_concept_prompts",
+    "concept_names",
+    "concept_pattern",
+    "read_prompt_file",
+    "retarget",
+]

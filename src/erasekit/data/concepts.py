@@ -38,6 +38,25 @@ def _tidy(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def concept_names(cfg: ConceptConfig) -> list[str]:
+    """The concept and its synonyms, stripped, the concept first (empty entries dropped)."""
+    return [n for n in [cfg.concept.strip()] + [s.strip() for s in cfg.synonyms] if n]
+
+
+def concept_pattern(names: list[str]) -> re.Pattern[str]:
+    """Where a prompt names any of ``names`` as a whole word (case-insensitive, the longest name first): the rule
+    by which a concept prompt's target replaces the concept with the anchor. Whole words: "red" must not
+    match inside "checkered"."""
+    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+
+
+def retarget(prompt: str, pattern: re.Pattern[str], anchor: str) -> str:
+    """``prompt`` with every match of ``pattern`` (:func:`concept_pattern`) replaced by ``anchor`` (dropped when
+    it is empty), tidied; the anchor alone when nothing else is left."""
+    return _tidy(pattern.sub(anchor.strip(), prompt)) or anchor.strip()
+
+
 def build_concept_prompts(cfg: ConceptConfig) -> ConceptPrompts:
     """Expand templates over the concept and its synonyms; pair each prompt with its target.
 
@@ -48,7 +67,7 @@ def build_concept_prompts(cfg: ConceptConfig) -> ConceptPrompts:
     concept = cfg.concept.strip()
     if not concept:
         raise PromptError("the concept is empty; pass --concept TEXT (e.g. --concept nudity)")
-    names = [concept] + [s.strip() for s in cfg.synonyms if s.strip()]
+    names = concept_names(cfg)
     prompts = [_tidy(t.format(concept=n)) for t in cfg.templates for n in names]
     prompts += [_tidy(p) for p in cfg.prompts if p.strip()]
     if not prompts:
@@ -61,7 +80,7 @@ def build_concept_prompts(cfg: ConceptConfig) -> ConceptPrompts:
             )
         targets = [_tidy(t) for t in cfg.target_prompts]
     else:
-        pattern = re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)), re.IGNORECASE)
+        pattern = concept_pattern(names)
         targets = []
         for prompt in prompts:
             if not pattern.search(prompt):
@@ -69,7 +88,7 @@ def build_concept_prompts(cfg: ConceptConfig) -> ConceptPrompts:
                     f"concept prompt {prompt!r} does not mention {concept!r}; "
                     "give concept.target_prompts for such prompts"
                 )
-            targets.append(_tidy(pattern.sub(cfg.anchor.strip(), prompt)) or cfg.anchor.strip())
+            targets.append(retarget(prompt, pattern, cfg.anchor))
     preservation = [_tidy(p) for p in cfg.preservation_prompts if p.strip()]
     if cfg.preservation_file:
         preservation += read_prompt_file(cfg.preservation_file)

@@ -7,7 +7,9 @@ from . import (
     ca,  # noqa: F401  (registers "ca")
     concept_prune,  # noqa: F401  (registers "concept-prune")
     esd,  # noqa: F401  (registers "esd")
+    flowedit,  # noqa: F401  (registers "flowedit")
     mask,  # noqa: F401  (registers "mask")
+    sld,  # noqa: F401  (registers "sld")
     uce,  # noqa: F401  (registers "uce")
 )
 from .base import (

@@ -64,6 +64,9 @@ class Cost:
     """Peak accelerator memory during ``fit`` (CUDA), else the process's peak resident memory."""
     artifact_bytes: int = 0
     """Size of the payload files."""
+    extra_denoiser_calls_per_step: float = 0.0
+    """Inference-time methods: denoiser evaluations (one latent row each) added per image and sampling step,
+    on average, over the default sampler at the same guidance (SLD: 1, the safety concept's row)."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Cost:

@@ -18,7 +18,7 @@ is the concept prompt's, the target the anchor's (the reference code's FLUX base
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ def flowedit(
     n_avg: int = 1,
     n_min: int = 0,
     n_max: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """The FlowEdit result: the clean latent edited from ``source_conditioning`` to ``target_conditioning``.
 
@@ -53,7 +53,8 @@ def flowedit(
         n_avg: noise draws averaged per step.
         n_min: the last ``n_min`` steps sample the target plainly.
         n_max: the edit runs over the last ``n_max`` steps (None: all ``T``).
-        generator: for the noise draws.
+        generator: for the noise draws: one, or one per row of ``source_latents`` (as diffusers' ``randn_tensor``
+            takes them), which makes a row's draws independent of the rows batched with it.
 
     Raises:
         ConfigError: a schedule that is not strictly decreasing, or window settings out of range.
@@ -69,8 +70,13 @@ def flowedit(
             f"FlowEdit needs 0 <= n_min <= n_max <= {steps} (the steps), got n_min={n_min}, n_max={n_max}"
         )
     x_src = source_latents
+    if isinstance(generator, Sequence) and len(generator) != x_src.shape[0]:
+        raise ConfigError(f"FlowEdit got {len(generator)} generators for {x_src.shape[0]} rows; give one per row")
 
     def noise() -> torch.Tensor:
+        if isinstance(generator, Sequence):
+            row = (1, *x_src.shape[1:])
+            return torch.cat([torch.randn(row, generator=g, dtype=x_src.dtype, device=x_src.device) for g in generator])
         return torch.randn(x_src.shape, generator=generator, dtype=x_src.dtype, device=x_src.device)
 
     z_edit = x_src.clone()
