@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from accelerate import Accelerator
@@ -28,8 +28,8 @@ from ..arch.samplers import set_scheduler
 from ..config import EraseConfig
 from ..data import build_concept_prompts
 from ..errors import ConfigError, TrainingDivergedError
-from ..training.run import TrainingRun, freeze, validate_run_config
-from .base import peak_memory_bytes
+from ..training.run import TrainingRun, freeze, make_accelerator, staging_path, validate_run_config
+from .base import Method, peak_memory_bytes
 from .weights import WeightEditErasure, erasure_record
 
 #: Noise seeds of training samples lie in ``[0, TRAINING_NOISE_SEEDS)`` (as the mask trainer's do).
@@ -240,3 +240,40 @@ class WeightTrainer(ABC):
 
 
 __all__ = ["TRAINING_NOISE_SEEDS", "WeightTrainer", "with_run_length"]
+
+
+class FineTuneMethod(Method):
+    """A method that fine-tunes denoiser weights with a :class:`WeightTrainer` (ESD, CA): its settings
+    check, run length and fit are the same, only the trainer differs."""
+
+    trainer_class: ClassVar[type[WeightTrainer]]
+    trains = True
+
+    def check_settings(self, settings: Any) -> None:  # noqa: B027  (optional hook)
+        """Refuse this method's own settings in one line (default: none)."""
+
+    def validate(self, config: EraseConfig) -> None:
+        settings = self.settings(config)
+        build_concept_prompts(config.concept)
+        validate_run_config(with_run_length(config, settings))
+        self.check_settings(settings)
+
+    def fit(
+        self,
+        pipe: Any,
+        config: EraseConfig,
+        output: str | Path,
+        *,
+        accelerator: Any = None,
+        resume: bool = False,
+        stop_after: int | None = None,
+        model_id: str | None = None,
+    ) -> WeightEditErasure:
+        output = Path(output)
+        if accelerator is None:
+            accelerator = make_accelerator(config, staging_path(output))
+        trainer = self.trainer_class(pipe, config, output, accelerator, model_id)  # type: ignore[call-arg]
+        erasure = trainer.fit(resume=resume, stop_after=stop_after)
+        if erasure is None:  # stopped early: no artefact; an empty erasure says so
+            return self.erasure_class({}, {})  # type: ignore[return-value]
+        return erasure

@@ -19,12 +19,11 @@ import torch
 from ...arch.guidance import Conditional
 from ...arch.samplers import run_trajectory
 from ...config import CaConfig, EraseConfig
-from ...data import build_concept_prompts
 from ...errors import ConfigError
-from ...training.run import PromptEncoder, make_accelerator, staging_path, validate_run_config
-from ..base import Method, register_method
+from ...training.run import PromptEncoder
+from ..base import register_method
 from ..esd.kernels import module_name_predicate
-from ..finetune import WeightTrainer, with_run_length
+from ..finetune import FineTuneMethod, WeightTrainer
 from ..weights import WeightEditErasure
 from .kernels import ca_loss, ca_parameters
 
@@ -141,7 +140,7 @@ class CaTrainer(WeightTrainer):
 
 
 @register_method
-class CaMethod(Method):
+class CaMethod(FineTuneMethod):
     """Concept ablation (Kumari et al., ICCV 2023), model-based: the concept prompt's prediction is pulled to
     the anchor prompt's on the anchor's images; cross-attention by default."""
 
@@ -149,36 +148,14 @@ class CaMethod(Method):
     config_class = CaConfig
     section = "ca"
     erasure_class = CaErasure
-    trains = True
     needs_cfg = False
     changes = CHANGES
     families = ("dit", "flux", "pixart", "sd3", "unet")
     summary = "concept ablation: fine-tune so the concept prompt predicts what the anchor prompt does"
+    trainer_class = CaTrainer
 
-    def validate(self, config: EraseConfig) -> None:
-        build_concept_prompts(config.concept)
-        validate_run_config(with_run_length(config, config.ca))
-        check_ca_settings(config.ca)
-
-    def fit(
-        self,
-        pipe: Any,
-        config: EraseConfig,
-        output: str | Path,
-        *,
-        accelerator: Any = None,
-        resume: bool = False,
-        stop_after: int | None = None,
-        model_id: str | None = None,
-    ) -> CaErasure:
-        output = Path(output)
-        if accelerator is None:
-            accelerator = make_accelerator(config, staging_path(output))
-        erasure = CaTrainer(pipe, config, output, accelerator, model_id).fit(resume=resume, stop_after=stop_after)
-        if erasure is None:  # stopped early: no artefact
-            return CaErasure({}, {})
-        assert isinstance(erasure, CaErasure)
-        return erasure
+    def check_settings(self, settings: Any) -> None:
+        check_ca_settings(settings)
 
 
 __all__ = ["CA_GROUPS", "CHANGES", "CaErasure", "CaMethod", "CaTrainer", "check_ca_settings"]

@@ -23,11 +23,10 @@ import torch
 
 from ...arch.guidance import Conditional
 from ...config import EraseConfig, EsdConfig
-from ...data import build_concept_prompts
 from ...errors import ConfigError
-from ...training.run import PromptEncoder, make_accelerator, staging_path, validate_run_config
-from ..base import Method, register_method
-from ..finetune import WeightTrainer, with_run_length
+from ...training.run import PromptEncoder
+from ..base import register_method
+from ..finetune import FineTuneMethod, WeightTrainer
 from ..weights import WeightEditErasure
 from .kernels import ESD_VARIANTS, esd_loss, esd_parameters, esd_target_from_model, module_name_predicate
 
@@ -110,7 +109,7 @@ class EsdTrainer(WeightTrainer):
 
 
 @register_method
-class EsdMethod(Method):
+class EsdMethod(FineTuneMethod):
     """ESD (Gandikota et al., ICCV 2023): the text-conditioning projections (``esd-x``) or the rest of the
     denoiser (``esd-u``) fine-tuned towards the frozen model's negatively guided prediction."""
 
@@ -118,36 +117,14 @@ class EsdMethod(Method):
     config_class = EsdConfig
     section = "esd"
     erasure_class = EsdErasure
-    trains = True
     needs_cfg = False
     changes = CHANGES
     families = ("dit", "flux", "pixart", "sd3", "unet")
     summary = "ESD: fine-tune the denoiser towards the frozen model's negatively guided prediction"
+    trainer_class = EsdTrainer
 
-    def validate(self, config: EraseConfig) -> None:
-        build_concept_prompts(config.concept)
-        validate_run_config(with_run_length(config, config.esd))
-        check_esd_settings(config.esd)
-
-    def fit(
-        self,
-        pipe: Any,
-        config: EraseConfig,
-        output: str | Path,
-        *,
-        accelerator: Any = None,
-        resume: bool = False,
-        stop_after: int | None = None,
-        model_id: str | None = None,
-    ) -> EsdErasure:
-        output = Path(output)
-        if accelerator is None:
-            accelerator = make_accelerator(config, staging_path(output))
-        erasure = EsdTrainer(pipe, config, output, accelerator, model_id).fit(resume=resume, stop_after=stop_after)
-        if erasure is None:  # stopped early: no artefact; an empty erasure says so
-            return EsdErasure({}, {})
-        assert isinstance(erasure, EsdErasure)
-        return erasure
+    def check_settings(self, settings: Any) -> None:
+        check_esd_settings(settings)
 
 
 __all__ = ["CHANGES", "EsdErasure", "EsdMethod", "EsdTrainer", "check_esd_settings"]
