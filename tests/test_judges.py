@@ -149,6 +149,20 @@ def test_spread_summary_mean_std_worst():
     assert report["bar"]["seed1-threads1"]["strict UA"] is False
 
 
+def test_spread_summary_of_a_method_that_masks_nothing():
+    """A weight edit reports its payload's digest and no masked fraction: the spread still summarises it."""
+
+    def weight_edit(strict_ua: float, digest: str) -> dict:
+        metrics = _metrics(0.99, strict_ua, 0.86, 0.0, "")
+        del metrics["masked_fraction"], metrics["mask_sha256"]
+        return {**metrics, "weights_sha256": digest, "parameters_changed": 10}
+
+    report = summarise({"a": weight_edit(0.96, "x"), "b": weight_edit(0.90, "y"), "c": weight_edit(0.96, "x")})
+    summary = report["summary"]
+    assert summary["runs"] == 3 and summary["distinct_masks"] == 2 and "masked_fraction" not in summary
+    assert summary["strict_ua"]["worst"] == pytest.approx(0.90)
+
+
 def test_a_finished_run_is_judged_again_from_its_saved_images(tmp_path):
     """The spread reuses a finished run's folder and scores its saved images with the current judges."""
     import json

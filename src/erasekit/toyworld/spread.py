@@ -42,8 +42,18 @@ SUMMARISED: dict[str, str] = {
 
 def _run_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     row = {key: metrics["after"][key] for key in SUMMARISED if key in metrics["after"]}
-    row["masked_fraction"] = metrics["masked_fraction"]
+    if "masked_fraction" in metrics:  # a method that masks units (mask, concept-prune)
+        row["masked_fraction"] = metrics["masked_fraction"]
     return row
+
+
+def _erasure_digest(metrics: dict[str, Any]) -> str:
+    """What tells two runs' erasures apart: the payload's sha256 the method reports (a mask's, a weight
+    edit's), else its recorded cost and settings (an inference-time method has no payload)."""
+    for key, value in sorted(metrics.items()):
+        if key.endswith("_sha256") and isinstance(value, str):
+            return value
+    return json.dumps([metrics.get("cost"), metrics.get("erasure")], sort_keys=True, default=str)
 
 
 def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -61,7 +71,7 @@ def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     bars = {name: {check["metric"]: check["holds"] for check in bar_checks(m)} for name, m in runs.items()}
     summary["runs_meeting_bar"] = sum(all(v.values()) for v in bars.values())
     summary["runs"] = len(runs)
-    summary["distinct_masks"] = len({m["mask_sha256"] for m in runs.values()})
+    summary["distinct_masks"] = len({_erasure_digest(m) for m in runs.values()})
     return {"summary": summary, "bar": bars, "rows": rows}
 
 
