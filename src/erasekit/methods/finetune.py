@@ -28,7 +28,7 @@ from ..arch.samplers import set_scheduler
 from ..config import EraseConfig
 from ..data import build_concept_prompts
 from ..errors import ConfigError, TrainingDivergedError
-from ..training.run import TrainingRun, freeze, make_accelerator, staging_path, validate_run_config
+from ..training.run import PromptEncoder, TrainingRun, freeze, make_accelerator, staging_path, validate_run_config
 from .base import Method, peak_memory_bytes
 from .weights import WeightEditErasure, erasure_record
 
@@ -56,9 +56,6 @@ class WeightTrainer(ABC):
         config: the resolved configuration.
         output: the artefact folder to create.
         accelerator: shared with the caller.
-        erasure_class: the method's :class:`WeightEditErasure` subclass.
-        changes: what the method changes, in words (the cost's ``changes``).
-        lr: Adam's learning rate.
         model_id: recorded in the artefact (default ``config.model.id``).
     """
 
@@ -68,18 +65,15 @@ class WeightTrainer(ABC):
         config: EraseConfig,
         output: str | Path,
         accelerator: Accelerator,
-        *,
-        erasure_class: type[WeightEditErasure],
-        changes: str,
-        lr: float,
         model_id: str | None = None,
     ) -> None:
+        lr = self.settings_of(config).lr
         config = with_run_length(config, getattr(config, config.method, None))
         validate_run_config(config)
         if not lr > 0:
             raise ConfigError(f"{config.method}.lr must be positive, got {lr}")
         self.pipe, self.config, self.accelerator = pipe, config, accelerator
-        self.erasure_class, self.changes, self.lr = erasure_class, changes, lr
+        self.lr = lr
         self.output = Path(output)
         self.model_id = model_id or config.model.id
         self.run = TrainingRun(config, self.output, accelerator)
@@ -90,8 +84,18 @@ class WeightTrainer(ABC):
         self.params = dict(self.select())
         # the originals live beside the trained tensors; :meth:`original_weights` swaps them in
         self.originals = {name: p.detach().clone() for name, p in self.params.items()}
+        self.encode = PromptEncoder(self.arch, pipe, config.sampling.max_sequence_length)
 
     # ------------------------------------------------------------------ what a method defines
+    erasure_class: ClassVar[type[WeightEditErasure]]
+    """The method's :class:`WeightEditErasure` subclass."""
+    changes: ClassVar[str]
+    """What the method changes, in words (the cost's ``changes``)."""
+
+    @abstractmethod
+    def settings_of(self, config: EraseConfig) -> Any:
+        """The method's settings section of ``config``, checked (it has ``lr``, Adam's learning rate)."""
+
     @abstractmethod
     def select(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The denoiser parameters to train, by name (a :class:`ConfigError` when there are none)."""

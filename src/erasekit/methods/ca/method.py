@@ -20,7 +20,6 @@ from ...arch.guidance import Conditional
 from ...arch.samplers import run_trajectory
 from ...config import CaConfig, EraseConfig
 from ...errors import ConfigError
-from ...training.run import PromptEncoder
 from ..base import register_method
 from ..esd.kernels import module_name_predicate
 from ..finetune import FineTuneMethod, WeightTrainer
@@ -60,23 +59,19 @@ def check_ca_settings(settings: CaConfig) -> None:
 class CaTrainer(WeightTrainer):
     """Concept ablation's parameter groups and loss on the shared fine-tuning loop."""
 
+    erasure_class = CaErasure
+    changes = CHANGES
+
     def __init__(
         self, pipe: Any, config: EraseConfig, output: str | Path, accelerator: Any, model_id: str | None = None
     ) -> None:
+        self.images: torch.Tensor | None = None  # the anchor images, drawn when training starts
+        super().__init__(pipe, config, output, accelerator, model_id)
+
+    def settings_of(self, config: EraseConfig) -> CaConfig:
         self.settings: CaConfig = config.ca
         check_ca_settings(self.settings)
-        super().__init__(
-            pipe,
-            config,
-            output,
-            accelerator,
-            erasure_class=CaErasure,
-            changes=CHANGES,
-            lr=self.settings.lr,
-            model_id=model_id,
-        )
-        self.encode = PromptEncoder(self.arch, pipe, config.sampling.max_sequence_length)
-        self.images: torch.Tensor | None = None
+        return self.settings
 
     def select(self) -> list[tuple[str, torch.nn.Parameter]]:
         text = self.arch.text_conditioning_modules(self.denoiser)

@@ -16,7 +16,6 @@ combination), which is the guidance-distilled form of the reference notes and th
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +23,6 @@ import torch
 from ...arch.guidance import Conditional
 from ...config import EraseConfig, EsdConfig
 from ...errors import ConfigError
-from ...training.run import PromptEncoder
 from ..base import register_method
 from ..finetune import FineTuneMethod, WeightTrainer
 from ..weights import WeightEditErasure
@@ -54,22 +52,13 @@ def check_esd_settings(settings: EsdConfig) -> None:
 class EsdTrainer(WeightTrainer):
     """ESD's parameter sets and loss on the shared fine-tuning loop."""
 
-    def __init__(
-        self, pipe: Any, config: EraseConfig, output: str | Path, accelerator: Any, model_id: str | None = None
-    ) -> None:
+    erasure_class = EsdErasure
+    changes = CHANGES
+
+    def settings_of(self, config: EraseConfig) -> EsdConfig:
         self.settings: EsdConfig = config.esd
         check_esd_settings(self.settings)
-        super().__init__(
-            pipe,
-            config,
-            output,
-            accelerator,
-            erasure_class=EsdErasure,
-            changes=CHANGES,
-            lr=self.settings.lr,
-            model_id=model_id,
-        )
-        self.encode = PromptEncoder(self.arch, pipe, config.sampling.max_sequence_length)
+        return self.settings
 
     def select(self) -> list[tuple[str, torch.nn.Parameter]]:
         text = self.arch.text_conditioning_modules(self.denoiser)
