@@ -356,6 +356,19 @@ def _generation_defaults(erasure_dirs: list[str]) -> dict[str, Any]:
     return load_erasure(erasure_dirs[0]).generation_defaults
 
 
+def _sampling_flags(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Steps, resolution, guidance scale and text length: each flag given, else the erasure's value
+    (``defaults``), else the command's own default."""
+    given = {
+        "steps": args.steps,
+        "resolution": args.resolution,
+        "guidance_scale": args.guidance,
+        "max_sequence_length": args.max_sequence_length,
+    }
+    fallback = {"steps": 4, "resolution": 512, "guidance_scale": 0.0, "max_sequence_length": 256}
+    return {key: value if value is not None else defaults.get(key, fallback[key]) for key, value in given.items()}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .arch.samplers import set_scheduler
     from .data import read_prompt_file
@@ -384,12 +397,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe,
         prompts,
         args.seed or [0],
-        steps=args.steps if args.steps is not None else defaults.get("steps", 4),
-        resolution=args.resolution if args.resolution is not None else defaults.get("resolution", 512),
-        guidance_scale=args.guidance if args.guidance is not None else defaults.get("guidance_scale", 0.0),
-        max_sequence_length=args.max_sequence_length
-        if args.max_sequence_length is not None
-        else defaults.get("max_sequence_length", 256),
+        **_sampling_flags(args, defaults),
     )
     save_images(images, args.output)
     print(f"{len(images)} images written to {args.output}")
@@ -614,14 +622,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     detector = args.detector or ("shapes" if args.world else None)
     if detector is None:
         raise ConfigError("--detector is needed with --model: shapes, nudenet or clip")
-    sampling = Sampling(
-        steps=args.steps if args.steps is not None else defaults.get("steps", 4),
-        resolution=args.resolution if args.resolution is not None else defaults.get("resolution", 512),
-        guidance_scale=args.guidance if args.guidance is not None else defaults.get("guidance_scale", 0.0),
-        max_sequence_length=args.max_sequence_length
-        if args.max_sequence_length is not None
-        else defaults.get("max_sequence_length", 256),
-    )
+    sampling = Sampling(**_sampling_flags(args, defaults))
     pipe = load_pipeline(model, args.dtype, args.device)
     set_scheduler(pipe, args.scheduler or defaults.get("scheduler", "pipeline"))
     result = run_attack(
