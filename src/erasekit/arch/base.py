@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelLoadError
+from ..errors import ConfigError, ModelLoadError, UnsupportedError
 from .guidance import Guidance
 
 
@@ -211,6 +212,69 @@ class Trajectory:
         return self._schedule().x0_estimate(z, prediction, i)
 
 
+@dataclass(frozen=True)
+class TokenEmbeddings:
+    """Token embeddings that replace a text encoder's own at some positions of every prompt.
+
+    ``positions``: ``(k,)`` token positions (the same in every row, counted in the encoder's token
+    sequence, special tokens included); ``values``: ``(B, k, width)`` the embeddings put there, one
+    row per prompt (a soft mixture of vocabulary rows, or any vector; gradients flow into it).
+    """
+
+    positions: torch.Tensor
+    values: torch.Tensor
+
+
+@contextlib.contextmanager
+def replaced_token_embeddings(
+    encoders: Mapping[str, tuple[Any, nn.Module]], replace: Mapping[str, TokenEmbeddings]
+) -> Iterator[None]:
+    """Inside the block, each named text encoder's input-embedding layer returns its output with the
+    rows at ``replace[name].positions`` set to ``replace[name].values``; checks on leaving that every
+    replacement was used exactly once (one encoder call per prompt batch)."""
+    unknown = sorted(set(replace) - set(encoders))
+    if unknown:
+        raise ConfigError(f"no text encoder {', '.join(unknown)} in this pipeline; it has {', '.join(encoders)}")
+    calls = dict.fromkeys(replace, 0)
+    handles = []
+
+    def hook_for(name: str) -> Callable[..., torch.Tensor]:
+        slot = replace[name]
+
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            calls[name] += 1
+            if output.shape[0] != slot.values.shape[0]:
+                raise ValueError(f"{name}: {output.shape[0]} prompts encoded, {slot.values.shape[0]} rows of embeddings")
+            if int(slot.positions.max()) >= output.shape[1] - 1:
+                # the last position holds the end-of-text token (or padding) the encoder reads
+                raise ConfigError(
+                    f"the prompt's free tokens reach position {int(slot.positions.max())}, past the "
+                    f"{output.shape[1]} tokens {name} reads; use a shorter prompt or fewer tokens"
+                )
+            # out of place: the embedding layer's output is a leaf of nothing, and its copy carries the gradient
+            out = output.clone()
+            out[:, slot.positions.to(out.device)] = slot.values.to(device=out.device, dtype=out.dtype)
+            return out
+
+        return hook
+
+    try:
+        for name in replace:
+            encoder = encoders[name][1]
+            weight = encoder.get_input_embeddings().weight
+            # T5 reads its tokens through a copy of the input-embedding module that shares its weight
+            for layer in encoder.modules():
+                if isinstance(layer, nn.Embedding) and layer.weight is weight:
+                    handles.append(layer.register_forward_hook(hook_for(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    unused = [name for name, n in calls.items() if n != 1]
+    if unused:
+        raise RuntimeError(f"token embeddings of {', '.join(unused)} were applied {calls} times, expected once each")
+
+
 class Architecture(ABC):
     """A model family: where its units are, how to sample from it, how to fold and prune masks."""
 
@@ -257,6 +321,46 @@ class Architecture(ABC):
     @abstractmethod
     def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
         """Text-encoder outputs for ``prompts`` (no grad), every tensor batch-first (one row per prompt)."""
+
+    def text_encoders(self, pipe: Any) -> dict[str, tuple[Any, nn.Module]]:
+        """The text encoders that read a prompt, by pipeline attribute: ``(tokenizer, encoder)``.
+
+        Raises:
+            UnsupportedError: a family without a text encoder (default).
+        """
+        raise UnsupportedError(f"the {self.family} family has no text encoder to optimise prompt tokens through")
+
+    def encode_conditional(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        """The prompts' own part of :meth:`encode_prompts` (no negative rows), computed with gradients
+        wherever they are enabled; each text encoder runs once on the batch.
+
+        Raises:
+            UnsupportedError: a family without a text encoder (default).
+        """
+        raise UnsupportedError(f"the {self.family} family has no text encoder to optimise prompt tokens through")
+
+    def encode_token_embeddings(
+        self,
+        pipe: Any,
+        prompts: list[str],
+        max_sequence_length: int,
+        replace: Mapping[str, TokenEmbeddings],
+        unconditional: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`encode_prompts` of ``prompts`` with some token embeddings replaced, differentiable in them.
+
+        ``replace`` maps text encoders (keys of :meth:`text_encoders`) to the embeddings that replace
+        that encoder's token embeddings at the given positions (the other encoders see the prompts as
+        tokenised). The conditional outputs are computed with gradients on; the rest of the dict (the
+        negative rows) is ``unconditional`` when given (an earlier :meth:`encode_prompts` of as many
+        prompts), else computed without gradients. With no replacement the result equals
+        :meth:`encode_prompts` of ``prompts``.
+        """
+        encoders = self.text_encoders(pipe)
+        base = unconditional if unconditional is not None else self.encode_prompts(pipe, prompts, max_sequence_length)
+        with replaced_token_embeddings(encoders, replace), torch.enable_grad():
+            conditional = self.encode_conditional(pipe, prompts, max_sequence_length)
+        return {**base, **conditional}
 
     @abstractmethod
     def trajectory(

@@ -144,21 +144,34 @@ class FluxArchitecture(Architecture):
         return sites
 
     # ------------------------------------------------------------------ sampling
+    def text_encoders(self, pipe: Any) -> dict[str, tuple[Any, nn.Module]]:
+        """CLIP (the pooled embedding) and T5 (the sequence)."""
+        return {
+            "text_encoder": (pipe.tokenizer, pipe.text_encoder),
+            "text_encoder_2": (pipe.tokenizer_2, pipe.text_encoder_2),
+        }
+
+    def encode_conditional(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.execution_device(pipe), max_sequence_length=max_sequence_length
+        )
+        return {
+            "prompt_embeds": prompt_embeds,
+            "pooled_prompt_embeds": pooled,
+            "text_ids": text_ids.unsqueeze(0).expand(len(prompts), *text_ids.shape),
+        }
+
     def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
         device = self.execution_device(pipe)
         with torch.no_grad():
-            prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-                prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
-            )
+            encoded = self.encode_conditional(pipe, prompts, max_sequence_length)
             # The empty prompt: FluxPipeline's negative prompt for true classifier-free guidance.
             negative, negative_pooled, _ = pipe.encode_prompt(
                 prompt=[""], prompt_2=None, device=device, max_sequence_length=max_sequence_length
             )
         batch = len(prompts)
         return {
-            "prompt_embeds": prompt_embeds,
-            "pooled_prompt_embeds": pooled,
-            "text_ids": text_ids.unsqueeze(0).expand(batch, *text_ids.shape),
+            **encoded,
             "negative_prompt_embeds": negative.expand(batch, *negative.shape[1:]),
             "negative_pooled_prompt_embeds": negative_pooled.expand(batch, *negative_pooled.shape[1:]),
         }

@@ -150,6 +150,20 @@ class PixArtArchitecture(Architecture):
         return sites
 
     # ------------------------------------------------------------------ sampling
+    def text_encoders(self, pipe: Any) -> dict[str, tuple[Any, nn.Module]]:
+        """T5."""
+        return {"text_encoder": (pipe.tokenizer, pipe.text_encoder)}
+
+    def encode_conditional(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        embeds, mask, _, _ = pipe.encode_prompt(
+            prompts,
+            do_classifier_free_guidance=False,
+            device=self.execution_device(pipe),
+            clean_caption=_clean_caption_default(),
+            max_sequence_length=max_sequence_length,
+        )
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
     def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
         """T5 embeddings and attention masks of ``prompts`` and of the empty negative prompt, one row per prompt."""
         device = self.execution_device(pipe)

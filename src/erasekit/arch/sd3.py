@@ -212,6 +212,26 @@ class SD3Architecture(Architecture):
         return sites
 
     # ------------------------------------------------------------------ sampling
+    def text_encoders(self, pipe: Any) -> dict[str, tuple[Any, nn.Module]]:
+        """CLIP-L, CLIP-G and (where the pipeline has it) T5."""
+        pairs = {
+            "text_encoder": (pipe.tokenizer, pipe.text_encoder),
+            "text_encoder_2": (pipe.tokenizer_2, pipe.text_encoder_2),
+            "text_encoder_3": (pipe.tokenizer_3, pipe.text_encoder_3),
+        }
+        return {name: pair for name, pair in pairs.items() if pair[1] is not None}
+
+    def encode_conditional(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.execution_device(pipe),
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
     def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
         """CLIP-L + CLIP-G + T5 embeddings of ``prompts`` and of the empty negative prompt, one row per prompt.
 
@@ -220,14 +240,7 @@ class SD3Architecture(Architecture):
         """
         device = self.execution_device(pipe)
         with torch.no_grad():
-            embeds, _, pooled, _ = pipe.encode_prompt(
-                prompt=prompts,
-                prompt_2=None,
-                prompt_3=None,
-                device=device,
-                do_classifier_free_guidance=False,
-                max_sequence_length=max_sequence_length,
-            )
+            encoded = self.encode_conditional(pipe, prompts, max_sequence_length)
             negative, _, negative_pooled, _ = pipe.encode_prompt(
                 prompt=[""],
                 prompt_2=None,
@@ -238,8 +251,7 @@ class SD3Architecture(Architecture):
             )
         batch = len(prompts)
         return {
-            "prompt_embeds": embeds,
-            "pooled_prompt_embeds": pooled,
+            **encoded,
             "negative_prompt_embeds": negative.expand(batch, *negative.shape[1:]),
             "negative_pooled_prompt_embeds": negative_pooled.expand(batch, *negative_pooled.shape[1:]),
         }

@@ -223,6 +223,24 @@ class UNetArchitecture(Architecture):
         return sites
 
     # ------------------------------------------------------------------ sampling
+    def text_encoders(self, pipe: Any) -> dict[str, tuple[Any, nn.Module]]:
+        """CLIP (SD 1.x / 2.x), or both CLIPs of SDXL (the second gives the pooled embedding)."""
+        pairs = {"text_encoder": (pipe.tokenizer, pipe.text_encoder)}
+        if _is_sdxl(pipe):
+            pairs["text_encoder_2"] = (pipe.tokenizer_2, pipe.text_encoder_2)
+        return {name: pair for name, pair in pairs.items() if pair[1] is not None}
+
+    def encode_conditional(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        # the pipelines compute the prompts' rows before, and independently of, the negative ones
+        device = self.execution_device(pipe)
+        if _is_sdxl(pipe):
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+        return {"prompt_embeds": embeds}
+
     def encode_prompts(self, pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
         """Conditional and unconditional text embeddings, one row per prompt (``max_sequence_length`` unused)."""
         device = self.execution_device(pipe)

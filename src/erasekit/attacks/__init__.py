@@ -1,4 +1,5 @@
-"""Attacks that test an erasure (``soft-prompt``, ``completion``), their registry and result type.
+"""Attacks that test an erasure (``soft-prompt``, ``p4d``, ``unlearndiffatk``, ``completion``), their registry
+and result type.
 
 Importing the package registers every attack; :func:`run_attack` is the library call behind
 ``erasekit attack``.
@@ -6,7 +7,7 @@ Importing the package registers every attack; :func:`run_attack` is the library 
 
 from __future__ import annotations
 
-from . import completion, soft_prompt  # noqa: F401  (registers the attacks)
+from . import completion, p4d, soft_prompt, unlearndiffatk  # noqa: F401  (registers the attacks)
 from .base import (
     Attack,
     AttackConfig,
@@ -25,7 +26,10 @@ from .base import (
     save_attack_result,
 )
 from .completion import CompletionConfig, CompletionProbe
+from .p4d import P4DAttack
 from .soft_prompt import SoftPromptAttack, SoftPromptConfig
+from .tokens import TokenAttackConfig
+from .unlearndiffatk import UnlearnDiffAtk, UnlearnDiffAtkConfig
 
 __all__ = [
     "Attack",
@@ -37,10 +41,14 @@ __all__ = [
     "Erasure",
     "ErasureHandle",
     "Judge",
+    "P4DAttack",
     "Sampling",
     "SeedResult",
     "SoftPromptAttack",
     "SoftPromptConfig",
+    "TokenAttackConfig",
+    "UnlearnDiffAtk",
+    "UnlearnDiffAtkConfig",
     "attack_names",
     "detector_judge",
     "get_attack",
