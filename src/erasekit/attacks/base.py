@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, PromptError
-from ..methods.base import ErasureHandle
+from ..methods.base import FOLD_RECORD, ErasureHandle
 from ..outputs import atomic_directory, check_output, commit_directory
 
 AttackKind = Literal["continuous", "discrete", "probe"]
@@ -460,6 +460,35 @@ def save_attack_result(
 
 
 # --------------------------------------------------------------------------- the entry point
+def check_attackable(pipe: Any, attack: Attack, erasure: Erasure | None) -> None:
+    """Refuse, in one line, an attack that cannot have what it needs.
+
+    * An attack that needs the original model, on a pipeline that has an erasure folded in and no
+      erasure to remove (the original model is not there to compare with).
+    * Any attack against an erasure that changes how images are sampled (an inference-time erasure
+      such as SLD installs a sampling override): every attack steps the family's own trajectory, which
+      the override does not reach, so it would attack the original model and report it as the erasure.
+    """
+    from ..arch.override import sampling_override
+
+    if attack.needs_original and erasure is None:
+        folder = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "")
+        if folder and (Path(folder) / FOLD_RECORD).is_file():
+            raise ConfigError(
+                f"{attack.name} needs the original model, and {folder!r} has an erasure folded in "
+                f"({FOLD_RECORD}); attack the base model with --erasure instead"
+            )
+    if erasure is None:
+        return
+    with erased(pipe, erasure):
+        override = sampling_override(pipe)
+    if override is not None:
+        raise ConfigError(
+            f"the erasure changes how images are sampled ({override.name}), which {attack.name} cannot "
+            "differentiate or step through; attack an erasure that changes the model"
+        )
+
+
 def run_attack(
     pipe: Any,
     attack_name: str,
@@ -503,6 +532,7 @@ def run_attack(
         judge = detector_judge(judge, concept)
     if erasure is not None and not isinstance(erasure, Erasure):
         raise ConfigError(f"the erasure {type(erasure).__name__} has no apply(pipe) method")
+    check_attackable(pipe, attack, erasure)
     start = time.perf_counter()
     result = attack.run(
         pipe,

@@ -94,7 +94,8 @@ def shared_vocabulary(arch: Any, pipe: Any, exclude_concept: str | None = None) 
     encoders = arch.text_encoders(pipe)
     first = next(iter(encoders.values()))[0]
     special = set(first.all_special_ids)
-    candidates = sorted({first.decode([i]).strip() for i in range(len(first)) if i not in special})
+    decoded = first.batch_decode([[i] for i in range(len(first)) if i not in special])
+    candidates = sorted({text.strip() for text in decoded})
     words = [w for w in candidates if w and not any(c.isspace() for c in w)]
     if exclude_concept:
         words = [w for w in words if not _names_concept(w, exclude_concept)]

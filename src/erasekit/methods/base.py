@@ -44,6 +44,8 @@ from ..training.run import make_accelerator, staging_path
 FORMAT = "erasekit-erasure"
 FORMAT_VERSION = 1
 RECORD_NAME = "erasure.json"
+#: What a folded pipeline folder records about the erasure baked into it.
+FOLD_RECORD = "erasekit_fold.json"
 
 
 # --------------------------------------------------------------------------- records and costs
@@ -547,7 +549,7 @@ def save_folded_pipeline(pipe: Any, output: str | Path, mode: str, provenance: d
             index[arch.denoiser_attr] = [component.stem, type(denoiser).__name__]
             index_file.write_text(json.dumps(index, indent=2))
         if provenance is not None:
-            (tmp / "erasekit_fold.json").write_text(json.dumps({"mode": mode, **provenance}, indent=2, default=str))
+            (tmp / FOLD_RECORD).write_text(json.dumps({"mode": mode, **provenance}, indent=2, default=str))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
