@@ -147,9 +147,13 @@ def test_replacement_is_applied_once_and_checked():
     model = build_tiny_sd_pipeline(seed=0)
     values = torch.zeros(1, 1, model.text_encoder.config.hidden_size)
     with pytest.raises(ConfigError, match="no text encoder text_encoder_9"):
-        arch.encode_token_embeddings(model, ["a cat"], 16, {"text_encoder_9": TokenEmbeddings(torch.tensor([1]), values)})
+        arch.encode_token_embeddings(
+            model, ["a cat"], 16, {"text_encoder_9": TokenEmbeddings(torch.tensor([1]), values)}
+        )
     with pytest.raises(ConfigError, match="past the 77 tokens"):
-        arch.encode_token_embeddings(model, ["a cat"], 16, {"text_encoder": TokenEmbeddings(torch.tensor([76]), values)})
+        arch.encode_token_embeddings(
+            model, ["a cat"], 16, {"text_encoder": TokenEmbeddings(torch.tensor([76]), values)}
+        )
 
 
 def test_the_vocabulary_leaves_out_the_concept_and_keeps_single_tokens(pipe):

@@ -244,7 +244,9 @@ def replaced_token_embeddings(
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
             calls[name] += 1
             if output.shape[0] != slot.values.shape[0]:
-                raise ValueError(f"{name}: {output.shape[0]} prompts encoded, {slot.values.shape[0]} rows of embeddings")
+                raise ValueError(
+                    f"{name}: {output.shape[0]} prompts encoded, {slot.values.shape[0]} rows of embeddings"
+                )
             if int(slot.positions.max()) >= output.shape[1] - 1:
                 # the last position holds the end-of-text token (or padding) the encoder reads
                 raise ConfigError(

@@ -295,6 +295,45 @@ class Attack(ABC):
     ) -> AttackResult:
         """Attack ``erasure`` on ``pipe`` for ``concept`` with one run per seed."""
 
+    def result(
+        self,
+        concept: str,
+        judge: Callable[..., Any],
+        budget: int,
+        seeds: Sequence[int],
+        sampling: Sampling,
+        config: AttackConfig,
+        erasure: Erasure | None,
+        *,
+        per_seed: list[SeedResult],
+        images: list[Image.Image],
+        pre_images: list[Image.Image],
+        denoiser_calls: int,
+        prompts: list[str] | None = None,
+        embeddings: dict[str, torch.Tensor] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> AttackResult:
+        """The :class:`AttackResult` of a run with these inputs (``extra``: recorded beside the config;
+        ``seconds`` is filled in by :func:`run_attack`)."""
+        return AttackResult(
+            attack=self.name,
+            kind=self.kind,
+            concept=concept,
+            judge=judge_record(judge),
+            budget=budget,
+            seeds=list(seeds),
+            per_seed=per_seed,
+            images=images,
+            pre_images=pre_images,
+            seconds=0.0,
+            denoiser_calls=denoiser_calls,
+            prompts=prompts,
+            embeddings=embeddings,
+            config={**asdict(config), **(extra or {})},
+            sampling=asdict(sampling),
+            erasure=erasure_record(erasure),
+        )
+
 
 _ATTACKS: dict[str, type[Attack]] = {}
 
@@ -359,6 +398,11 @@ def count_denoiser_calls(pipe: Any) -> Iterator[CallCounter]:
         yield counter
     finally:
         handle.remove()
+
+
+def row_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance per row (each seed's loss; summed, rows do not share a gradient)."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 
 def chunks(items: list[int], size: int) -> Iterator[list[int]]:

@@ -18,7 +18,7 @@ default: half the schedule).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,9 +38,7 @@ from .base import (
     chunks,
     count_denoiser_calls,
     erased,
-    erasure_record,
     judge_images,
-    judge_record,
     register_attack,
 )
 
@@ -120,20 +118,16 @@ class CompletionProbe(Attack):
                     )
                 images.extend(post)
                 pre_images.extend(pre)
-        return AttackResult(
-            attack=self.name,
-            kind=self.kind,
-            concept=concept,
-            judge=judge_record(judge),
-            budget=budget,
-            seeds=list(seeds),
+        return self.result(
+            concept,
+            judge,
+            budget,
+            seeds,
+            sampling,
+            config,
+            erasure,
             per_seed=per_seed,
             images=images,
             pre_images=pre_images,
-            seconds=0.0,
             denoiser_calls=counter.calls,
-            prompts=None,
-            config=asdict(config),
-            sampling=asdict(sampling),
-            erasure=erasure_record(erasure),
         )

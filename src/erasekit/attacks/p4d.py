@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import register_attack
-from .tokens import Search, SlotPrompt, TokenAttack, TokenAttackConfig, row_distance
+from .base import register_attack, row_distance
+from .tokens import Search, SlotPrompt, TokenAttack, TokenAttackConfig
 
 
 def nearest_words(state: Search, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -64,9 +64,7 @@ class P4DAttack(TokenAttack):
         for _ in range(budget):
             tokens = nearest_words(state, params)
             # straight through: the loss sees the projected words, the gradient moves the continuous embeddings
-            projected = {
-                name: p + (vocabulary.tables[name][tokens] - p).detach() for name, p in params.items()
-            }
+            projected = {name: p + (vocabulary.tables[name][tokens] - p).detach() for name, p in params.items()}
             i = state.random_step()
             trajectory = state.trajectory(state.encode(tokens, projected))
             loss = row_distance(trajectory.predict(state.path[i], i), state.targets[i]).sum()

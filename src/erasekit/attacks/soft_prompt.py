@@ -25,7 +25,7 @@ over the trajectory: about 2T - 1 denoiser calls for T sampling steps).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,10 +46,9 @@ from .base import (
     chunks,
     count_denoiser_calls,
     erased,
-    erasure_record,
     judge_images,
-    judge_record,
     register_attack,
+    row_distance,
 )
 
 #: The text-encoder outputs the attack optimises, where a family's encoding has them.
@@ -82,11 +81,6 @@ def _images(trajectory: Any, latents: torch.Tensor) -> list[Image.Image]:
         return to_pil(trajectory.decode(latents))
 
 
-def _row_distance(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance per row (each seed's loss; summed, rows do not share a gradient)."""
-    return (z.float() - target.float()).pow(2).flatten(1).mean(1)
-
-
 def soft_prompt_objective(
     arch: Any,
     pipe: Any,
@@ -110,7 +104,7 @@ def soft_prompt_objective(
 
     def loss_fn(z: torch.Tensor) -> torch.Tensor:
         captured["z"] = z.detach()  # the final latent of this pass, for the judge when it is asked
-        return _row_distance(z, target).sum()
+        return row_distance(z, target).sum()
 
     # built with gradients on: a family may combine the embeddings (e.g. with the negative prompt for
     # guidance) when it builds the trajectory, and that must stay differentiable
@@ -121,7 +115,7 @@ def soft_prompt_objective(
         intermediate = path
 
         def step_loss(i: int, z: torch.Tensor) -> torch.Tensor:
-            return path_weight * _row_distance(z, intermediate[i + 1]).sum()
+            return path_weight * row_distance(z, intermediate[i + 1]).sum()
 
     loss, grads = checkpointed_gradient(
         trajectory.step, trajectory.noise, trajectory.num_steps, loss_fn, list(params.values()), step_loss=step_loss
@@ -195,7 +189,7 @@ class SoftPromptAttack(Attack):
                     z_post, trajectory = _final(arch, pipe, final, chunk, sampling)
                     post = _images(trajectory, z_post)
                     post_hits = judge_images(judge, post)
-                losses = _row_distance(z_post, target).tolist()
+                losses = row_distance(z_post, target).tolist()
                 for row, seed in enumerate(chunk):
                     per_seed.append(
                         SeedResult(
@@ -212,22 +206,19 @@ class SoftPromptAttack(Attack):
                 pre_images.extend(pre)
                 for k, p in params.items():
                     found.setdefault(k, []).append(p.detach().clone())
-        return AttackResult(
-            attack=self.name,
-            kind=self.kind,
-            concept=concept,
-            judge=judge_record(judge),
-            budget=budget,
-            seeds=list(seeds),
+        return self.result(
+            concept,
+            judge,
+            budget,
+            seeds,
+            sampling,
+            config,
+            erasure,
             per_seed=per_seed,
             images=images,
             pre_images=pre_images,
-            seconds=0.0,
             denoiser_calls=counter.calls,
             embeddings={k: torch.cat(v) for k, v in found.items()},
-            config=asdict(config),
-            sampling=asdict(sampling),
-            erasure=erasure_record(erasure),
         )
 
     def _optimise(

@@ -12,7 +12,7 @@ distribution over the shared vocabulary drives all encoders at once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,9 +33,7 @@ from .base import (
     chunks,
     count_denoiser_calls,
     erased,
-    erasure_record,
     judge_images,
-    judge_record,
 )
 
 #: The word around a candidate when its tokenisation in context is checked.
@@ -337,22 +335,20 @@ class TokenAttack(Attack):
                 images.extend(post)
                 pre_images.extend(pre)
                 found.extend(prompts)
-        return AttackResult(
-            attack=self.name,
-            kind=self.kind,
-            concept=concept,
-            judge=judge_record(judge),
-            budget=budget,
-            seeds=list(seeds),
+        return self.result(
+            concept,
+            judge,
+            budget,
+            seeds,
+            sampling,
+            config,
+            erasure,
             per_seed=per_seed,
             images=images,
             pre_images=pre_images,
-            seconds=0.0,
             denoiser_calls=counter.calls,
             prompts=found,
-            config={**asdict(config), "vocabulary_size": len(vocabulary)},
-            sampling=asdict(sampling),
-            erasure=erasure_record(erasure),
+            extra={"vocabulary_size": len(vocabulary)},
         )
 
     def prepare(self, state: Search) -> list[torch.Tensor]:
@@ -371,14 +367,11 @@ class TokenAttack(Attack):
             )
 
 
-def _draw(arch: Any, pipe: Any, encoded: dict[str, torch.Tensor], seeds: list[int], sampling: Sampling) -> list[Image.Image]:
+def _draw(
+    arch: Any, pipe: Any, encoded: dict[str, torch.Tensor], seeds: list[int], sampling: Sampling
+) -> list[Image.Image]:
     """The images of ``encoded`` from the seeds' noise (no gradients)."""
     with torch.no_grad():
         trajectory = arch.trajectory(pipe, encoded, seeds, **sampling.as_kwargs())
         z = run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps)[-1]
         return to_pil(trajectory.decode(z))
-
-
-def row_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance per row (each seed's loss; summed, rows do not share a gradient)."""
-    return (a.float() - b.float()).pow(2).flatten(1).mean(1)

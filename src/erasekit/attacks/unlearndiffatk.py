@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ..arch.guidance import Conditional
-from .base import register_attack
-from .tokens import Search, SlotPrompt, TokenAttack, TokenAttackConfig, row_distance
+from .base import register_attack, row_distance
+from .tokens import Search, SlotPrompt, TokenAttack, TokenAttackConfig
 
 
 @dataclass
