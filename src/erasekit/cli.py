@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--erasure", "--masks", dest="erasure", metavar="DIR", help="erasure folder (default: none)")
     p.add_argument("--concept", required=True, help="the concept the erasure removed")
-    p.add_argument("--attack", required=True, help="the attack (soft-prompt, completion)")
+    p.add_argument("--attack", required=True, help="the attack (soft-prompt, p4d, unlearndiffatk, completion)")
     p.add_argument("--budget", type=int, help="the attack's budget in its own unit (default: the attack's)")
     p.add_argument("--seed", type=int, action="append", help="noise seed (repeatable; default 0-15)")
     p.add_argument("--detector", help="the judge: shapes, nudenet, clip (default: shapes with --world)")

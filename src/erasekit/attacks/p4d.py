@@ -22,6 +22,8 @@ The official run uses 3000; on ShapesCanvas the default is measured in ``docs/at
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -40,12 +42,20 @@ def nearest_words(state: Search, embeddings: dict[str, torch.Tensor]) -> torch.T
     return score.argmax(-1)
 
 
+@dataclass
+class P4DConfig(TokenAttackConfig):
+    """``relative_lr``: ``lr`` in units of each text encoder's embedding-table standard deviation."""
+
+    relative_lr: bool = False
+
+
 @register_attack
 class P4DAttack(TokenAttack):
     """Projected token embeddings matched to the original model's predictions (module docstring)."""
 
     name = "p4d"
     default_budget = 300
+    config_class = P4DConfig
 
     def slot_prompt(self, config: TokenAttackConfig) -> SlotPrompt:
         return SlotPrompt([config.init_prompt, *[None] * config.num_tokens])
@@ -56,11 +66,16 @@ class P4DAttack(TokenAttack):
             return [state.reference.predict(state.path[i], i) for i in range(state.reference.num_steps)]
 
     def search(self, state: Search, budget: int, config: TokenAttackConfig) -> torch.Tensor:
+        assert isinstance(config, P4DConfig)
         rows = len(state.seeds)
         vocabulary = state.vocabulary
         start = torch.randint(len(vocabulary), (rows, config.num_tokens), generator=state.generator)
         params = {name: table[start].clone().requires_grad_(True) for name, table in vocabulary.tables.items()}
-        optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+        groups = [
+            {"params": [p], "lr": config.lr * (float(vocabulary.tables[name].std()) if config.relative_lr else 1.0)}
+            for name, p in params.items()
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         for _ in range(budget):
             tokens = nearest_words(state, params)
             # straight through: the loss sees the projected words, the gradient moves the continuous embeddings

@@ -195,7 +195,9 @@ class TokenAttackConfig(AttackConfig):
     not name the concept). ``target_prompt``: the prompt whose original-model images are the target
     (default: the concept). ``num_tokens``: free tokens. ``allow_concept``: let the free tokens be words
     that name the concept (off: such words are left out of the vocabulary). ``seed``: the search's own
-    randomness (initial tokens, timesteps, noise), independent of the image seeds."""
+    randomness (initial tokens, timesteps, noise), independent of the image seeds. ``step_fraction``: the
+    search draws its sampling steps from this first (noisiest) fraction of the schedule, where the
+    layout of the image is decided."""
 
     init_prompt: str = "a shape"
     target_prompt: str | None = None
@@ -204,6 +206,7 @@ class TokenAttackConfig(AttackConfig):
     weight_decay: float = 0.1
     allow_concept: bool = False
     seed: int = 0
+    step_fraction: float = 1.0
 
 
 @dataclass
@@ -241,8 +244,12 @@ class Search:
     def trajectory(self, encoded: dict[str, torch.Tensor]) -> Trajectory:
         return self.arch.trajectory(self.pipe, encoded, self.seeds, **self.sampling.as_kwargs())
 
+    step_fraction: float = 1.0
+
     def random_step(self) -> int:
-        return int(torch.randint(self.reference.num_steps, (1,), generator=self.generator))
+        """A sampling step drawn uniformly from the first ``step_fraction`` of the schedule."""
+        steps = max(1, round(self.step_fraction * self.reference.num_steps))
+        return int(torch.randint(steps, (1,), generator=self.generator))
 
 
 class TokenAttack(Attack):
@@ -310,6 +317,7 @@ class TokenAttack(Attack):
                     vocabulary=vocabulary,
                     prompt=prompt,
                     generator=torch.Generator().manual_seed(config.seed),
+                    step_fraction=config.step_fraction,
                 )
                 state.targets = self.prepare(state)
                 with erased(pipe, erasure):
@@ -360,6 +368,8 @@ class TokenAttack(Attack):
             raise ConfigError(f"{self.name} does not stop on the judge; leave stop_on_success off")
         if isinstance(config.num_tokens, bool) or not isinstance(config.num_tokens, int) or config.num_tokens < 1:
             raise ConfigError(f"{self.name} num_tokens must be a positive integer, got {config.num_tokens!r}")
+        if not 0 < config.step_fraction <= 1:
+            raise ConfigError(f"{self.name} step_fraction must be in (0, 1], got {config.step_fraction!r}")
         if not config.allow_concept and _names_concept(config.init_prompt, concept):
             raise ConfigError(
                 f"the {self.name} init_prompt {config.init_prompt!r} names the concept {concept!r}; "
