@@ -11,8 +11,12 @@ is ``init_prompt`` followed by ``num_tokens`` free tokens; each iteration draws 
 Search (P4D's, after PEZ): a continuous embedding per free token and text encoder, started at the
 embeddings of random vocabulary words (the ``seed`` setting); every iteration projects them to the
 nearest vocabulary word (cosine similarity, summed over the text encoders, as PEZ measures it), runs
-the loss on the projected embeddings and applies its gradient to the continuous ones (AdamW, ``lr``
-0.1, ``weight_decay`` 0.1, P4D's defaults). The prompt found is the final projection. P4D picks the
+the loss on the projected embeddings and applies its gradient to the continuous ones (AdamW,
+``weight_decay`` 0.1 as P4D). P4D's ``lr`` 0.1 is for SD's one CLIP; with several encoders whose
+embedding tables differ in scale (the ShapesCanvas CLIP's entries have a standard deviation of 0.02,
+its T5's of 1.0) one step size cannot fit both, so ``lr`` is in units of each table's standard
+deviation (default 1.0: on ShapesCanvas tuning seeds 7000-7007, 100 iterations made circles in 7 of 8
+seeds, against 5 of 8 with the absolute 0.1). The prompt found is the final projection. P4D picks the
 best prompt every 50 iterations by CLIP similarity to the target image; here nothing looks at images
 during the search, so the rate is not selected on any judge.
 
@@ -44,9 +48,10 @@ def nearest_words(state: Search, embeddings: dict[str, torch.Tensor]) -> torch.T
 
 @dataclass
 class P4DConfig(TokenAttackConfig):
-    """``relative_lr``: ``lr`` in units of each text encoder's embedding-table standard deviation."""
+    """``lr``: AdamW's step size in units of each text encoder's embedding-table standard deviation (one
+    step moves every coordinate by about ``lr`` of that scale, whatever the encoder's own scale)."""
 
-    relative_lr: bool = False
+    lr: float = 1.0
 
 
 @register_attack
@@ -54,7 +59,7 @@ class P4DAttack(TokenAttack):
     """Projected token embeddings matched to the original model's predictions (module docstring)."""
 
     name = "p4d"
-    default_budget = 300
+    default_budget = 150
     config_class = P4DConfig
 
     def slot_prompt(self, config: TokenAttackConfig) -> SlotPrompt:
@@ -71,10 +76,8 @@ class P4DAttack(TokenAttack):
         vocabulary = state.vocabulary
         start = torch.randint(len(vocabulary), (rows, config.num_tokens), generator=state.generator)
         params = {name: table[start].clone().requires_grad_(True) for name, table in vocabulary.tables.items()}
-        groups = [
-            {"params": [p], "lr": config.lr * (float(vocabulary.tables[name].std()) if config.relative_lr else 1.0)}
-            for name, p in params.items()
-        ]
+        # one step size per encoder, in its own embedding scale: FLUX's CLIP and T5 tables differ 50-fold
+        groups = [{"params": [p], "lr": config.lr * float(vocabulary.tables[name].std())} for name, p in params.items()]
         optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         for _ in range(budget):
             tokens = nearest_words(state, params)
