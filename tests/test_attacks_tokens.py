@@ -22,6 +22,7 @@ from erasekit.attacks.unlearndiffatk import project_to_simplex
 from erasekit.errors import ConfigError, UnsupportedError
 from erasekit.evaluation.prompts import load_prompt_set
 from erasekit.tiny import build_tiny_sd_pipeline
+from test_attacks import ConstantJudge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,21 +41,6 @@ def pipe(tiny_flux_path: str):
 @pytest.fixture(scope="module")
 def sd_pipe():
     return build_tiny_sd_pipeline(seed=0)
-
-
-class Judge:
-    """Says ``answer`` for every image and counts them."""
-
-    threshold = None
-
-    def __init__(self, answer: bool = False) -> None:
-        self.answer = answer
-        self.name = f"always-{answer}"
-        self.seen = 0
-
-    def __call__(self, images):
-        self.seen += len(images)
-        return [self.answer] * len(images)
 
 
 # --------------------------------------------------------------------------- the encoding
@@ -179,7 +165,7 @@ def test_simplex_projection():
 # --------------------------------------------------------------------------- the attacks
 @pytest.mark.parametrize(("name", "fixed_calls"), [("p4d", 6), ("unlearndiffatk", 5)])
 def test_token_attack_runs_within_budget_writes_prompts_and_is_deterministic(pipe, tmp_path: Path, name, fixed_calls):
-    judge = Judge(False)
+    judge = ConstantJudge(False)
     kwargs = dict(erasure=None, concept="a cat", judge=judge, seeds=[3, 4], sampling=SAMPLING, budget=3)
     config = {"num_tokens": 2, "init_prompt": "a picture"}
     result = run_attack(pipe, name, output=tmp_path / "run", config=config, **kwargs)
@@ -258,7 +244,9 @@ class OverrideErasure:
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(pipe, tmp_path: Path, name, kwargs, message):
-    arguments = dict(erasure=None, concept="cat", judge=Judge(), seeds=[0], sampling=SAMPLING, output=tmp_path / "run")
+    arguments = dict(
+        erasure=None, concept="cat", judge=ConstantJudge(False), seeds=[0], sampling=SAMPLING, output=tmp_path / "run"
+    )
     arguments.update(kwargs)
     with pytest.raises(ConfigError, match=message) as info:
         run_attack(pipe, name, **arguments)
@@ -275,7 +263,9 @@ def test_an_attack_that_needs_the_original_model_refuses_a_folded_pipeline(pipe,
     try:
         assert get_attack("p4d").needs_original
         with pytest.raises(ConfigError, match="needs the original model") as info:
-            run_attack(pipe, "p4d", erasure=None, concept="cat", judge=Judge(), seeds=[0], sampling=SAMPLING)
+            run_attack(
+                pipe, "p4d", erasure=None, concept="cat", judge=ConstantJudge(False), seeds=[0], sampling=SAMPLING
+            )
         assert "\n" not in str(info.value)
     finally:
         pipe.register_to_config(_name_or_path=previous)
