@@ -21,6 +21,7 @@ from erasekit.attacks.tokens import SlotPrompt, encode_slots, prompts_of, shared
 from erasekit.attacks.unlearndiffatk import project_to_simplex
 from erasekit.errors import ConfigError, UnsupportedError
 from erasekit.evaluation.prompts import load_prompt_set
+from erasekit.methods.sld import SLDErasure
 from erasekit.tiny import build_tiny_sd_pipeline
 from test_attacks import ConstantJudge
 
@@ -240,6 +241,7 @@ class OverrideErasure:
         ("unlearndiffatk", {"config": {"stop_on_success": True}}, "stop_on_success"),
         ("unlearndiffatk", {"config": {"init_prompt": "two cats"}}, "names the concept"),
         ("p4d", {"erasure": OverrideErasure()}, "changes how images are sampled"),
+        ("completion", {"erasure": SLDErasure({"method": "sld"})}, "changes how images are sampled"),
         ("p4d", {"config": {"num_tokens": 40}}, "free tokens reach position"),
     ],
 )

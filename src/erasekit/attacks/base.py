@@ -369,8 +369,13 @@ def erased(pipe: Any, erasure: Erasure | None) -> Iterator[None]:
     if erasure is None:
         yield
         return
+    from ..arch.override import sampling_override
+
     handle = erasure.apply(pipe)
     try:
+        override = sampling_override(pipe)
+        if override is not None:
+            raise _sampling_changed(override.name, "an attack")
         yield
     finally:
         handle.remove()
@@ -512,9 +517,9 @@ def check_attackable(pipe: Any, attack: Attack, erasure: Erasure | None) -> None
     * Any attack against an erasure that changes how images are sampled (an inference-time erasure
       such as SLD installs a sampling override): every attack steps the family's own trajectory, which
       the override does not reach, so it would attack the original model and report it as the erasure.
+      Known inference-time erasures are refused here; :func:`erased` refuses any other erasure that
+      installs an override, when it is applied.
     """
-    from ..arch.override import sampling_override
-
     if attack.needs_original and erasure is None:
         folder = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "")
         if folder and (Path(folder) / FOLD_RECORD).is_file():
@@ -522,15 +527,17 @@ def check_attackable(pipe: Any, attack: Attack, erasure: Erasure | None) -> None
                 f"{attack.name} needs the original model, and {folder!r} has an erasure folded in "
                 f"({FOLD_RECORD}); attack the base model with --erasure instead"
             )
-    if erasure is None:
-        return
-    with erased(pipe, erasure):
-        override = sampling_override(pipe)
-    if override is not None:
-        raise ConfigError(
-            f"the erasure changes how images are sampled ({override.name}), which {attack.name} cannot "
-            "differentiate or step through; attack an erasure that changes the model"
-        )
+    from ..methods.inference import InferenceTimeErasure
+
+    if isinstance(erasure, InferenceTimeErasure):
+        raise _sampling_changed(erasure.method, attack.name)
+
+
+def _sampling_changed(what: str, attack: str) -> ConfigError:
+    return ConfigError(
+        f"the erasure changes how images are sampled ({what}), which {attack} cannot differentiate or "
+        "step through; attack an erasure that changes the model"
+    )
 
 
 def run_attack(
