@@ -63,7 +63,7 @@ class UnlearnDiffAtk(TokenAttack):
     """Prefix-token distributions optimised with the denoising loss on the target images (module docstring)."""
 
     name = "unlearndiffatk"
-    default_budget = 300
+    default_budget = 100
     config_class = UnlearnDiffAtkConfig
 
     def slot_prompt(self, config: TokenAttackConfig) -> SlotPrompt:
