@@ -54,9 +54,16 @@ def _one_hot_case(pipe, words: list[list[str]]):
     return arch, vocabulary, prompt, tokens, embeddings
 
 
-@pytest.mark.parametrize("family", ["flux", "sd"])
+def _model(family: str, pipe, sd_pipe):
+    from erasekit.tiny import build_tiny_pixart_pipeline, build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
+
+    builders = {"sdxl": build_tiny_sdxl_pipeline, "sd3": build_tiny_sd3_pipeline, "pixart": build_tiny_pixart_pipeline}
+    return {"flux": pipe, "sd": sd_pipe}.get(family) or builders[family](seed=0)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd", "sdxl", "sd3", "pixart"])
 def test_one_hot_tokens_encode_as_the_prompt_text_does(family, pipe, sd_pipe):
-    model = pipe if family == "flux" else sd_pipe
+    model = _model(family, pipe, sd_pipe)
     arch, vocabulary, prompt, tokens, embeddings = _one_hot_case(model, [["cat", "dog"], ["house", "tree"]])
     encoded = encode_slots(arch, model, prompt, vocabulary, tokens, embeddings, 16)
     texts = prompts_of(prompt, vocabulary, tokens)
