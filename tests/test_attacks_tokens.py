@@ -171,6 +171,7 @@ def test_simplex_projection():
 
 
 # --------------------------------------------------------------------------- the attacks
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "fixed_calls"), [("p4d", 6), ("unlearndiffatk", 5)])
 def test_token_attack_runs_within_budget_writes_prompts_and_is_deterministic(pipe, tmp_path: Path, name, fixed_calls):
     judge = ConstantJudge(False)
