@@ -444,6 +444,36 @@ def test_intermediate_preservation_adds_the_intermediate_latents(
     assert any(not torch.equal(logits["steps"][k], logits["final"][k]) for k in logits["final"])
 
 
+def test_intermediate_erasure_aims_every_step(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    """At the first step every binary gate is open, so after every step the concept latents are the
+    original model's and each intermediate goal (target + eta (target - concept)) lies 1 + eta times as
+    far from them as the target: with eta = 1 the whole erase term, final and intermediate, is four
+    times that of eta = 0; the intermediate term adds to the final one and leaves preservation alone;
+    the checkpointed walk and one graph train the same logits with it."""
+    first: dict[str, dict[str, str]] = {}
+    logits = {}
+    for name, extra in {
+        "final": {"loss__negative_guidance": 0.0},
+        "steps": {"loss__negative_guidance": 0.0, "loss__intermediate_erasure": 2.0},
+        "steps_eta": {"loss__negative_guidance": 1.0, "loss__intermediate_erasure": 2.0},
+        "steps_eta_one_graph": {
+            "loss__negative_guidance": 1.0,
+            "loss__intermediate_erasure": 2.0,
+            "train__gradient_checkpointing": False,
+        },
+    }.items():
+        config = tiny_train_config(
+            mask__parameterization="binary", mask__init_lambda=0.2, sampling__steps=3, train__iterations=2, **extra
+        )
+        logits[name] = run(pipe, config, tmp_path / name).logits
+        first[name] = read_log(tmp_path / name / "training_log.csv")[0]
+    assert float(first["steps"]["erase"]) > 1.01 * float(first["final"]["erase"]) > 0
+    assert float(first["steps"]["preserve"]) == pytest.approx(float(first["final"]["preserve"]), abs=1e-9)
+    assert float(first["steps_eta"]["erase"]) == pytest.approx(4 * float(first["steps"]["erase"]), rel=1e-4)
+    assert_same_logits(logits["steps_eta"], logits["steps_eta_one_graph"], atol=1e-4)
+    assert any(not torch.equal(logits["steps"][k], logits["final"][k]) for k in logits["final"])
+
+
 def test_zero_learning_rate_freezes_a_unit_kind(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
     config = tiny_train_config(mask__norm__lr=0.0, train__iterations=3)
     result = run(pipe, config, tmp_path / "mask")

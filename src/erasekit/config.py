@@ -161,6 +161,13 @@ class LossConfig:
     the mean, over every step but the last, of the distance of the latent after that step to the
     original model's from the same noise (0: the final latents alone). The original model's latents
     come from the reference trajectory the loss already runs: no extra model evaluations."""
+    intermediate_erasure: float = 0.0
+    """Weight of the concept prompts' intermediate latents: the erase term adds this times the mean, over
+    every step but the last, of the distance of the latent after that step to the target prompt's
+    latent under the original model from the same noise (moved past it by ``negative_guidance`` as the
+    final goal is). The early steps decide an image's layout and outline, so a goal on them steers the
+    whole trajectory onto the target's instead of only its end (0: the final latent alone). Like
+    ``intermediate_preservation`` it reads the reference trajectory the loss already runs."""
     negative_guidance: float = 0.0
     """Aim each concept prompt past its target, away from what the original model makes of it: goal =
     target + eta * (target - z0 of the concept prompt under the original model), ESD's negative

@@ -201,6 +201,8 @@ class MaskTrainer:
         end = cfg.train.iterations if stop_after is None else min(stop_after, cfg.train.iterations)
         gradient = checkpointed_gradient if cfg.train.gradient_checkpointing else naive_gradient
         intermediate = cfg.loss.intermediate_preservation if steps > 1 else 0.0
+        intermediate_erase = cfg.loss.intermediate_erasure if steps > 1 else 0.0
+        eta = cfg.loss.negative_guidance
 
         def numbered(k: int, size: int) -> list[int]:
             """Global numbers of this process's ``size`` samples of micro-step ``k`` (prompt rows and noise seeds)."""
@@ -224,20 +226,18 @@ class MaskTrainer:
                     seeds = [self._noise_seed(i, 0) for i in index] + [self._noise_seed(i, 1) for i in keep_index]
                     # one hard-concrete sample per trajectory, identical on every process
                     masked.resample_noise(torch.Generator().manual_seed(cfg.train.seed * 7919 + k))
-                    eta = cfg.loss.negative_guidance
                     # negative guidance needs the concept prompts' original latents: they ride in the targets' batch
                     originals = prompts[:b] if eta else []
                     with masked.disabled():
                         reference = self.arch.trajectory(
                             self.pipe, encode(targets + originals), seeds + seeds[: len(originals)], **sample
                         )
-                        path = run_trajectory(reference.step, reference.noise, steps, keep=intermediate > 0)
-                        ends = path[-1]
-                    goal = ends[: len(targets)]
-                    if eta:
-                        goal = torch.cat([goal[:b] + eta * (goal[:b] - ends[len(targets) :]), goal[b:]])
+                        path = run_trajectory(
+                            reference.step, reference.noise, steps, keep=intermediate > 0 or intermediate_erase > 0
+                        )
+                    goal = aim(path[-1], len(targets), b, eta)
                     trajectory = self.arch.trajectory(self.pipe, encode(prompts), seeds, **sample)
-                    parts: dict[str, torch.Tensor] = {"steps": torch.zeros(())}
+                    parts: dict[str, torch.Tensor] = {"steps": torch.zeros(()), "erase_steps": torch.zeros(())}
 
                     # this iteration's goal, parts and path are bound as defaults (the closures run within it)
                     def loss_fn(
@@ -252,15 +252,25 @@ class MaskTrainer:
                         z: torch.Tensor,
                         path: list[torch.Tensor] = path,
                         parts: dict[str, torch.Tensor] = parts,
+                        n_targets: int = len(targets),
                     ) -> torch.Tensor:
-                        # the preservation rows after step i against the original model's from the same noise
-                        term = (
-                            intermediate
-                            / (steps - 1)
-                            * distance(z[b:], path[i + 1][b : b + pb], cfg.loss.distance).mean()
-                        )
-                        parts["steps"] = parts["steps"] + term.detach()
-                        return cfg.loss.preserve_weight * term
+                        # after step i: the preservation rows against the original model's latents from the
+                        # same noise, the concept rows against their (aimed) targets'
+                        total = torch.zeros(())
+                        if intermediate:
+                            term = (
+                                intermediate
+                                / (steps - 1)
+                                * distance(z[b:], path[i + 1][b : b + pb], cfg.loss.distance).mean()
+                            )
+                            parts["steps"] = parts["steps"] + term.detach()
+                            total = total + cfg.loss.preserve_weight * term
+                        if intermediate_erase:
+                            target = aim(path[i + 1], n_targets, b, eta)[:b]
+                            term = intermediate_erase / (steps - 1) * distance(z[:b], target, cfg.loss.distance).mean()
+                            parts["erase_steps"] = parts["erase_steps"] + term.detach()
+                            total = total + cfg.loss.erase_weight * term
+                        return total
 
                     _, micro_grads = gradient(
                         trajectory.step,
@@ -268,15 +278,13 @@ class MaskTrainer:
                         steps,
                         loss_fn,
                         params,
-                        step_loss=step_loss if intermediate > 0 else None,
+                        step_loss=step_loss if intermediate > 0 or intermediate_erase > 0 else None,
                     )
                     for acc_grad, g in zip(grads, micro_grads):
                         acc_grad.add_(g, alpha=1.0 / accum)
                     preserve_term = parts["preserve"].detach() + parts["steps"]
-                    terms += (
-                        torch.tensor([float(parts["erase"].detach()), float(preserve_term)], dtype=torch.float64)
-                        / accum
-                    )
+                    erase_term = parts["erase"].detach() + parts["erase_steps"]
+                    terms += torch.tensor([float(erase_term), float(preserve_term)], dtype=torch.float64) / accum
                 if world > 1:
                     for g in grads:
                         g.copy_(acc.reduce(g, reduction="mean"))
@@ -352,11 +360,24 @@ class MaskTrainer:
         self.run.commit()
 
 
+def aim(latents: torch.Tensor, n_targets: int, b: int, eta: float) -> torch.Tensor:
+    """The reference batch's goal rows: ``latents`` holds the ``n_targets`` target rows (the first ``b`` the
+    concept rows' targets) followed, when ``eta`` is set, by the ``b`` concept prompts' own latents under
+    the original model; the concept rows' goals move past their targets by ``eta`` times the difference
+    (ESD's negative guidance)."""
+    goal = latents[:n_targets]
+    if not eta:
+        return goal
+    return torch.cat([goal[:b] + eta * (goal[:b] - latents[n_targets : n_targets + b]), goal[b:]])
+
+
 def validate_training_config(config: EraseConfig) -> None:
     """Reject settings the mask trainer cannot run with, naming the key."""
     validate_run_config(config)
     if config.loss.intermediate_preservation < 0:
         raise ConfigError("loss.intermediate_preservation must not be negative (0 preserves the final latents alone)")
+    if config.loss.intermediate_erasure < 0:
+        raise ConfigError("loss.intermediate_erasure must not be negative (0 aims the final latents alone)")
     if config.loss.negative_guidance < 0:
         raise ConfigError("loss.negative_guidance must not be negative (0 aims at the target itself)")
     for kind in UNIT_KINDS:
