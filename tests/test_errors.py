@@ -426,6 +426,19 @@ def test_invalid_training_value(tiny_flux_path, runs, capsys):
         output,
     )
     assert "loss.intermediate_erasure must not be negative" in line
+    line = fail(
+        capsys,
+        "erase",
+        "--model",
+        tiny_flux_path,
+        "--concept",
+        "cat",
+        "--set",
+        "train.adversarial.steps=-1",
+        "--output",
+        output,
+    )
+    assert "train.adversarial.steps must not be negative" in line
     assert_nothing_left(output)
 
 

@@ -176,6 +176,19 @@ class LossConfig:
 
 
 @dataclass
+class AdversarialConfig:
+    """Adversarial mask training (``train.adversarial``): before each step, an attacker who holds the mask as
+    it is finds conditioning that brings the concept back, and the step erases the concept from that
+    conditioning instead of the plain prompt's (AdvUnlearn's scheme; ``erasekit.training.adversarial``)."""
+
+    steps: int = 0
+    """Adam steps of the inner attack per micro-step (0: off). Each costs one denoiser call with gradients
+    on the concept rows at one denoising step."""
+    lr: float = 0.1
+    """Adam's step size on the text-encoder outputs."""
+
+
+@dataclass
 class TrainConfig:
     """Optimisation and life-cycle."""
 
@@ -203,6 +216,8 @@ class TrainConfig:
     log_every: int = 1
     trackers: list[str] = field(default_factory=lambda: ["csv"])
     """csv is built in; tensorboard / wandb when installed."""
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    """The mask method's inner attack (off by default)."""
 
 
 @dataclass

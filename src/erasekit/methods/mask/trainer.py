@@ -20,6 +20,7 @@ from ...config import UNIT_KINDS, EraseConfig, config_to_dict
 from ...data import build_concept_prompts
 from ...errors import ConfigError, TrainingDivergedError
 from ...pipeline import denoiser_of
+from ...training.adversarial import adversarial_conditioning
 from ...training.gradient import checkpointed_gradient, naive_gradient
 from ...training.run import PromptEncoder, TrainingRun, freeze, validate_run_config
 from ..base import base_model_record, peak_memory_bytes
@@ -203,6 +204,7 @@ class MaskTrainer:
         intermediate = cfg.loss.intermediate_preservation if steps > 1 else 0.0
         intermediate_erase = cfg.loss.intermediate_erasure if steps > 1 else 0.0
         eta = cfg.loss.negative_guidance
+        attack_steps = cfg.train.adversarial.steps
 
         def numbered(k: int, size: int) -> list[int]:
             """Global numbers of this process's ``size`` samples of micro-step ``k`` (prompt rows and noise seeds)."""
@@ -226,17 +228,24 @@ class MaskTrainer:
                     seeds = [self._noise_seed(i, 0) for i in index] + [self._noise_seed(i, 1) for i in keep_index]
                     # one hard-concrete sample per trajectory, identical on every process
                     masked.resample_noise(torch.Generator().manual_seed(cfg.train.seed * 7919 + k))
-                    # negative guidance needs the concept prompts' original latents: they ride in the targets' batch
-                    originals = prompts[:b] if eta else []
+                    # negative guidance and the inner attack need the concept prompts' original latents: they
+                    # ride in the targets' batch
+                    originals = prompts[:b] if eta or attack_steps else []
                     with masked.disabled():
                         reference = self.arch.trajectory(
                             self.pipe, encode(targets + originals), seeds + seeds[: len(originals)], **sample
                         )
                         path = run_trajectory(
-                            reference.step, reference.noise, steps, keep=intermediate > 0 or intermediate_erase > 0
+                            reference.step,
+                            reference.noise,
+                            steps,
+                            keep=intermediate > 0 or intermediate_erase > 0 or attack_steps > 0,
                         )
                     goal = aim(path[-1], len(targets), b, eta)
-                    trajectory = self.arch.trajectory(self.pipe, encode(prompts), seeds, **sample)
+                    encoded = encode(prompts)
+                    if attack_steps:
+                        encoded = self._attack(masked, encoded, path, len(targets), b, seeds[:b], sample, k)
+                    trajectory = self.arch.trajectory(self.pipe, encoded, seeds, **sample)
                     parts: dict[str, torch.Tensor] = {"steps": torch.zeros(()), "erase_steps": torch.zeros(())}
 
                     # this iteration's goal, parts and path are bound as defaults (the closures run within it)
@@ -336,6 +345,37 @@ class MaskTrainer:
                 if on_step is not None:
                     on_step(done)
 
+    def _attack(
+        self,
+        masked: MaskedModel,
+        encoded: dict[str, torch.Tensor],
+        path: list[torch.Tensor],
+        n_targets: int,
+        b: int,
+        seeds: list[int],
+        sample: dict[str, Any],
+        k: int,
+    ) -> dict[str, torch.Tensor]:
+        """``encoded`` with the concept rows' conditioning replaced by what the inner attack found against the
+        mask as it is (``train.adversarial``; :mod:`erasekit.training.adversarial`): at one denoising step,
+        drawn per micro-step from the training seed, on the original model's latents of the concept
+        prompts there, the attacked conditioning makes the masked model predict what the original model
+        predicts for the concept prompts."""
+        cfg = self.config
+        i = random.Random(cfg.train.seed * 104_729 + k).randrange(cfg.sampling.steps)
+        z = path[i][n_targets : n_targets + b]
+        concept = {key: value[:b] for key, value in encoded.items()}
+        with masked.disabled(), torch.no_grad():
+            target = self.arch.trajectory(self.pipe, concept, seeds, **sample).predict(z, i)
+
+        def predict(conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.arch.trajectory(self.pipe, conditioning, seeds, **sample).predict(z, i)
+
+        found, _ = adversarial_conditioning(
+            predict, concept, target, cfg.train.adversarial.steps, cfg.train.adversarial.lr
+        )
+        return {key: torch.cat([found[key], value[b:]]) for key, value in encoded.items()}
+
     def _write_artifact(self, masked: MaskedModel, seconds: float, counts: dict[str, dict[str, int]]) -> None:
         cfg = self.config
         record = {
@@ -376,6 +416,10 @@ def validate_training_config(config: EraseConfig) -> None:
     validate_run_config(config)
     if config.loss.intermediate_preservation < 0:
         raise ConfigError("loss.intermediate_preservation must not be negative (0 preserves the final latents alone)")
+    if config.train.adversarial.steps < 0:
+        raise ConfigError("train.adversarial.steps must not be negative (0 trains without the inner attack)")
+    if config.train.adversarial.steps and config.train.adversarial.lr <= 0:
+        raise ConfigError("train.adversarial.lr must be positive when train.adversarial.steps is set")
     if config.loss.intermediate_erasure < 0:
         raise ConfigError("loss.intermediate_erasure must not be negative (0 aims the final latents alone)")
     if config.loss.negative_guidance < 0:
