@@ -285,6 +285,112 @@ def plan(world: Any, settings: BenchSettings) -> list[Cell]:
     return erasures + attacks
 
 
+# --------------------------------------------------------------------------- computing a cell
+def peak_memory_window() -> Callable[[], tuple[int, str]]:
+    """Start measuring this process's peak memory; the returned function reads it.
+
+    On Linux the kernel's high-water mark of the resident set is reset first (``/proc/self/clear_refs``),
+    so the peak is the block's own; elsewhere it is the process's peak so far, and says so.
+    """
+    from ..methods.base import peak_memory_bytes
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return lambda: (peak_memory_bytes(), "process peak resident memory so far")
+
+    def read() -> tuple[int, str]:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "peak resident memory of the fit (the world loaded included)"
+        return peak_memory_bytes(), "process peak resident memory so far"
+
+    return read
+
+
+def compute_erasure(world: Any, cell: Cell, folder: Path, images: int) -> dict[str, Any]:
+    """Fit ``cell``'s erasure into ``folder/erasure`` and score it on the protocol's evaluation draw."""
+    import numpy as np
+    import torch
+
+    from ..methods import apply_erasures, erase
+    from ..toyworld import protocol
+    from ..toyworld.demo import fidelity, judge
+    from ..toyworld.image_cache import original_images
+
+    assert cell.config is not None
+    peak = peak_memory_window()
+    erasure = erase(cell.config, folder / "erasure")
+    peak_bytes, peak_source = peak()
+    cost = {**erasure.cost.to_dict(), "peak_memory_bytes": peak_bytes, "peak_memory": peak_source}
+    scores: dict[str, Any] = {}
+    sampling_seconds = 0.0
+    for concept in cell.concepts:
+        samples = protocol.evaluation_samples(concept, per_group=images)
+        prompts, seeds = [s.prompt for s in samples], [s.seed for s in samples]
+        keep = np.array([s.group == "in_domain" for s in samples])
+        before, latents_before = original_images(world, prompts, seeds, latent_rows=np.flatnonzero(keep).tolist())
+        handle = apply_erasures(world.pipe, [folder / "erasure"])
+        started = time.perf_counter()
+        try:
+            after, latents_after = world.generate(prompts, seeds, return_latents=True)
+        finally:
+            handle.remove()
+        # what the erased model costs to sample with: inference-time methods pay here, not in the fit
+        sampling_seconds += time.perf_counter() - started
+        scores[concept] = {
+            "before": judge(world, concept, samples, before),
+            "after": judge(world, concept, samples, after),
+            "fidelity": fidelity(before[keep], after[keep], latents_before, latents_after[torch.from_numpy(keep)]),
+        }
+    cost["sampling_seconds"] = round(sampling_seconds, 3)
+    report = {k: v for k, v in erasure.report().items() if isinstance(v, (int, float, str, bool))}
+    return {"anchor": cell.config.concept.anchor, "scores": scores, "report": report, "cost": cost}
+
+
+def compute_attack(world: Any, cell: Cell, folder: Path, erasure_folder: Path, seeds: list[int]) -> dict[str, Any]:
+    """Run ``cell``'s attack against the erasure in ``erasure_folder``; its folder goes to ``folder/attack``."""
+    from dataclasses import asdict
+
+    from ..attacks import Sampling, detector_judge, run_attack
+    from ..methods import load_erasure
+
+    assert cell.attack is not None and cell.concept is not None
+    sampling = Sampling(**{k: world.sampling[k] for k in asdict(Sampling()) if k in world.sampling})
+    result = run_attack(
+        world.pipe,
+        cell.attack,
+        erasure=load_erasure(erasure_folder),
+        concept=cell.concept,
+        judge=detector_judge("shapes", cell.concept, model=str(Path(world.path) / "detectors")),
+        seeds=seeds,
+        sampling=sampling,
+        budget=cell.budget,
+        output=folder / "attack",
+    )
+    summary = result.summary()
+    keys = ("budget", "budget_used", "pre_attack_rate", "post_attack_rate", "new_successes", "attack_success_rate")
+    return {
+        **{k: summary[k] for k in keys},
+        "seconds": round(result.seconds, 3),
+        "denoiser_calls": result.denoiser_calls,
+    }
+
+
+def compute_cell(world: Any, settings: BenchSettings, output: Path, cell: Cell, folder: Path) -> dict[str, Any]:
+    """Compute ``cell`` of ``settings`` into ``folder`` (an attack cell: against its finished erasure cell in
+    ``output``)."""
+    if cell.kind == "erasure":
+        return compute_erasure(world, cell, folder, settings.images)
+    assert cell.erasure is not None
+    erasure = read_cell(output, cell.erasure)
+    if erasure is None or erasure["error"]:
+        raise ErasekitError(f"its erasure cell {cell.erasure.name} failed, so there is nothing to attack")
+    return compute_attack(
+        world, cell, folder, cell_folder(output, cell.erasure) / "erasure", list(settings.attack_seeds)
+    )
+
+
 # --------------------------------------------------------------------------- the cache
 def cell_folder(output: Path, cell: Cell) -> Path:
     return output / CELLS / cell.name

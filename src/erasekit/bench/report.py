@@ -77,7 +77,11 @@ def leaderboard(settings: BenchSettings, records: list[dict[str, Any]], world: A
                         )
                     },
                 )
-                measured.update(fit_seconds=cost["seconds"], peak_memory_bytes=cost["peak_memory_bytes"])
+                measured.update(
+                    fit_seconds=cost["seconds"],
+                    peak_memory_bytes=cost["peak_memory_bytes"],
+                    sampling_seconds=cost["sampling_seconds"],
+                )
             row["attacks"] = {}
             for name in settings.attacks:
                 attack = attacks.get((record["key"], concept, name))
@@ -135,13 +139,13 @@ def table_rows(board: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The leaderboard as a header and rows of text (the original model's row first for each concept)."""
     attacks = board["settings"]["attacks"]
     header = ["method", "concept", *SCORES.values(), "PSNR / SSIM", "changed"]
-    header += [f"{a} (pre → post)" for a in attacks] + ["fit s", "peak memory", "artefact"]
+    header += [f"{a} (pre → post)" for a in attacks] + ["fit s", "sampling s", "peak memory", "artefact"]
     lines: list[list[str]] = []
     for concept in dict.fromkeys(r["concept"] for r in board["rows"]):
         if concept in board["original"]:
             scores = board["original"][concept]
             lines.append(
-                ["original model", concept, *(_percent(scores[k]) for k in SCORES)] + [""] * (5 + len(attacks))
+                ["original model", concept, *(_percent(scores[k]) for k in SCORES)] + [""] * (6 + len(attacks))
             )
         for row in (r for r in board["rows"] if r["concept"] == concept):
             if row["error"]:
@@ -159,6 +163,7 @@ def table_rows(board: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                     _changed(row),
                     *(_attack_cell(row["attacks"].get(a)) for a in attacks),
                     f"{measured['fit_seconds']:.1f}",
+                    f"{measured['sampling_seconds']:.1f}",
                     _bytes(measured["peak_memory_bytes"]),
                     _bytes(row["cost"]["artifact_bytes"]),
                 ]
@@ -186,7 +191,9 @@ def markdown(board: dict[str, Any]) -> str:
         "syn.: prompts naming the concept by a synonym; IRA / CRA: the other values of the attribute drawn "
         "correctly / their other attributes correct; ambiguous: the judges disagree. PSNR / SSIM: the other "
         "prompts' images against the original model's. Attacks: the share of seeds where the judge sees the "
-        "concept without the attack → with it. Fit seconds and peak memory are one run's measurements.",
+        "concept without the attack → with it. Fit seconds, sampling seconds (the erased model drawing the "
+        "evaluation images: where inference-time methods pay) and peak memory (of the fit) are one run's "
+        "measurements.",
         "",
     ]
     return "\n".join(text)
@@ -240,15 +247,22 @@ def plots(board: dict[str, Any]) -> dict[str, str]:
         x = range(len(rows))
         ax.bar([i - 0.2 for i in x], pre, width=0.4, color="lightgray", label="without the attack")
         ax.bar([i + 0.2 for i in x], post, width=0.4, color="tab:red", label="with the attack")
+        for i, (a, b) in enumerate(zip(pre, post)):
+            ax.text(i - 0.2, a + 0.01, f"{a:.0%}", ha="center", va="bottom", fontsize=7)
+            ax.text(i + 0.2, b + 0.01, f"{b:.0%}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(list(x), labels, fontsize=8)
-        ax.set(ylim=(0, 1.05), ylabel="seeds showing the concept", title=attack)
+        ax.set(ylim=(0, 1.1), ylabel="seeds showing the concept", title=attack)
         ax.legend(fontsize=8)
     images["attacks"] = _png(figure)
     plt.close(figure)
 
-    figure, axes = plt.subplots(1, 3, figsize=(max(5, 0.8 * len(rows) + 2) * 3, 3.8), squeeze=False)
+    figure, axes = plt.subplots(1, 4, figsize=(max(4, 0.7 * len(rows) + 1.5) * 4, 3.8), squeeze=False)
     measures = (
         ("fit seconds", [r["measured"]["fit_seconds"] for r in rows]),
+        (
+            f"sampling seconds ({3 * board['settings']['images_per_group']} images)",
+            [r["measured"]["sampling_seconds"] for r in rows],
+        ),
         ("peak memory (MB)", [r["measured"]["peak_memory_bytes"] / 1e6 for r in rows]),
         ("artefact (KB)", [r["cost"]["artifact_bytes"] / 1e3 for r in rows]),
     )
@@ -279,7 +293,8 @@ img{{max-width:100%}}</style></head>
 <h2>Erasure against retention</h2>{figure.format(pictures["scatter"], "strict UA against IRA")}
 <h2>Attacks</h2><p>Share of attack seeds where the judge sees the concept, without and with the attack.</p>
 {figure.format(pictures["attacks"], "attack rates")}
-<h2>Cost</h2><p>Fit seconds and peak memory are one run's measurements on this machine.</p>
+<h2>Cost</h2><p>Fit seconds, sampling seconds (the erased model drawing the evaluation images) and peak
+memory (of the fit) are one run's measurements on this machine.</p>
 {figure.format(pictures["cost"], "cost")}
 <h2>All numbers</h2><pre>{html.escape(json.dumps(board, indent=2))}</pre>
 </body></html>

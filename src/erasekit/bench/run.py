@@ -30,8 +30,8 @@ from .cells import (
     DEFAULT_CONCEPTS,
     BenchSettings,
     Cell,
-    cell_folder,
     check_concept_set,
+    compute_cell,
     plan,
     read_cell,
     remove_partials,
@@ -115,92 +115,6 @@ def prepare_output(output: str | os.PathLike[str]) -> Path:
     return target
 
 
-def peak_memory_window() -> Callable[[], tuple[int, str]]:
-    """Start measuring this process's peak memory; the returned function reads it.
-
-    On Linux the kernel's high-water mark of the resident set is reset first (``/proc/self/clear_refs``),
-    so the peak is the block's own; elsewhere it is the process's peak so far, and says so.
-    """
-    from ..methods.base import peak_memory_bytes
-
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return lambda: (peak_memory_bytes(), "process peak resident memory so far")
-
-    def read() -> tuple[int, str]:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "peak resident memory of the fit (the world loaded included)"
-        return peak_memory_bytes(), "process peak resident memory so far"
-
-    return read
-
-
-def compute_erasure(world: Any, cell: Cell, folder: Path, images: int) -> dict[str, Any]:
-    """Fit ``cell``'s erasure into ``folder/erasure`` and score it on the protocol's evaluation draw."""
-    import numpy as np
-    import torch
-
-    from ..methods import apply_erasures, erase
-    from ..toyworld import protocol
-    from ..toyworld.demo import fidelity, judge
-    from ..toyworld.image_cache import original_images
-
-    assert cell.config is not None
-    peak = peak_memory_window()
-    erasure = erase(cell.config, folder / "erasure")
-    peak_bytes, peak_source = peak()
-    cost = {**erasure.cost.to_dict(), "peak_memory_bytes": peak_bytes, "peak_memory": peak_source}
-    scores: dict[str, Any] = {}
-    for concept in cell.concepts:
-        samples = protocol.evaluation_samples(concept, per_group=images)
-        prompts, seeds = [s.prompt for s in samples], [s.seed for s in samples]
-        keep = np.array([s.group == "in_domain" for s in samples])
-        before, latents_before = original_images(world, prompts, seeds, latent_rows=np.flatnonzero(keep).tolist())
-        handle = apply_erasures(world.pipe, [folder / "erasure"])
-        try:
-            after, latents_after = world.generate(prompts, seeds, return_latents=True)
-        finally:
-            handle.remove()
-        scores[concept] = {
-            "before": judge(world, concept, samples, before),
-            "after": judge(world, concept, samples, after),
-            "fidelity": fidelity(before[keep], after[keep], latents_before, latents_after[torch.from_numpy(keep)]),
-        }
-    report = {k: v for k, v in erasure.report().items() if isinstance(v, (int, float, str, bool))}
-    return {"anchor": cell.config.concept.anchor, "scores": scores, "report": report, "cost": cost}
-
-
-def compute_attack(world: Any, cell: Cell, folder: Path, erasure_folder: Path, seeds: list[int]) -> dict[str, Any]:
-    """Run ``cell``'s attack against the erasure in ``erasure_folder``; its folder goes to ``folder/attack``."""
-    from dataclasses import asdict
-
-    from ..attacks import Sampling, detector_judge, run_attack
-    from ..methods import load_erasure
-
-    assert cell.attack is not None and cell.concept is not None
-    sampling = Sampling(**{k: world.sampling[k] for k in asdict(Sampling()) if k in world.sampling})
-    result = run_attack(
-        world.pipe,
-        cell.attack,
-        erasure=load_erasure(erasure_folder),
-        concept=cell.concept,
-        judge=detector_judge("shapes", cell.concept, model=str(Path(world.path) / "detectors")),
-        seeds=seeds,
-        sampling=sampling,
-        budget=cell.budget,
-        output=folder / "attack",
-    )
-    summary = result.summary()
-    keys = ("budget", "budget_used", "pre_attack_rate", "post_attack_rate", "new_successes", "attack_success_rate")
-    return {
-        **{k: summary[k] for k in keys},
-        "seconds": round(result.seconds, 3),
-        "denoiser_calls": result.denoiser_calls,
-    }
-
-
 def wait_for(
     output: Path, cells: list[Cell], log: Callable[[str], None], poll: float = 2.0, what: str = "cells"
 ) -> None:
@@ -251,7 +165,7 @@ def run_bench(
         cells = plan(world, settings)
     result = BenchResult(output=target, rank=rank, processes=processes)
     mine = [(i, cell) for i, cell in enumerate(cells) if i % processes == rank]
-    context = {"erasekit_version": __version__}
+    context = {"erasekit_version": __version__, "rank": rank, "processes": processes}
     for i, cell in mine:
         where = f"[{i + 1}/{len(cells)}] {cell.label}"
         if read_cell(target, cell) is not None:
@@ -262,7 +176,7 @@ def run_bench(
         log(f"bench: {where} ...")
         with one_process():
             record = write_cell(
-                target, cell, lambda folder, c=cell: _compute(world, settings, target, c, folder), context
+                target, cell, lambda folder, c=cell: compute_cell(world, settings, target, c, folder), context
             )
         result.computed.append(cell.name)
         log(f"bench: {where} {'failed: ' + record['error'] if record['error'] else 'done'} ({record['seconds']:.0f} s)")
@@ -274,18 +188,6 @@ def run_bench(
         log(f"bench: {len(result.computed)} cells computed, {len(result.reused)} reused; {target / 'leaderboard.md'}")
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _compute(world: Any, settings: BenchSettings, output: Path, cell: Cell, folder: Path) -> dict[str, Any]:
-    if cell.kind == "erasure":
-        return compute_erasure(world, cell, folder, settings.images)
-    assert cell.erasure is not None
-    erasure = read_cell(output, cell.erasure)
-    if erasure is None or erasure["error"]:
-        raise ErasekitError(f"its erasure cell {cell.erasure.name} failed, so there is nothing to attack")
-    return compute_attack(
-        world, cell, folder, cell_folder(output, cell.erasure) / "erasure", list(settings.attack_seeds)
-    )
 
 
 #: ``--quick``: two training-free methods, one concept, 16 images per group, one cheap attack at a small
