@@ -202,6 +202,24 @@ def erasure_recipe(world: Any, method: str, concepts: tuple[str, ...]) -> EraseC
     return config
 
 
+def recipe_inputs(config: EraseConfig) -> dict[str, Any]:
+    """The resolved recipe as a cell's key sees it: without the world's folder path (the world's hash
+    stands for it) and without the other methods' sections, which this method never reads (so that
+    tuning one method's recipe leaves the other methods' cells finished)."""
+    from ..methods import available_methods, get_method
+
+    def section(name: str) -> str:
+        method = get_method(name)
+        return method.section or method.name.replace("-", "_")
+
+    recipe = config_to_dict(config)
+    recipe["model"].pop("id")
+    for name in available_methods():
+        if name != config.method:
+            recipe.pop(section(name), None)
+    return recipe
+
+
 def protocol_inputs(concepts: Sequence[str], images: int) -> dict[str, Any]:
     """The evaluation draw of every concept of a set: its size, seeds and the sha256 of its samples."""
     from ..toyworld import protocol
@@ -233,8 +251,6 @@ def plan(world: Any, settings: BenchSettings) -> list[Cell]:
         code = method_code(method)
         for concepts in settings.concept_sets:
             config = erasure_recipe(world, method, concepts)
-            recipe = config_to_dict(config)
-            recipe["model"].pop("id")  # the world's folder path; the world's hash stands for it
             inputs = {
                 "kind": "erasure",
                 "format": BENCH_FORMAT,
@@ -244,7 +260,7 @@ def plan(world: Any, settings: BenchSettings) -> list[Cell]:
                 "numerics": numerics,
                 "method": method,
                 "concepts": list(concepts),
-                "recipe": recipe,
+                "recipe": recipe_inputs(config),
                 "protocol": protocol_inputs(concepts, settings.images),
             }
             erasures.append(Cell("erasure", method, concepts, inputs, config=config))
