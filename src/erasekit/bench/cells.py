@@ -396,6 +396,7 @@ def compute_attack(world: Any, cell: Cell, folder: Path, erasure_folder: Path, s
 def compute_cell(world: Any, settings: BenchSettings, output: Path, cell: Cell, folder: Path) -> dict[str, Any]:
     """Compute ``cell`` of ``settings`` into ``folder`` (an attack cell: against its finished erasure cell in
     ``output``)."""
+    world.ensure_pipeline()
     if cell.kind == "erasure":
         return compute_erasure(world, cell, folder, settings.images)
     assert cell.erasure is not None

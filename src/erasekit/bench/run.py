@@ -160,7 +160,8 @@ def run_bench(
     if not 0 <= rank < processes:
         raise ConfigError(f"bench: process rank {rank} is not below the number of processes {processes}")
     target = prepare_output(output)
-    world = world or World.load(world_path)
+    # the pipeline loads when a cell is computed: a rerun that finds every cell finished never needs it
+    world = world or World.load(world_path, pipeline=False)
     with one_process():
         cells = plan(world, settings)
     result = BenchResult(output=target, rank=rank, processes=processes)
