@@ -235,6 +235,13 @@ def protocol_inputs(concepts: Sequence[str], images: int) -> dict[str, Any]:
     }
 
 
+def world_sampling(world: Any) -> Any:
+    """The world's sampling settings as the attacks take them (:class:`erasekit.attacks.Sampling`)."""
+    from ..attacks import Sampling
+
+    return Sampling(**{k: world.sampling[k] for k in asdict(Sampling()) if k in world.sampling})
+
+
 def plan(world: Any, settings: BenchSettings) -> list[Cell]:
     """Every cell of ``settings`` on ``world``: the erasure cells (methods x concept sets), then the
     attack cells (each erasure x each concept of its set x each attack), in that order.
@@ -242,10 +249,10 @@ def plan(world: Any, settings: BenchSettings) -> list[Cell]:
     The order matters to several processes: each takes every n-th cell, so all of them fit their
     erasures before any attack cell waits for one.
     """
-    from ..attacks import Sampling, get_attack
+    from ..attacks import get_attack
 
     world_inputs, numerics = world_record(world), numerics_inputs()
-    sampling = Sampling(**{k: world.sampling[k] for k in asdict(Sampling()) if k in world.sampling})
+    sampling = world_sampling(world)
     erasures: list[Cell] = []
     for method in settings.methods:
         code = method_code(method)
@@ -366,13 +373,10 @@ def compute_erasure(world: Any, cell: Cell, folder: Path, images: int) -> dict[s
 
 def compute_attack(world: Any, cell: Cell, folder: Path, erasure_folder: Path, seeds: list[int]) -> dict[str, Any]:
     """Run ``cell``'s attack against the erasure in ``erasure_folder``; its folder goes to ``folder/attack``."""
-    from dataclasses import asdict
-
-    from ..attacks import Sampling, detector_judge, run_attack
+    from ..attacks import detector_judge, run_attack
     from ..methods import load_erasure
 
     assert cell.attack is not None and cell.concept is not None
-    sampling = Sampling(**{k: world.sampling[k] for k in asdict(Sampling()) if k in world.sampling})
     result = run_attack(
         world.pipe,
         cell.attack,
@@ -380,7 +384,7 @@ def compute_attack(world: Any, cell: Cell, folder: Path, erasure_folder: Path, s
         concept=cell.concept,
         judge=detector_judge("shapes", cell.concept, model=str(Path(world.path) / "detectors")),
         seeds=seeds,
-        sampling=sampling,
+        sampling=world_sampling(world),
         budget=cell.budget,
         output=folder / "attack",
     )
