@@ -204,10 +204,14 @@ def test_the_quick_bench_end_to_end_then_a_rerun_computes_nothing_and_an_interru
     def nothing_to_compute(*args: Any) -> Any:
         raise AssertionError("a finished cell was computed again")
 
+    from erasekit.toyworld.world import World
+
+    lazy = World.load(pipeline=False)  # as the command loads it: the pipeline only once a cell is computed
     with monkeypatch.context() as patch:
         patch.setattr(bench_run, "compute_cell", nothing_to_compute)
-        again = run_bench(make_settings(quick=True), output, world=world, log=lines.append)
+        again = run_bench(make_settings(quick=True), output, world=lazy, log=lines.append)
     assert again.computed == [] and sorted(again.reused) == sorted(f.name for f in cell_folders)
+    assert lazy.pipe is None, "a rerun with every cell finished loaded the pipeline"
     assert json.loads((output / "leaderboard.json").read_text()) == board
 
     # an interruption (Ctrl-C) in the middle of a cell: that cell is lost, nothing half-written stays
