@@ -264,3 +264,32 @@ def test_two_processes_write_the_leaderboard_of_one(world, tmp_path):
     double = json.loads((tmp_path / "two" / "leaderboard.json").read_text())
     assert double["cells"] == single["cells"]  # the same keys
     assert _without_measured(double) == _without_measured(single)
+
+
+def test_a_cell_that_refuses_its_input_is_finished_with_its_error_and_an_interrupted_one_leaves_nothing(tmp_path):
+    from erasekit.bench.cells import Cell, read_cell, write_cell
+    from erasekit.bench.report import leaderboard, markdown, report_html
+    from erasekit.errors import UnsupportedError
+
+    cell = Cell("erasure", "sld", ("circle",), {**INPUTS, "method": "sld"})
+    (tmp_path / CELLS).mkdir()
+
+    def interrupted(folder: Path) -> dict[str, Any]:
+        (folder / "half-written").write_text("x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_cell(tmp_path, cell, interrupted)
+    assert list((tmp_path / CELLS).iterdir()) == [] and read_cell(tmp_path, cell) is None
+
+    def refuses(folder: Path) -> dict[str, Any]:
+        raise UnsupportedError("method 'sld' does not support the dit family")
+
+    record = write_cell(tmp_path, cell, refuses, {"rank": 0})
+    assert record["error"] == "method 'sld' does not support the dit family" and record["result"] == {}
+    assert read_cell(tmp_path, cell) == json.loads(json.dumps(record))  # finished: a rerun reads it back
+    settings = make_settings(methods=["sld"], concepts=["circle"], attacks=["completion"])
+    board = leaderboard(settings, [read_cell(tmp_path, cell)])
+    assert board["rows"][0]["error"] == record["error"] and board["original"] == {}
+    assert f"| sld | circle | failed: {record['error']} |" in markdown(board)
+    assert "failed: method &#x27;sld&#x27;" in report_html(board)  # the plots leave the failed row out
