@@ -90,6 +90,12 @@ def test_bad_flags_exit_2_in_one_line_before_anything_is_written(tmp_path, capsy
     assert not output.exists()
 
 
+def test_a_world_that_is_none_is_refused_before_the_folder_exists(tmp_path, capsys):
+    output = tmp_path / "bench"
+    assert cli(["bench", "--quick", "--world", str(tmp_path), "--output", str(output)]) == 2
+    assert "is not a ShapesCanvas world" in capsys.readouterr().err and not output.exists()
+
+
 def test_a_folder_of_something_else_is_refused(tmp_path):
     (tmp_path / "other" / "file.txt").parent.mkdir()
     (tmp_path / "other" / "file.txt").write_text("mine")

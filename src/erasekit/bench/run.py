@@ -97,8 +97,8 @@ class BenchResult:
     seconds: float = 0.0
 
 
-def prepare_output(output: str | os.PathLike[str]) -> Path:
-    """The benchmark folder: created with its marker, or an earlier benchmark's folder to continue.
+def check_bench_output(output: str | os.PathLike[str]) -> Path:
+    """Refuse an output the benchmark cannot write or continue, creating nothing.
 
     Raises:
         ErasekitError: a file, an unwritable place, or a non-empty folder that is no benchmark's.
@@ -108,6 +108,16 @@ def prepare_output(output: str | os.PathLike[str]) -> Path:
         raise ErasekitError(
             f"output {str(target)!r} is a folder of something else (no {MARKER}); choose another --output"
         )
+    return target
+
+
+def prepare_output(output: str | os.PathLike[str]) -> Path:
+    """The benchmark folder: created with its marker, or an earlier benchmark's folder to continue.
+
+    Raises:
+        ErasekitError: as :func:`check_bench_output`.
+    """
+    target = check_bench_output(output)
     make_directory(target)
     if not (target / MARKER).is_file():
         marker = {"format": MARKER_FORMAT, "format_version": 1, "erasekit_version": __version__}
@@ -159,11 +169,12 @@ def run_bench(
     rank, processes = process_rank()
     if not 0 <= rank < processes:
         raise ConfigError(f"bench: process rank {rank} is not below the number of processes {processes}")
-    target = prepare_output(output)
+    check_bench_output(output)
     # the pipeline loads when a cell is computed: a rerun that finds every cell finished never needs it
     world = world or World.load(world_path, pipeline=False)
     with one_process():
-        cells = plan(world, settings)
+        cells = plan(world, settings)  # a budget an attack cannot use fails here, before the folder exists
+    target = prepare_output(output)
     result = BenchResult(output=target, rank=rank, processes=processes)
     mine = [(i, cell) for i, cell in enumerate(cells) if i % processes == rank]
     context = {"erasekit_version": __version__, "rank": rank, "processes": processes}
