@@ -24,6 +24,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError, ErasekitError
+from ..launch import warn_if_single_process
 from ..outputs import check_output, make_directory, write_atomically
 from .cells import (
     ATTACK_SEEDS,
@@ -169,6 +170,7 @@ def run_bench(
     rank, processes = process_rank()
     if not 0 <= rank < processes:
         raise ConfigError(f"bench: process rank {rank} is not below the number of processes {processes}")
+    warn_if_single_process(processes, "bench")  # `accelerate launch --cpu --num_processes N` starts one
     check_bench_output(output)
     # the pipeline loads when a cell is computed: a rerun that finds every cell finished never needs it
     world = world or World.load(world_path, pipeline=False)
