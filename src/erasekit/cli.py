@@ -305,6 +305,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser(
+        "bench",
+        help="every method x concept x attack on ShapesCanvas: a resumable run, a leaderboard and a report",
+    )
+    p.add_argument(
+        "--world", default="shapes", help="shapes (the embedded ShapesCanvas world, default) or a world folder"
+    )
+    p.add_argument("--methods", nargs="+", metavar="NAME", help="erasure methods (default: every registered one)")
+    p.add_argument(
+        "--concepts",
+        nargs="+",
+        metavar="CONCEPT",
+        help="ShapesCanvas concepts (default: circle star red checkered); a+b is a set erased together",
+    )
+    p.add_argument("--attacks", nargs="+", metavar="NAME", help="attacks (default: every registered one)")
+    p.add_argument(
+        "--images", type=int, help=f"evaluation images per group: concept, synonym, other values (default {PER_GROUP})"
+    )
+    p.add_argument("--attack-budget", type=int, help="every attack's budget in its own unit (default: each attack's)")
+    p.add_argument("--attack-seeds", type=int, help="attack the first N of the seeds 100-115 (default: all 16)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="uce and flowedit on circle, 16 images per group, the completion probe at budget 4 on 4 seeds "
+        "(flags given as well replace its choices)",
+    )
+    p.add_argument("--threads", type=int, help="torch threads of each process (default: torch's choice)")
+    p.add_argument("--output", required=True, help="the benchmark folder; an existing one is continued")
+    p.set_defaults(func=cmd_bench, pinned_numerics=True, resumes_output=lambda args: True)
+
     p = sub.add_parser("toyworld", help="the ShapesCanvas world: retrain it, or measure its quality")
     world_sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="ACTION")
     w = world_sub.add_parser("train", help="train the world from scratch (pipeline + detectors) into a new folder")
@@ -665,6 +695,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         train_seed=args.train_seed,
         rescore=not args.no_rescore,
     )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import make_settings, run_bench
+
+    settings = make_settings(
+        methods=args.methods,
+        concepts=args.concepts,
+        attacks=args.attacks,
+        images=args.images,
+        attack_budget=args.attack_budget,
+        attack_seeds=args.attack_seeds,
+        quick=args.quick,
+    )  # every name and number is checked before the world loads
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ErasekitError(f"--threads must be at least 1, got {args.threads}")
+        pin_cpu_numerics(args.threads)
+    run_bench(settings, args.output, world_path=None if args.world == "shapes" else args.world)
     return 0
 
 

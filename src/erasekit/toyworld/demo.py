@@ -100,9 +100,10 @@ def erasure_config(
     return config
 
 
-def _fidelity(
+def fidelity(
     before: np.ndarray, after: np.ndarray, latents_before: torch.Tensor, latents_after: torch.Tensor
 ) -> dict[str, float]:
+    """PSNR and SSIM of ``after`` against ``before`` (uint8 images, N x H x W x 3) and the latents' MSE."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     a = torch.from_numpy(before).permute(0, 3, 1, 2).float() / 255
@@ -375,7 +376,7 @@ def run_demo(
             "after": judge(world, concept, samples, after),
             # the original model's images of the anchor prompts, same noise: the most an exact mapping reaches
             "anchor_images": {key: reference_scores[key] for key in ("ua", "synonym_ua")},
-            "fidelity": _fidelity(before[keep], after[keep], latents_before, latents_after[torch.from_numpy(keep)]),
+            "fidelity": fidelity(before[keep], after[keep], latents_before, latents_after[torch.from_numpy(keep)]),
             **erasure.report(),  # the method's own numbers (a mask: masked fraction, units and sha256)
             "images_per_group": per_group,
             "sampling": world.sampling,
