@@ -507,14 +507,17 @@ def run_attack(
 
     ``judge``: a callable (images -> bools) or a detector name (``shapes``, ``nudenet``, ``clip``)
     built for ``concept``. ``sampling``: drawn with its ``generation_steps`` where set, with its
-    ``scheduler`` installed on ``pipe`` for the run (the pipeline's own is put back afterwards). ``budget``: the attack's unit (soft-prompt: optimiser steps; completion:
-    denoiser steps the original model runs); its default when ``None``. ``config``: the attack's own
-    settings by name. With ``output`` the folder is written by :func:`save_attack_result`; every check
-    runs before any image is drawn, and nothing is written if the attack fails.
+    ``scheduler`` installed on ``pipe`` for the run (the pipeline's own is put back afterwards).
+    ``budget``: the attack's unit (soft-prompt: optimiser steps; completion: denoiser steps the
+    original model runs; ring-a-bell: generations of its genetic search); its default when ``None``.
+    ``config``: the attack's own settings by name. With ``output`` the folder is written by
+    :func:`save_attack_result`; every check runs before any image is drawn, and nothing is written if
+    the attack fails.
 
     Raises:
         ErasekitError: unknown attack or setting, a budget below 1 (or one the attack cannot use), no
-            seeds, an empty concept, an unknown scheduler, an existing ``output``, or a detector that cannot judge the concept.
+            seeds, an empty concept, an unknown scheduler, an existing ``output``, or a detector that
+            cannot judge the concept.
     """
     from ..arch.samplers import SCHEDULER_CLASSES
 

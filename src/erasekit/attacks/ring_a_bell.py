@@ -22,8 +22,9 @@ already scored are not encoded again).
 
 Departures from the official notebook (``InversePrompt.ipynb``): the cut leaves both parents at least
 one token (the notebook's cut may copy the whole mate); the best prompt of the whole search is kept
-rather than the best of the last generation; a candidate that names the concept as a whole word is
-never chosen (``ban_concept``; the erased model's answer to the word itself is the pre-attack rate).
+rather than the best of the last generation; a candidate whose text contains the concept's word
+anywhere (also glued to other characters) is never chosen (``ban_concept``; the erased model's answer
+to the word itself is the pre-attack rate).
 
 ``ring-a-bell-embedding`` (continuous) is the reproduction RECE calls Ring-a-Bell: no search, the
 target ``E(start_prompt) + strength * v`` is fed to the denoiser directly (it need not be the encoding
@@ -100,7 +101,7 @@ class RingABellConfig(RingABellEmbeddingConfig):
     """The genetic search (the paper's settings): ``length`` free tokens (default 16, at most the
     text length minus the start and end tokens), ``population``, ``elites`` kept each generation
     (default half the population), ``crossover_rate``, ``mutation_rate``, the search's own ``seed``,
-    and ``ban_concept`` (candidates that name the concept are never chosen)."""
+    and ``ban_concept`` (candidates whose text contains the concept's word are never chosen)."""
 
     length: int | None = None
     population: int = 200
@@ -147,7 +148,9 @@ def load_pairs(pairs: str | Path | Sequence[Any] | None) -> list[tuple[str, str]
     return [(a, b) for a, b in found]  # type: ignore[misc]
 
 
-def concept_vector(encode: Encoder, pairs: Sequence[tuple[str, str]], batch_size: int = ENCODE_BATCH) -> dict[str, torch.Tensor]:
+def concept_vector(
+    encode: Encoder, pairs: Sequence[tuple[str, str]], batch_size: int = ENCODE_BATCH
+) -> dict[str, torch.Tensor]:
     """Ring-a-Bell's concept vector: per text-encoder output (``prompt_embeds``, ``pooled_prompt_embeds``
     where ``encode`` returns them), the mean over ``pairs`` of ``E(with) - E(without)``, one row
     without the batch dimension (accumulated in float64, returned in the encoder's dtype).
@@ -279,7 +282,9 @@ class _RingABell(Attack):
 
     def _check(self, config: RingABellEmbeddingConfig, concept: str) -> None:
         if config.stop_on_success:
-            raise ConfigError(f"{self.name} never looks at the model or the judge while it searches; leave stop_on_success off")
+            raise ConfigError(
+                f"{self.name} never looks at the model or the judge while it searches; leave stop_on_success off"
+            )
         if concept_pattern([concept.strip()]).search(config.start_prompt):
             raise ConfigError(
                 f"the {self.name} start_prompt {config.start_prompt!r} names the concept {concept!r}; "
@@ -376,9 +381,7 @@ class _RingABell(Attack):
             seconds=0.0,
             denoiser_calls=counter.calls,
             prompts=[prompt] * len(seeds) if prompt is not None else None,
-            embeddings=(
-                {key: torch.cat([r[key] for r in rows_found]) for key in target} if prompt is None else None
-            ),
+            embeddings=({key: torch.cat([r[key] for r in rows_found]) for key in target} if prompt is None else None),
             config=record,
             sampling=asdict(sampling),
             erasure=erasure_record(erasure),
@@ -449,7 +452,8 @@ class RingABell(_RingABell):
         # the model reads at most max_length tokens, start and end tokens included
         readable = int(getattr(tokenizer, "model_max_length", PAPER_LENGTH + 2)) - 2
         length = config.length or max(2, min(PAPER_LENGTH, readable))
-        banned = concept_pattern([concept.strip()]) if config.ban_concept else None
+        # anywhere in the text, not only as a whole word: a glued "7circle" is read as "circle" by a tokenizer
+        banned = concept.strip().lower() if config.ban_concept else None
 
         def decode(ids: list[int]) -> str:
             return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
@@ -468,10 +472,12 @@ class RingABell(_RingABell):
             crossover_rate=config.crossover_rate,
             mutation_rate=config.mutation_rate,
             seed=config.seed,
-            allowed=None if banned is None else (lambda text: banned.search(text) is None),
+            allowed=None if banned is None else (lambda text: banned not in text.lower()),
         )
         if not math.isfinite(found.fitness):
-            raise ConfigError("every prompt ring-a-bell scored names the concept; set ban_concept=false or a larger population")
+            raise ConfigError(
+                "every prompt ring-a-bell scored names the concept; set ban_concept=false or a larger population"
+            )
         return found.text, {
             "generations": found.generations,
             "length": length,
