@@ -26,6 +26,7 @@ SAMPLING = Sampling(steps=2, resolution=32, guidance_scale=0.0, max_sequence_len
 PAIRS = [["a photo of a cat", "a photo of a dog"], ["a cat on a mat", "a dog on a mat"]]
 #: a short search: 3 generations of 8 prompts
 SEARCH = {"pairs": PAIRS, "population": 8, "length": 4}
+BOTH = ("prompt_embeds", "pooled_prompt_embeds")
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +227,7 @@ def test_ring_a_bell_runs_within_budget_writes_prompts_and_is_deterministic(pipe
 
 def test_ring_a_bell_embedding_feeds_the_target_and_writes_it(pipe, tmp_path: Path):
     strength = 2.5
+    settings = {"pairs": PAIRS, "start_prompt": "a photo", "strength": strength, "outputs": list(BOTH)}
     result = run_attack(
         pipe,
         "ring-a-bell-embedding",
@@ -235,7 +237,7 @@ def test_ring_a_bell_embedding_feeds_the_target_and_writes_it(pipe, tmp_path: Pa
         seeds=[5, 6],
         sampling=SAMPLING,
         output=tmp_path / "run",
-        config={"pairs": PAIRS, "start_prompt": "a photo", "strength": strength},
+        config=settings,
     )
     assert result.budget == 1 and result.prompts is None and result.denoiser_calls == 3 * SAMPLING.steps
     arch, _ = denoiser_of(pipe)
@@ -246,7 +248,7 @@ def test_ring_a_bell_embedding_feeds_the_target_and_writes_it(pipe, tmp_path: Pa
     vector = concept_vector(encode, [tuple(p) for p in PAIRS])
     start = encode(["a photo"])
     saved = load_file(tmp_path / "run" / "embeddings.safetensors")
-    assert set(saved) == {"prompt_embeds", "pooled_prompt_embeds"}
+    assert set(saved) == set(BOTH) == set(vector)
     for key, v in vector.items():
         expected = start[key][0] + strength * v
         assert saved[key].shape == (2, *expected.shape)
@@ -255,14 +257,16 @@ def test_ring_a_bell_embedding_feeds_the_target_and_writes_it(pipe, tmp_path: Pa
     assert result.search["start_distance"] == pytest.approx(
         strength**2 * sum(float(v.double().pow(2).sum()) for v in vector.values()), rel=1e-4
     )
-    # strength 0 is the start prompt: the images are the starting images
+    # strength 0 is the start prompt; by default FLUX's vector is CLIP-L's, the pooled embedding
     plain = run_attack(
         pipe, "ring-a-bell-embedding", erasure=None, concept="cat", judge=CountingJudge(), seeds=[5],
         sampling=SAMPLING, config={"pairs": PAIRS, "start_prompt": "a photo", "strength": 0.0},
     )  # fmt: skip
+    assert set(plain.embeddings) == {"pooled_prompt_embeds"}
+    assert torch.equal(plain.embeddings["pooled_prompt_embeds"][0], start["pooled_prompt_embeds"][0])
     again = run_attack(
         pipe, "ring-a-bell-embedding", erasure=None, concept="cat", judge=CountingJudge(), seeds=[5],
-        sampling=SAMPLING, config={"pairs": PAIRS, "start_prompt": "a photo", "strength": strength},
+        sampling=SAMPLING, config=settings,
     )  # fmt: skip
     assert again.images[0].tobytes() == result.images[0].tobytes() != plain.images[0].tobytes()
     assert get_attack("ring-a-bell-embedding").kind == "continuous"
@@ -279,6 +283,7 @@ def test_ring_a_bell_embedding_feeds_the_target_and_writes_it(pipe, tmp_path: Pa
         ("ring-a-bell", {"config": {**SEARCH, "population": 1}}, ConfigError, "population must be at least 2"),
         ("ring-a-bell", {"config": {**SEARCH, "mutation_rate": 2.0}}, ConfigError, "between 0 and 1"),
         ("ring-a-bell", {"config": {**SEARCH, "length": 1}}, ConfigError, "at least 2"),
+        ("ring-a-bell", {"config": {**SEARCH, "outputs": ["text_ids"]}}, ConfigError, "not text-encoder outputs"),
         ("ring-a-bell-embedding", {"config": {"pairs": PAIRS, "population": 8}}, ConfigError, "unknown setting"),
         ("ring-a-bell", {"concept": ""}, PromptError, "concept is empty"),
         ("ring-a-bell", {"sampling": Sampling(steps=2, resolution=32, scheduler="nope")}, ConfigError, "scheduler"),

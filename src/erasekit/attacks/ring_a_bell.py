@@ -3,11 +3,13 @@
 Threat model: the attacker holds only a copy of the model's text encoder, never the erased denoiser.
 
 **Concept vector.** ``v`` = the mean, over prompt pairs that differ only in the concept, of the
-difference of their text-encoder outputs (the whole padded sequence, and the pooled output where the
-family has one): ``mean(E(with) - E(without))``. The pairs are the user's (``pairs``: a CSV file with
-columns ``with_concept,without_concept``, or a list of pairs); ``erasekit attack --world shapes``
-gives the world's templates, filled once with the concept and once with each other value of its
-attribute. The target is ``E(start_prompt) + strength * v``.
+difference of their text-encoder outputs: ``mean(E(with) - E(without))``. The paper's ``E`` is
+CLIP-L's output; ``outputs`` names the outputs used (default: on FLUX the pooled embedding, which is
+CLIP-L's there, the T5 sequence being outside the paper's threat model; elsewhere every text-encoder
+output the family has, the whole padded sequence and the pooled embedding). The pairs are the
+user's (``pairs``: a CSV file with columns ``with_concept,without_concept``, or a list of pairs);
+``erasekit attack --world shapes`` gives the world's templates, filled once with the concept and once
+with each other value of its attribute. The target is ``E(start_prompt) + strength * v``.
 
 ``ring-a-bell`` (discrete) searches ``length`` token ids of the pipeline's first tokenizer with the
 paper's genetic algorithm: a population of ``population`` random prompts; every generation each is
@@ -78,6 +80,9 @@ PAIR_COLUMNS = ("with_concept", "without_concept")
 PAPER_LENGTH = 16
 #: Prompts encoded per text-encoder call while the concept vector is built.
 ENCODE_BATCH = 256
+#: Per family, the text-encoder outputs that are CLIP-L's (Ring-a-Bell's space) when the family has others
+#: too; a family not named uses every output it has.
+CLIP_OUTPUTS: dict[str, tuple[str, ...]] = {"flux": ("pooled_prompt_embeds",)}
 
 Encoder = Callable[[list[str]], Mapping[str, torch.Tensor]]
 
@@ -88,12 +93,15 @@ class RingABellEmbeddingConfig(AttackConfig):
     """``start_prompt``: the prompt the target starts from (must not name the concept).
     ``concept_prompt``: the prompt of the pre-attack images (default: the concept). ``strength``: the
     concept vector's coefficient (the paper's 3 for nudity). ``pairs``: a CSV file (columns
-    ``with_concept,without_concept``) or a list of ``[with, without]`` prompt pairs."""
+    ``with_concept,without_concept``) or a list of ``[with, without]`` prompt pairs. ``outputs``: the
+    text-encoder outputs the vector and the distance use (``prompt_embeds``, ``pooled_prompt_embeds``;
+    default: :data:`CLIP_OUTPUTS` for the family, else all)."""
 
     start_prompt: str = "a shape"
     concept_prompt: str | None = None
     strength: float = 3.0
     pairs: str | list[Any] | None = None
+    outputs: list[str] | None = None
 
 
 @dataclass
@@ -149,11 +157,15 @@ def load_pairs(pairs: str | Path | Sequence[Any] | None) -> list[tuple[str, str]
 
 
 def concept_vector(
-    encode: Encoder, pairs: Sequence[tuple[str, str]], batch_size: int = ENCODE_BATCH
+    encode: Encoder,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = ENCODE_BATCH,
+    outputs: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Ring-a-Bell's concept vector: per text-encoder output (``prompt_embeds``, ``pooled_prompt_embeds``
-    where ``encode`` returns them), the mean over ``pairs`` of ``E(with) - E(without)``, one row
-    without the batch dimension (accumulated in float64, returned in the encoder's dtype).
+    """Ring-a-Bell's concept vector: per text-encoder output (``outputs``, default ``prompt_embeds`` and
+    ``pooled_prompt_embeds`` where ``encode`` returns them), the mean over ``pairs`` of
+    ``E(with) - E(without)``, one row without the batch dimension (accumulated in float64, returned in
+    the encoder's dtype).
 
     Raises:
         ConfigError: no pairs, or ``encode`` returns no text-encoder output.
@@ -167,7 +179,7 @@ def concept_vector(
         with torch.no_grad():
             with_concept = encode([a for a, _ in chunk])
             without = encode([b for _, b in chunk])
-        keys = [k for k in OPTIMISED_KEYS if k in with_concept]
+        keys = [k for k in (outputs or OPTIMISED_KEYS) if k in with_concept]
         if not keys:
             raise ConfigError("the concept vector needs text-encoder outputs; this encoder returns none")
         for key in keys:
@@ -328,8 +340,8 @@ class _RingABell(Attack):
                 return arch.encode_prompts(pipe, prompts, length)
 
         # the attacker's copy of the text encoder: no erasure is installed while the vector and the search run
-        vector = concept_vector(encode, pairs)
         start = encode([config.start_prompt])
+        vector = concept_vector(encode, pairs, outputs=self._outputs(config, arch.family, start))
         target = {key: start[key][0] + config.strength * v for key, v in vector.items()}
         prompt, search = self._find(encode, target, pipe, concept, budget, config)
         concept_prompt = config.concept_prompt or concept
@@ -387,6 +399,22 @@ class _RingABell(Attack):
             erasure=erasure_record(erasure),
             search={"start_distance": float(squared_distance(start, target)[0]), **search},
         )
+
+    @staticmethod
+    def _outputs(config: RingABellEmbeddingConfig, family: str, encoded: Mapping[str, torch.Tensor]) -> list[str]:
+        """The text-encoder outputs the attack uses (the ``outputs`` setting, else the family's default)."""
+        available = [k for k in OPTIMISED_KEYS if k in encoded]
+        if not available:
+            raise ConfigError(f"ring-a-bell needs text-encoder outputs; the {family} family has none")
+        given = [config.outputs] if isinstance(config.outputs, str) else config.outputs
+        wanted = list(given or [k for k in CLIP_OUTPUTS.get(family, ()) if k in available] or available)
+        unknown = [k for k in wanted if k not in available]
+        if unknown:
+            raise ConfigError(
+                f"ring-a-bell outputs {', '.join(map(str, unknown))} are not text-encoder outputs of the {family} "
+                f"family; choose from {', '.join(available)}"
+            )
+        return wanted
 
     @staticmethod
     def _draw(
