@@ -4,8 +4,6 @@ the prompts read back by ``evaluate --prompts``, bad input)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -149,8 +147,20 @@ def test_genetic_search_counts_its_evaluations_and_respects_what_is_banned():
     assert "4" not in found.text.split() and found.fitness >= 1
 
 
+def test_word_tokens_keeps_whole_alphabetic_words_only(pipe):
+    from erasekit.attacks.ring_a_bell import word_tokens
+
+    tokenizer = pipe.tokenizer  # the real CLIP vocabulary
+    tokens = ["cat</w>", "ca", "!</w>", "\u00c0</w>", "dog</w>", "42</w>"]
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    assert len(set(ids)) == len(tokens) and tokenizer.unk_token_id not in ids
+    assert word_tokens(tokenizer, ids) == [ids[0], ids[4]]
+
+
 # --------------------------------------------------------------------------- ring-a-bell on the tiny pipeline
-def test_ring_a_bell_runs_within_budget_writes_prompts_and_is_deterministic(pipe, tiny_flux_path: str, tmp_path: Path):
+def test_ring_a_bell_runs_within_budget_writes_prompts_and_is_deterministic(
+    pipe, tiny_flux_path: str, tmp_path: Path, capsys
+):
     judge = CountingJudge()
     with count_denoiser_calls(pipe) as outside:
         result = run_attack(
@@ -205,23 +215,10 @@ def test_ring_a_bell_runs_within_budget_writes_prompts_and_is_deterministic(pipe
     assert [(item.prompt, item.seed) for item in loaded.items] == [(prompt, 3), (prompt, 4)]
     from erasekit.cli import main as cli
 
-    flags = [
-        "--steps",
-        "2",
-        "--resolution",
-        "32",
-        "--max-sequence-length",
-        "16",
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-    ]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli(["evaluate", "--model", tiny_flux_path, "--prompts", str(folder / "prompts.csv"), *flags,
-                    "--output", str(tmp_path / "eval")])  # fmt: skip
-    assert code == 0, err.getvalue()
+    prompts = str(folder / "prompts.csv")
+    code = cli(["evaluate", "--model", tiny_flux_path, "--prompts", prompts, "--steps", "2", "--resolution", "32",
+                "--max-sequence-length", "16", "--device", "cpu", "--output", str(tmp_path / "eval")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
     assert len(list((tmp_path / "eval" / "images").rglob("*.png"))) == 2
 
 
@@ -328,7 +325,7 @@ def test_the_attack_command_gives_ring_a_bell_the_worlds_pairs(tmp_path: Path, c
 
     out = tmp_path / "rab"
     args = ["attack", "--world", "shapes", "--concept", "circle", "--attack", "ring-a-bell", "--budget", "2"]
-    assert cli([*args, "--set", "population=6", "--seed", "100", "--output", str(out)]) == 0
+    assert cli([*args, "--set", "population=6", "--set", "words_only=true", "--seed", "100", "--output", str(out)]) == 0
     assert "before the attack" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["pairs"]["count"] == 1533  # 7 other objects for each of 219 template fillings
@@ -337,7 +334,9 @@ def test_the_attack_command_gives_ring_a_bell_the_worlds_pairs(tmp_path: Path, c
         "a red square in flat style on a black background",
     ]
     assert summary["search"]["generations"] == 2 and summary["judge"]["name"] == "shapes"
-    assert (out / "prompts.csv").read_text().splitlines()[0] == "prompt,seed"
+    header, row = (out / "prompts.csv").read_text().splitlines()
+    prompt = row.rpartition(",")[0]
+    assert header == "prompt,seed" and all(word.isalpha() for word in prompt.split()) and "circle" not in prompt
     bad = [*args[:6], "ring-a-bell", "--concept", "banana", "--output", str(tmp_path / "x")]
     assert cli(bad) == 2
     err = capsys.readouterr().err.strip()
