@@ -151,7 +151,7 @@ def test_word_tokens_keeps_whole_alphabetic_words_only(pipe):
     from erasekit.attacks.ring_a_bell import word_tokens
 
     tokenizer = pipe.tokenizer  # the real CLIP vocabulary
-    tokens = ["cat</w>", "ca", "!</w>", "\u00c0</w>", "dog</w>", "42</w>"]
+    tokens = ["cat</w>", "ca", "!</w>", "\u00c0</w>", "dog</w>", "4</w>"]
     ids = tokenizer.convert_tokens_to_ids(tokens)
     assert len(set(ids)) == len(tokens) and tokenizer.unk_token_id not in ids
     assert word_tokens(tokenizer, ids) == [ids[0], ids[4]]
