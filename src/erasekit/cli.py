@@ -267,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--erasure", "--masks", dest="erasure", metavar="DIR", help="erasure folder (default: none)")
     p.add_argument("--concept", required=True, help="the concept the erasure removed")
-    p.add_argument("--attack", required=True, help="the attack (soft-prompt, completion)")
+    p.add_argument(
+        "--attack", required=True, help="the attack (soft-prompt, completion, ring-a-bell, ring-a-bell-embedding)"
+    )
     p.add_argument("--budget", type=int, help="the attack's budget in its own unit (default: the attack's)")
     p.add_argument("--seed", type=int, action="append", help="noise seed (repeatable; default 0-15)")
     p.add_argument("--detector", help="the judge: shapes, nudenet, clip (default: shapes with --world)")
@@ -625,15 +627,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import yaml
 
-    from .arch.samplers import set_scheduler
     from .attacks import Sampling, get_attack, run_attack
     from .errors import ConfigError
     from .methods import load_erasure
     from .pipeline import load_pipeline
 
-    get_attack(args.attack)  # an unknown attack or a bad erasure fails before the model loads
+    attack = get_attack(args.attack)  # an unknown attack or a bad erasure fails before the model loads
     erasure = load_erasure(args.erasure) if args.erasure else None
     settings: dict[str, Any] = {}
     for item in args.overrides:
@@ -647,14 +650,20 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
         world = World.load()
         model, defaults = str(world.pipeline_path), {**defaults, **world.sampling}
+        if "pairs" in {f.name for f in dataclasses.fields(attack.config_class)} and "pairs" not in settings:
+            from .toyworld.protocol import concept_pairs
+
+            # Ring-a-Bell's concept vector: the world's templates with and without the concept
+            settings["pairs"] = concept_pairs(args.concept)
     else:
         model = args.model
     detector = args.detector or ("shapes" if args.world else None)
     if detector is None:
         raise ConfigError("--detector is needed with --model: shapes, nudenet or clip")
-    sampling = Sampling(**_sampling_flags(args, defaults))
+    sampling = Sampling(
+        **_sampling_flags(args, defaults), scheduler=args.scheduler or defaults.get("scheduler", "pipeline")
+    )
     pipe = load_pipeline(model, args.dtype, args.device)
-    set_scheduler(pipe, args.scheduler or defaults.get("scheduler", "pipeline"))
     result = run_attack(
         pipe,
         args.attack,

@@ -146,6 +146,16 @@ class SamplingConfig:
     the model samples with. Recorded in the artefact; ``erasekit generate`` and ``erasekit evaluate``
     default to it (else to ``steps``)."""
 
+    def for_generation(self) -> SamplingConfig:
+        """These settings as images are drawn with them: ``generation_steps`` (where set) as the steps."""
+        if self.generation_steps is None:
+            return dataclasses.replace(self)
+        return dataclasses.replace(self, steps=self.generation_steps, generation_steps=None)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of a family's ``trajectory`` (steps, resolution, guidance scale)."""
+        return {"steps": self.steps, "resolution": self.resolution, "guidance_scale": self.guidance_scale}
+
 
 @dataclass
 class LossConfig:

@@ -16,6 +16,8 @@ from the prompts and seeds an erasure trains on (:func:`erasure_prompts`).
 
 from __future__ import annotations
 
+import itertools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -58,6 +60,30 @@ def resolve_concept(concept: str) -> tuple[str, str]:
                 return attribute, value
     known = ", ".join(v for table in SYNONYMS.values() for v in table)
     raise ErasekitError(f"{concept!r} is not a ShapesCanvas concept; use one of: {known}")
+
+
+def concept_pairs(concept: str) -> list[tuple[str, str]]:
+    """Prompt pairs that differ only in ``concept``: every training template that names the concept's
+    attribute, filled with the canonical word of every combination of the other attributes it names,
+    once with the concept and once with each other value of its attribute (Ring-a-Bell's concept
+    vector is the mean difference of the two sides' encodings).
+
+    Raises:
+        ErasekitError: the word names no ShapesCanvas value.
+    """
+    attribute, value = resolve_concept(concept)
+    others = [v for v in ATTRIBUTES[attribute] if v != value]
+    pairs: list[tuple[str, str]] = []
+    for template in TEMPLATES:
+        names = re.findall(r"\{(\w+)\}", template)
+        if attribute not in names:
+            continue
+        rest = [n for n in names if n != attribute]
+        for combination in itertools.product(*(ATTRIBUTES[n] for n in rest)):
+            words = dict(zip(rest, combination))
+            with_concept = fill(template, {**words, attribute: value})
+            pairs.extend((with_concept, fill(template, {**words, attribute: other})) for other in others)
+    return pairs
 
 
 def evaluation_samples(
