@@ -265,6 +265,9 @@ class EapConfig(EsdConfig):
     candidates are drawn from (official: 1000-2000); at most the vocabulary less the excluded tokens."""
     centres: int = 50
     """K-means centres of those tokens; each centre's nearest token is one candidate concept (official 50-100)."""
+    candidates: list[str] = field(default_factory=list)
+    """Candidate concepts given as words, searched instead of the vocabulary's nearest tokens (for a model whose
+    vocabulary is mostly word pieces); the concept's own words are left out either way."""
 
 
 @dataclass

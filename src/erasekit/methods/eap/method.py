@@ -25,6 +25,7 @@ to search, so EAP does not support it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +82,49 @@ def check_eap_settings(settings: EapConfig) -> None:
         )
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def concept_span(prompt: str, target: str) -> tuple[list[str], list[str], list[str]]:
+    """``(before, concept, after)``: the words of ``target`` before and after the part where it differs from
+    ``prompt`` (the anchor, or nothing when the anchor is empty), and ``prompt``'s words in that part (the
+    concept as this prompt names it: the concept itself, a synonym)."""
+    p, t = _words(prompt), _words(target)
+    head = 0
+    while head < min(len(p), len(t)) and p[head] == t[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(p), len(t)) - head and p[len(p) - 1 - tail] == t[len(t) - 1 - tail]:
+        tail += 1
+    return t[:head], p[head : len(p) - tail], t[len(t) - tail :]
+
+
+def candidate_prompts(concept_prompts: list[str], targets: list[str], word: str) -> list[str]:
+    """Each concept prompt's target with its anchor part (:func:`concept_span`) replaced by ``word``: the
+    concept prompt's context around a candidate concept (``a blue disc on gray`` -> ``a blue star on gray``)."""
+    prompts = []
+    for prompt, target in zip(concept_prompts, targets, strict=True):
+        before, _, after = concept_span(prompt, target)
+        prompts.append(" ".join([*before, word, *after]))
+    return prompts
+
+
+def whole_word_tokens(tokenizer: Any) -> list[int]:
+    """The ids of tokens that are a whole word on their own: letters only (two or more) and tokenized back to
+    exactly that id (not a word piece such as CLIP's ``cle`` or a byte)."""
+    ids = list(range(len(tokenizer)))
+    texts = [tokenizer.decode([i]).strip() for i in ids]
+    back = tokenizer([t or "-" for t in texts], add_special_tokens=False).input_ids
+    return [i for i, text, again in zip(ids, texts, back, strict=True) if len(text) > 1 and text.isalpha() and again == [i]]
+
+
 def candidate_words(
     pipe: Any, concept: str, excluded_words: list[str], nearest: int, centres: int, seed: int
 ) -> list[str]:
-    """The candidate concepts: one vocabulary token per K-means centre of the ``nearest`` tokens nearest
-    ``concept`` (the mean of its tokens' input embeddings), as words, without repeats.
+    """The candidate concepts: one whole-word vocabulary token per K-means centre of the ``nearest`` whole-word
+    tokens nearest ``concept`` (the mean of its tokens' input embeddings), without repeats; the tokens of
+    ``concept`` and of ``excluded_words`` (its synonyms) are never candidates.
 
     Raises:
         ConfigError: ``nearest`` exceeds the tokens there are to choose from.
@@ -94,26 +133,21 @@ def candidate_words(
     # the embedding matrix may have rows the tokenizer never produces (T5 pads it to a multiple of 128)
     vocabulary = encoder.get_input_embeddings().weight.detach()[: len(tokenizer)].float().cpu()
     own = [tokenizer(word, add_special_tokens=False).input_ids for word in [concept, *excluded_words]]
-    exclude = torch.tensor(sorted({i for ids in own for i in ids} | set(tokenizer.all_special_ids)))
-    available = vocabulary.shape[0] - int(exclude.numel())
-    if nearest > available:
+    allowed = set(whole_word_tokens(tokenizer)) - {i for ids in own for i in ids}
+    exclude = torch.tensor(sorted(set(range(vocabulary.shape[0])) - allowed), dtype=torch.long)
+    if nearest > len(allowed):
         raise ConfigError(
-            f"eap.nearest must be at most {available} (this tokenizer's vocabulary less the concept's and the "
-            f"special tokens), got {nearest}"
+            f"eap.nearest must be at most {len(allowed)} (this tokenizer's whole-word tokens less the concept's), "
+            f"got {nearest}"
         )
     tokens = nearest_tokens(vocabulary[own[0]].mean(0), vocabulary, nearest, exclude=exclude)
     points = vocabulary[tokens]
     found = kmeans_centres(points, centres, generator=torch.Generator().manual_seed(seed))
     # each centre is represented by its nearest token not yet taken, so that no two candidates coincide
     taken: set[int] = set()
-    words: list[str] = []
     for order in torch.cdist(found, points).argsort(dim=1):
-        index = next(int(tokens[j]) for j in order if int(tokens[j]) not in taken)
-        taken.add(index)
-        word = tokenizer.decode([index]).strip()
-        if word and word not in words:
-            words.append(word)
-    return words
+        taken.add(next(int(tokens[j]) for j in order if int(tokens[j]) not in taken))
+    return [tokenizer.decode([i]).strip() for i in sorted(taken, key=lambda i: int((tokens == i).nonzero()))]
 
 
 def mix_encodings(encodings: dict[str, torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -149,12 +183,25 @@ class EapTrainer(EsdTrainer):
         s = self.settings
         if not self.arch.text_conditioned or getattr(pipe, "text_encoder", None) is None:
             raise ConfigError(f"eap searches the text conditioning, and the {self.arch.family} family has none")
-        concept = config.concept
-        self.words = candidate_words(pipe, concept.concept, concept.synonyms, s.nearest, s.centres, config.train.seed)
-        # per concept template, the candidates' conditional encodings stacked (the unconditional rows unused)
+        # the words the concept prompts have and their targets do not (the concept, its synonyms as the
+        # prompts use them) are never candidates: preserving them would undo the erasure
+        named = {w for c, t in zip(self.prompts.concept, self.prompts.target, strict=True) for w in concept_span(c, t)[1]}
+        excluded = named | {w.lower() for w in [config.concept.concept, *config.concept.synonyms]}
+        if s.candidates:
+            self.words = list(dict.fromkeys(w.strip() for w in s.candidates if w.strip().lower() not in excluded))
+            if not self.words:
+                raise ConfigError("eap.candidates: every candidate is a word of the concept prompts' concept")
+        else:
+            seed = config.train.seed
+            self.words = candidate_words(pipe, config.concept.concept, sorted(excluded), s.nearest, s.centres, seed)
+        # per concept prompt (the ESD sample's row), the candidates' conditional encodings stacked
         self.candidates: list[dict[str, torch.Tensor]] = []
-        for template in concept.templates:
-            encoded = self.encode([template.format(concept=word) for word in self.words])
+        for row in range(len(self.prompts.concept)):
+            prompts = [
+                candidate_prompts(self.prompts.concept[row : row + 1], self.prompts.target[row : row + 1], w)[0]
+                for w in self.words
+            ]
+            encoded = self.encode(prompts)
             self.candidates.append({k: v for k, v in encoded.items() if not k.startswith("negative_")})
         # the Gumbel logits live on the CPU: their draws use a CPU generator, the same on every device
         self.logits = torch.zeros(len(self.words), requires_grad=True)
@@ -166,19 +213,19 @@ class EapTrainer(EsdTrainer):
         return self.settings
 
     # ------------------------------------------------------------------ the adversary
-    def adversarial_guidance(self, template: int, weights: torch.Tensor) -> Conditional:
-        """The conditioning of the candidates of concept template ``template`` mixed by ``weights``."""
-        return Conditional(ROLE, {ROLE: mix_encodings(self.candidates[template], weights)})
+    def adversarial_guidance(self, row: int, weights: torch.Tensor) -> Conditional:
+        """The conditioning of the candidates in concept prompt ``row``'s context mixed by ``weights``."""
+        return Conditional(ROLE, {ROLE: mix_encodings(self.candidates[row], weights)})
 
     def _draw(self, generator: torch.Generator, logits: torch.Tensor) -> torch.Tensor:
         return gumbel_softmax(logits, self.settings.temperature, hard=self.settings.hard, generator=generator)
 
-    def adversary_step(self, esd: EsdSample, template: int, generator: torch.Generator) -> float:
+    def adversary_step(self, esd: EsdSample, row: int, generator: torch.Generator) -> float:
         """One ascent step of the logits on the preservation loss at ``esd``'s latent; returns that loss."""
         trajectory, z, step = esd.trajectory, esd.z, esd.step
         assert trajectory.predict is not None
         with torch.enable_grad():
-            guidance = self.adversarial_guidance(template, self._draw(generator, self.logits))
+            guidance = self.adversarial_guidance(row, self._draw(generator, self.logits))
             with self.original_weights():
                 frozen = x0_estimate(trajectory, z, trajectory.predict(z, step, guidance), step)
             edited = x0_estimate(trajectory, z, trajectory.predict(z, step, guidance), step)
@@ -208,12 +255,12 @@ class EapTrainer(EsdTrainer):
             x0_estimate(trajectory, z, esd.target, step).float(),
         )
         generator = torch.Generator().manual_seed(self.noise_seed(sample, 2))
-        template = sample % len(self.candidates)
+        row = self.concept_row(sample)
         ascended = 0.0
         for _ in range(self.settings.adversary_steps):
-            ascended = self.adversary_step(esd, template, generator)
+            ascended = self.adversary_step(esd, row, generator)
         weights = self._draw(generator, self.logits.detach())
-        guidance = self.adversarial_guidance(template, weights)
+        guidance = self.adversarial_guidance(row, weights)
         with torch.no_grad(), self.original_weights():
             frozen = x0_estimate(trajectory, z, trajectory.predict(z, step, guidance), step)
         edited = x0_estimate(trajectory, z, trajectory.predict(z, step, guidance), step)
