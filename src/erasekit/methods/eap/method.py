@@ -13,13 +13,15 @@ Each training sample:
    (Adam, ``eap.adversary_lr``), so the draw moves to the candidates the edit changes most.
 3. The model loss ``ESD + α · preservation`` on a fresh draw of the updated logits (held fixed).
 
-The candidates: the ``eap.nearest`` vocabulary tokens nearest the concept (cosine, in the first text
-encoder's input embeddings; the concept's and its synonyms' own tokens and the special tokens left out)
-reduced to ``eap.centres`` K-means centres, each represented by its nearest token; every candidate word is
-put in the concept templates and encoded by the family's text encoders. The official code mixes the
+The candidates: the ``eap.nearest`` whole-word vocabulary tokens nearest the concept (cosine, in the first
+text encoder's input embeddings; the concept's own words left out) reduced to ``eap.centres`` K-means
+centres, each represented by its nearest token, or the words of ``eap.candidates``. Each candidate is put in
+the context of the sampled concept prompt: its target with the anchor replaced by the candidate ("a blue disc
+on gray" -> "a blue star on gray"), encoded by the family's text encoders. The words the concept prompts
+have and their targets do not (the concept, its synonyms) are never candidates. The official code mixes the
 *input* token embeddings and runs CLIP on them; erasekit mixes the encoder *outputs* the denoiser reads
-(sequence and pooled embeddings), which is the same search for one-hot draws and needs no per-family access
-into the text encoders (FLUX and SD3 have two and three of them). DiT is class-conditioned and has no text
+(sequence and pooled embeddings): a one-hot draw is then a candidate's own encoding, and no per-family access
+into the text encoders is needed (FLUX and SD3 have two and three of them). DiT is class-conditioned and has no text
 to search, so EAP does not support it.
 """
 
@@ -114,9 +116,11 @@ def whole_word_tokens(tokenizer: Any) -> list[int]:
     """The ids of tokens that are a whole word on their own: letters only (two or more) and tokenized back to
     exactly that id (not a word piece such as CLIP's ``cle`` or a byte)."""
     ids = list(range(len(tokenizer)))
-    texts = [tokenizer.decode([i]).strip() for i in ids]
+    texts = [text.strip() for text in tokenizer.batch_decode([[i] for i in ids])]
     back = tokenizer([t or "-" for t in texts], add_special_tokens=False).input_ids
-    return [i for i, text, again in zip(ids, texts, back, strict=True) if len(text) > 1 and text.isalpha() and again == [i]]
+    return [
+        i for i, text, again in zip(ids, texts, back, strict=True) if len(text) > 1 and text.isalpha() and again == [i]
+    ]
 
 
 def candidate_words(
@@ -185,7 +189,9 @@ class EapTrainer(EsdTrainer):
             raise ConfigError(f"eap searches the text conditioning, and the {self.arch.family} family has none")
         # the words the concept prompts have and their targets do not (the concept, its synonyms as the
         # prompts use them) are never candidates: preserving them would undo the erasure
-        named = {w for c, t in zip(self.prompts.concept, self.prompts.target, strict=True) for w in concept_span(c, t)[1]}
+        named = {
+            w for c, t in zip(self.prompts.concept, self.prompts.target, strict=True) for w in concept_span(c, t)[1]
+        }
         excluded = named | {w.lower() for w in [config.concept.concept, *config.concept.synonyms]}
         if s.candidates:
             self.words = list(dict.fromkeys(w.strip() for w in s.candidates if w.strip().lower() not in excluded))
