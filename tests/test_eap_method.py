@@ -30,7 +30,7 @@ from erasekit.methods.esd import esd_loss, esd_target
 from erasekit.tiny import build_tiny_flux_pipeline
 from erasekit.training.run import make_accelerator
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerator_state")
 
 SHARED = [
     "method=eap",
@@ -50,15 +50,6 @@ SHARED = [
     "eap.start_guidance=2.0",
     "eap.candidates=[tree, car, horse, house, cat]",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerator_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _config(*extra: str) -> EraseConfig:
