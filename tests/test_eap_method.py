@@ -25,7 +25,7 @@ from erasekit.methods.eap import (
     preservation_loss,
     x0_from_velocity,
 )
-from erasekit.methods.eap.method import candidate_prompts, concept_span, mix_encodings
+from erasekit.methods.eap.method import candidate_prompt, concept_span, mix_encodings
 from erasekit.methods.esd import esd_loss, esd_target
 from erasekit.tiny import build_tiny_flux_pipeline
 from erasekit.training.run import make_accelerator
@@ -81,12 +81,14 @@ def _prediction(trainer: EapTrainer, prompt: str, z: torch.Tensor, step: int, ro
 
 
 def test_candidates_take_the_sampled_prompts_context_and_leave_out_the_concepts_words(tmp_path: Path) -> None:
-    assert concept_span("a blue disc on gray", "a blue square on gray") == (["a", "blue"], ["disc"], ["on", "gray"])
-    assert concept_span("a photo of a cat", "a photo of") == (["a", "photo", "of"], ["a", "cat"], [])
-    assert candidate_prompts(["a blue disc on gray", "cat"], ["a blue square on gray", "dog"], "star") == [
-        "a blue star on gray",
-        "star",
-    ]
+    assert concept_span("a blue disc on gray", "a blue square on gray") == ["disc"]
+    assert concept_span("a red cross", "an orange cross") == ["a", "red"]
+    assert concept_span("a photo of a cat", "a photo of") == ["a", "cat"]
+    # the target's own text around the candidate is kept (punctuation, case); an empty anchor: inserted
+    assert candidate_prompt("green circle, flat, Gray", "green square, flat, Gray", "star") == "green star, flat, Gray"
+    assert candidate_prompt("a red cross", "an orange cross", "blue") == "blue cross"
+    assert candidate_prompt("a photo of a cat", "a photo of", "tree") == "a photo of tree"
+    assert candidate_prompt("cat on a mat", "on a mat", "dog") == "dog on a mat"
     trainer = _trainer(build_tiny_flux_pipeline(seed=0), _config(), tmp_path)
     assert trainer.words == ["tree", "car", "horse", "house"]  # "cat" is the concept
     assert len(trainer.candidates) == len(trainer.prompts.concept) == 2
@@ -135,7 +137,7 @@ def test_eap_loss_is_the_kernels_esd_and_preservation_in_x0_space(tmp_path: Path
     # a changed model: ESD's term moves, and the preservation term compares the drawn candidate's x0
     generator = torch.Generator().manual_seed(trainer.noise_seed(sample, 2))
     drawn = int(gumbel_softmax(torch.zeros(len(trainer.words)), hard=True, generator=generator).argmax())
-    candidate = candidate_prompts([prompt], [trainer.prompts.target[row]], trainer.words[drawn])[0]
+    candidate = candidate_prompt(prompt, trainer.prompts.target[row], trainer.words[drawn])
     with torch.no_grad(), trainer.original_weights():
         frozen_candidate = _prediction(trainer, candidate, z, step)
     with torch.no_grad():

@@ -84,32 +84,43 @@ def check_eap_settings(settings: EapConfig) -> None:
         )
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
+_WORD = re.compile(r"\w+")
 
 
-def concept_span(prompt: str, target: str) -> tuple[list[str], list[str], list[str]]:
-    """``(before, concept, after)``: the words of ``target`` before and after the part where it differs from
-    ``prompt`` (the anchor, or nothing when the anchor is empty), and ``prompt``'s words in that part (the
-    concept as this prompt names it: the concept itself, a synonym)."""
-    p, t = _words(prompt), _words(target)
+def _spans(prompt: str, target: str) -> tuple[int, int, int]:
+    """``(head, tail, words)``: how many words ``prompt`` and ``target`` share at their start and at their
+    end (case-insensitive; the shared end never overlaps the start), and how many words ``target`` has."""
+    p = [w.lower() for w in _WORD.findall(prompt)]
+    t = [w.lower() for w in _WORD.findall(target)]
     head = 0
     while head < min(len(p), len(t)) and p[head] == t[head]:
         head += 1
     tail = 0
     while tail < min(len(p), len(t)) - head and p[len(p) - 1 - tail] == t[len(t) - 1 - tail]:
         tail += 1
-    return t[:head], p[head : len(p) - tail], t[len(t) - tail :]
+    return head, tail, len(t)
 
 
-def candidate_prompts(concept_prompts: list[str], targets: list[str], word: str) -> list[str]:
-    """Each concept prompt's target with its anchor part (:func:`concept_span`) replaced by ``word``: the
-    concept prompt's context around a candidate concept (``a blue disc on gray`` -> ``a blue star on gray``)."""
-    prompts = []
-    for prompt, target in zip(concept_prompts, targets, strict=True):
-        before, _, after = concept_span(prompt, target)
-        prompts.append(" ".join([*before, word, *after]))
-    return prompts
+def concept_span(prompt: str, target: str) -> list[str]:
+    """``prompt``'s words (lower case) where it differs from its ``target``: the concept as this prompt names
+    it (the concept itself, a synonym), with what differs around it (an article)."""
+    head, tail, _ = _spans(prompt, target)
+    words = [w.lower() for w in _WORD.findall(prompt)]
+    return words[head : len(words) - tail]
+
+
+def candidate_prompt(prompt: str, target: str, word: str) -> str:
+    """``target`` with the part where it differs from ``prompt`` (the anchor; where the anchor is empty, the
+    place the concept was dropped from) replaced by ``word``, the rest of its text kept as it is: the concept
+    prompt's context around a candidate concept (``a blue disc on gray`` -> ``a blue star on gray``)."""
+    head, tail, count = _spans(prompt, target)
+    matches = list(_WORD.finditer(target))
+    if head < count - tail:  # the anchor's words: replaced in place
+        start, end = matches[head].start(), matches[count - tail - 1].end()
+        return f"{target[:start]}{word}{target[end:]}"
+    # no anchor: inserted where the concept was
+    start = matches[head - 1].end() if head else 0
+    return " ".join(f"{target[:start]} {word} {target[start:]}".split())
 
 
 def whole_word_tokens(tokenizer: Any) -> list[int]:
@@ -189,9 +200,7 @@ class EapTrainer(EsdTrainer):
             raise ConfigError(f"eap searches the text conditioning, and the {self.arch.family} family has none")
         # the words the concept prompts have and their targets do not (the concept, its synonyms as the
         # prompts use them) are never candidates: preserving them would undo the erasure
-        named = {
-            w for c, t in zip(self.prompts.concept, self.prompts.target, strict=True) for w in concept_span(c, t)[1]
-        }
+        named = {w for c, t in zip(self.prompts.concept, self.prompts.target, strict=True) for w in concept_span(c, t)}
         excluded = named | {w.lower() for w in [config.concept.concept, *config.concept.synonyms]}
         if s.candidates:
             self.words = list(dict.fromkeys(w.strip() for w in s.candidates if w.strip().lower() not in excluded))
@@ -203,10 +212,7 @@ class EapTrainer(EsdTrainer):
         # per concept prompt (the ESD sample's row), the candidates' conditional encodings stacked
         self.candidates: list[dict[str, torch.Tensor]] = []
         for row in range(len(self.prompts.concept)):
-            prompts = [
-                candidate_prompts(self.prompts.concept[row : row + 1], self.prompts.target[row : row + 1], w)[0]
-                for w in self.words
-            ]
+            prompts = [candidate_prompt(self.prompts.concept[row], self.prompts.target[row], w) for w in self.words]
             encoded = self.encode(prompts)
             self.candidates.append({k: v for k, v in encoded.items() if not k.startswith("negative_")})
         # the Gumbel logits live on the CPU: their draws use a CPU generator, the same on every device
