@@ -123,15 +123,11 @@ def candidate_prompt(prompt: str, target: str, word: str) -> str:
     return " ".join(f"{target[:start]} {word} {target[start:]}".split())
 
 
-def whole_word_tokens(tokenizer: Any) -> list[int]:
-    """The ids of tokens that are a whole word on their own: letters only (two or more) and tokenized back to
-    exactly that id (not a word piece such as CLIP's ``cle`` or a byte)."""
-    ids = list(range(len(tokenizer)))
-    texts = [text.strip() for text in tokenizer.batch_decode([[i] for i in ids])]
-    back = tokenizer([t or "-" for t in texts], add_special_tokens=False).input_ids
-    return [
-        i for i, text, again in zip(ids, texts, back, strict=True) if len(text) > 1 and text.isalpha() and again == [i]
-    ]
+def is_whole_word(tokenizer: Any, token: int) -> bool:
+    """Whether ``token`` is a whole word on its own: letters only (two or more) and tokenized back to exactly
+    that id (not a word piece such as CLIP's ``cle``, nor a byte)."""
+    text = tokenizer.decode([token]).strip()
+    return len(text) > 1 and text.isalpha() and tokenizer(text, add_special_tokens=False).input_ids == [token]
 
 
 def candidate_words(
@@ -142,20 +138,34 @@ def candidate_words(
     ``concept`` and of ``excluded_words`` (its synonyms) are never candidates.
 
     Raises:
-        ConfigError: ``nearest`` exceeds the tokens there are to choose from.
+        ConfigError: the vocabulary has fewer than ``nearest`` such tokens.
     """
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
     # the embedding matrix may have rows the tokenizer never produces (T5 pads it to a multiple of 128)
     vocabulary = encoder.get_input_embeddings().weight.detach()[: len(tokenizer)].float().cpu()
     own = [tokenizer(word, add_special_tokens=False).input_ids for word in [concept, *excluded_words]]
-    allowed = set(whole_word_tokens(tokenizer)) - {i for ids in own for i in ids}
-    exclude = torch.tensor(sorted(set(range(vocabulary.shape[0])) - allowed), dtype=torch.long)
-    if nearest > len(allowed):
+    exclude = torch.tensor(sorted({i for ids in own for i in ids} | set(tokenizer.all_special_ids)), dtype=torch.long)
+    available = vocabulary.shape[0] - len(exclude)
+    if nearest > available:
         raise ConfigError(
-            f"eap.nearest must be at most {len(allowed)} (this tokenizer's whole-word tokens less the concept's), "
+            f"eap.nearest must be at most {available} (this vocabulary less the concept's and the special tokens), "
             f"got {nearest}"
         )
-    tokens = nearest_tokens(vocabulary[own[0]].mean(0), vocabulary, nearest, exclude=exclude)
+    ranking = nearest_tokens(vocabulary[own[0]].mean(0), vocabulary, available, exclude=exclude)
+    # walked nearest first, so that only about ``nearest`` tokens are decoded and tokenized again (a slow
+    # tokenizer takes seconds for a whole CLIP vocabulary)
+    kept: list[int] = []
+    for token in ranking.tolist():
+        if is_whole_word(tokenizer, token):
+            kept.append(token)
+            if len(kept) == nearest:
+                break
+    if len(kept) < nearest:
+        raise ConfigError(
+            f"eap.nearest must be at most {len(kept)} (this vocabulary's whole-word tokens less the concept's), "
+            f"got {nearest}"
+        )
+    tokens = torch.tensor(kept)
     points = vocabulary[tokens]
     found = kmeans_centres(points, centres, generator=torch.Generator().manual_seed(seed))
     # each centre is represented by its nearest token not yet taken, so that no two candidates coincide
