@@ -104,6 +104,15 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
     "concept-prune": ["concept_prune.top_share=0.05"],
     # esd-u and attn: the parameter sets DiT (class-conditioned, no text projections) has too
     "esd": ["train.iterations=2", "esd.variant=esd-u", "esd.lr=1e-3", "esd.start_guidance=2.0"],
+    # ESD's run plus the adversary, on a few candidates of the tiny vocabularies (EAP has no DiT: no text)
+    "eap": [
+        "train.iterations=2",
+        "eap.variant=esd-u",
+        "eap.lr=1e-3",
+        "eap.start_guidance=2.0",
+        "eap.nearest=40",
+        "eap.centres=4",
+    ],
     "ca": ["train.iterations=2", "ca.parameters=attn", "ca.lr=1e-3", "ca.anchor_images=2", "ca.prior_weight=0.5"],
     # inference-time: SLD changes classifier-free guidance, which acts above scale 1
     "sld": ["sampling.guidance_scale=4.0", "sld.preset=max"],

@@ -271,6 +271,38 @@ class EsdConfig:
 
 
 @dataclass
+class EapConfig(EsdConfig):
+    """Erasing with Adversarial Preservation (Bui et al., NeurIPS 2024): ESD's fine-tuning (the fields it
+    shares with ``esd`` mean the same) plus the preservation of the concept the current edit damages most,
+    searched by Gumbel-softmax logits over candidate concepts (the vocabulary tokens nearest the concept,
+    reduced to K-means centres), alternating with the model's steps. Defaults: the official code's (nudity:
+    ESD-u, lr 1e-5; its length, 1000 iterations, is ``train.iterations`` unless ``iterations`` is set)."""
+
+    variant: str = "esd-u"
+    """As ``esd.variant``; the official EAP runs train ``noxattn`` (everything but cross-attention): esd-u."""
+    lr: float = 1e-5
+    """Adam learning rate of the model (official)."""
+    preservation_weight: float = 1.0
+    """alpha in ESD + alpha * preservation (the preservation loss on the adversarial concept)."""
+    adversary_lr: float = 1e-2
+    """Adam learning rate of the Gumbel-softmax logits, which ascend the preservation loss (official)."""
+    adversary_steps: int = 1
+    """Ascent steps of the logits before each training sample's model loss."""
+    temperature: float = 1.0
+    """Gumbel-softmax temperature."""
+    hard: bool = False
+    """One-hot Gumbel samples (straight-through gradient) instead of soft mixtures of the candidates."""
+    nearest: int = 1000
+    """Vocabulary tokens nearest the concept (cosine, in the first text encoder's input embeddings) the
+    candidates are drawn from (official: 1000-2000); at most the vocabulary less the excluded tokens."""
+    centres: int = 50
+    """K-means centres of those tokens; each centre's nearest token is one candidate concept (official 50-100)."""
+    candidates: list[str] = field(default_factory=list)
+    """Candidate concepts given as words, searched instead of the vocabulary's nearest tokens (for a model whose
+    vocabulary is mostly word pieces); the concept's own words are left out either way."""
+
+
+@dataclass
 class CaConfig:
     """Concept ablation (Kumari et al., ICCV 2023), model-based: on noised images of the anchor, the
     concept prompt's prediction is pulled to the model's own anchor-prompt prediction (stop-gradient). Its
@@ -345,6 +377,7 @@ class EraseConfig:
     concept_prune: ConceptPruneConfig = field(default_factory=ConceptPruneConfig)
     esd: EsdConfig = field(default_factory=EsdConfig)
     ca: CaConfig = field(default_factory=CaConfig)
+    eap: EapConfig = field(default_factory=EapConfig)
     sld: SLDConfig = field(default_factory=SLDConfig)
     flowedit: FlowEditConfig = field(default_factory=FlowEditConfig)
 
@@ -356,6 +389,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampling.scheduler": ("pipeline", "ddim", "euler", "dpm", "pndm", "flow-euler"),
     "concept_prune.base": ("anchor", "preservation"),
     "esd.variant": ("esd-x", "esd-u", "esd-all"),
+    "eap.variant": ("esd-x", "esd-u", "esd-all"),
     "ca.parameters": ("cross-attn", "attn", "full-weight"),
     "sld.preset": ("weak", "medium", "strong", "max"),
 }
