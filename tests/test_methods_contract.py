@@ -113,6 +113,15 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
         "eap.nearest=40",
         "eap.centres=4",
     ],
+    # ESD's run against a 2-step inner attack, with the retain loss (no DiT: the attack moves text conditioning)
+    "advunlearn": [
+        "train.iterations=2",
+        "advunlearn.variant=esd-u",
+        "advunlearn.lr=1e-3",
+        "advunlearn.start_guidance=2.0",
+        "advunlearn.attack_steps=2",
+        "advunlearn.attack_lr=0.05",
+    ],
     "ca": ["train.iterations=2", "ca.parameters=attn", "ca.lr=1e-3", "ca.anchor_images=2", "ca.prior_weight=0.5"],
     # inference-time: SLD changes classifier-free guidance, which acts above scale 1
     "sld": ["sampling.guidance_scale=4.0", "sld.preset=max"],

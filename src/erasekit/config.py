@@ -303,6 +303,29 @@ class EapConfig(EsdConfig):
 
 
 @dataclass
+class AdvUnlearnConfig(EsdConfig):
+    """AdvUnlearn (Zhang et al., NeurIPS 2024): ESD's fine-tuning (the fields it shares with ``esd`` mean the
+    same) on conditioning an inner attack found against the model as it is, plus a retain loss on the
+    preservation prompts. The official code trains the text encoder; erasekit trains the text-conditioning
+    projections (``esd-x``), which the reference notes recommend for FLUX and SD3 and which keeps one
+    parameter set for every text family."""
+
+    eta: float = 1.0
+    """As ``esd.eta``; AdvUnlearn's ESD loss uses negative guidance 1."""
+    lr: float = 1e-5
+    """Adam learning rate of the model (official; its length, 1000 iterations, is ``train.iterations``
+    unless ``iterations`` is set)."""
+    attack_steps: int = 30
+    """Adam steps of the inner attack per training sample (official: 30)."""
+    attack_lr: float = 1e-3
+    """Adam's step size on the text-encoder outputs the attack moves (official: 1e-3, there on one prefix
+    token's word embedding)."""
+    retain_weight: float = 0.3
+    """Weight of the retain loss: the trained model's prediction for a preservation prompt against the frozen
+    model's at the same latent (official: 0.3, on COCO object prompts)."""
+
+
+@dataclass
 class CaConfig:
     """Concept ablation (Kumari et al., ICCV 2023), model-based: on noised images of the anchor, the
     concept prompt's prediction is pulled to the model's own anchor-prompt prediction (stop-gradient). Its
@@ -378,6 +401,7 @@ class EraseConfig:
     esd: EsdConfig = field(default_factory=EsdConfig)
     ca: CaConfig = field(default_factory=CaConfig)
     eap: EapConfig = field(default_factory=EapConfig)
+    advunlearn: AdvUnlearnConfig = field(default_factory=AdvUnlearnConfig)
     sld: SLDConfig = field(default_factory=SLDConfig)
     flowedit: FlowEditConfig = field(default_factory=FlowEditConfig)
 
@@ -390,6 +414,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "concept_prune.base": ("anchor", "preservation"),
     "esd.variant": ("esd-x", "esd-u", "esd-all"),
     "eap.variant": ("esd-x", "esd-u", "esd-all"),
+    "advunlearn.variant": ("esd-x", "esd-u", "esd-all"),
     "ca.parameters": ("cross-attn", "attn", "full-weight"),
     "sld.preset": ("weak", "medium", "strong", "max"),
 }

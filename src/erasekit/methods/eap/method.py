@@ -271,7 +271,7 @@ class EapTrainer(EsdTrainer):
     def loss(self, sample: int) -> tuple[torch.Tensor, dict[str, float]]:
         esd = self.esd_sample(sample)
         trajectory, z, step = esd.trajectory, esd.z, esd.step
-        assert trajectory.predict is not None
+        assert trajectory.predict is not None and esd.prediction is not None
         erase = esd_loss(
             x0_estimate(trajectory, z, esd.prediction, step).float(),
             x0_estimate(trajectory, z, esd.target, step).float(),

@@ -61,7 +61,8 @@ class EsdSample:
     trajectory: Trajectory
     z: torch.Tensor
     step: int
-    prediction: torch.Tensor
+    prediction: torch.Tensor | None
+    """``None`` when the caller predicts with other conditioning itself (AdvUnlearn)."""
     target: torch.Tensor
 
 
@@ -85,8 +86,9 @@ class EsdTrainer(WeightTrainer):
             )
         return esd_parameters(self.denoiser.named_parameters(), module_name_predicate(text), self.settings.variant)
 
-    def esd_sample(self, sample: int) -> EsdSample:
-        """Steps 1-4 of the module docstring for global training sample ``sample``."""
+    def esd_sample(self, sample: int, predict_concept: bool = True) -> EsdSample:
+        """Steps 1-4 of the module docstring for global training sample ``sample`` (step 4 only with
+        ``predict_concept``)."""
         s = self.config.sampling
         prompt = self.prompts.concept[self.concept_row(sample)]
         step = int(torch.randint(s.steps, (1,), generator=self.generator(sample)))
@@ -110,10 +112,11 @@ class EsdTrainer(WeightTrainer):
             for i in range(step):
                 z = trajectory.step(z, i)
             target = esd_target_from_model(frozen, z, step, concept, neutral, self.settings.eta)  # type: ignore[arg-type]
-        return EsdSample(trajectory, z, step, predict(z, step, concept), target)
+        return EsdSample(trajectory, z, step, predict(z, step, concept) if predict_concept else None, target)
 
     def loss(self, sample: int) -> tuple[torch.Tensor, dict[str, float]]:
         esd = self.esd_sample(sample)
+        assert esd.prediction is not None
         return esd_loss(esd.prediction.float(), esd.target.float()), {"timestep_index": float(esd.step)}
 
 
