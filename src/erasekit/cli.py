@@ -53,8 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("erase", help="fit an erasure of a concept (default method: the sparse mask)")
     p.add_argument("--method", help="the erasure method (default: the config's method, mask); see `erasekit methods`")
     p.add_argument("--model", help="hub id or pipeline folder (default: the config's model.id)")
-    p.add_argument("--concept", help="the concept to erase, e.g. nudity or 'Hulk'")
-    p.add_argument("--anchor", help="what the concept becomes in target prompts, e.g. 'a man' (default: dropped)")
+    p.add_argument(
+        "--concept",
+        action="append",
+        help="the concept to erase, e.g. nudity or 'Hulk' (repeatable: several concepts in one erasure, "
+        "for the methods that can; see `erasekit methods`)",
+    )
+    p.add_argument(
+        "--anchor",
+        action="append",
+        help="what the concept becomes in target prompts, e.g. 'a man' (default: dropped); repeated, "
+        "the anchors pair with the --concept flags in order; one is every concept's",
+    )
+    p.add_argument(
+        "--concepts",
+        dest="concepts_file",
+        metavar="FILE",
+        help="text file of concepts to erase together, one a line: 'concept' or 'concept => anchor'",
+    )
     p.add_argument("--config", help="YAML recipe, e.g. configs/flux-schnell.yaml")
     p.add_argument(
         "--set",
@@ -352,17 +368,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _concept_flags(args: argparse.Namespace, anchor: str) -> dict[str, Any]:
+    """The concept keys ``--concept``, ``--anchor`` and ``--concepts FILE`` set (none when none is given).
+
+    ``anchor``: the recipe's ``concept.anchor``, which a concepts-file line without ``=>`` takes when
+    there is no ``--anchor``.
+    """
+    from .data import read_concepts_file
+
+    anchors = list(args.anchor or [])
+    if args.concepts_file and args.concept:
+        raise ErasekitError("give the concepts with --concept or with --concepts FILE, not both")
+    if args.concepts_file:
+        if len(anchors) > 1:
+            raise ErasekitError(
+                "with --concepts FILE give at most one --anchor (the anchor of lines that name none); "
+                "write 'concept => anchor' lines for the others"
+            )
+        entries = read_concepts_file(args.concepts_file)
+        names = [name for name, _ in entries]
+        default = anchors[0] if anchors else anchor
+        anchors = [a if a is not None else default for _, a in entries]
+    elif args.concept:
+        names = list(args.concept)
+        if len(anchors) > 1 and len(anchors) != len(names):
+            raise ErasekitError(
+                f"{len(anchors)} --anchor flags for {len(names)} --concept flags; "
+                "give one anchor per concept (in order), or one for all"
+            )
+    elif anchors:  # anchors alone: the recipe's concepts, in order
+        return {"concept.anchor": anchors[0], "concept.more_anchors": anchors[1:]}
+    else:
+        return {}
+    keys: dict[str, Any] = {"concept.concept": names[0], "concept.more_concepts": names[1:]}
+    if anchors:
+        keys["concept.anchor"] = anchors[0]
+    keys["concept.more_anchors"] = anchors[1:] if len(anchors) > 1 else []
+    return keys
+
+
 def cmd_erase(args: argparse.Namespace) -> int:
     from .config import load_config, set_value
     from .methods import erase
 
     config = load_config(args.config, args.overrides)
     # the flags win over --set, and their text is taken as it is (not parsed as YAML)
+    for key, value in _concept_flags(args, config.concept.anchor).items():
+        set_value(config, key, value)
     for flag, key in (
         ("method", "method"),
         ("model", "model.id"),
-        ("concept", "concept.concept"),
-        ("anchor", "concept.anchor"),
         ("steps", "sampling.steps"),
         ("resolution", "sampling.resolution"),
         ("iterations", "train.iterations"),

@@ -44,6 +44,12 @@ class ConceptConfig:
     concept: str = ""
     anchor: str = ""
     """Neutral replacement for the concept in target prompts; empty means the concept is dropped."""
+    more_concepts: list[str] = field(default_factory=list)
+    """Further concepts erased by the same fit (``erasekit erase --concept a --concept b``), each put through
+    ``templates`` (its own name only: ``synonyms`` are the first concept's). Methods that erase one concept at
+    a time refuse them."""
+    more_anchors: list[str] = field(default_factory=list)
+    """The anchors of ``more_concepts``, in order; empty: each of them takes ``anchor``."""
     templates: list[str] = field(
         default_factory=lambda: [
             "a photo of {concept}",
@@ -54,9 +60,9 @@ class ConceptConfig:
     )
     synonyms: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
-    """Extra concept prompts, used as they are."""
+    """Extra concept prompts, used as they are (of any of the concepts)."""
     target_prompts: list[str] = field(default_factory=list)
-    """Explicit targets, one per concept prompt (templates x concept/synonyms, then ``prompts``)."""
+    """Explicit targets, one per concept prompt (templates x concepts and their names, then ``prompts``)."""
     preservation_prompts: list[str] = field(
         default_factory=lambda: [
             "a photo of a dog in a park",
@@ -124,7 +130,8 @@ class UCEConfig:
     preserve_scale: float = 1.0
     """Weight of the preservation prompts (s_p)."""
     concepts: list[str] = field(default_factory=list)
-    """More concepts erased in the same edit, each to ``concept.anchor`` through ``concept.templates``."""
+    """More concepts erased in the same edit, each to ``concept.anchor`` through ``concept.templates`` (the
+    older form of ``concept.more_concepts``, which every method that erases several concepts reads)."""
     batch_size: int = 8
     """Prompts per pass when reading the projections' inputs."""
 

@@ -131,6 +131,7 @@ class EsdMethod(FineTuneMethod):
     erasure_class = EsdErasure
     needs_cfg = False
     changes = CHANGES
+    several_concepts = True
     families = ("dit", "flux", "pixart", "sd3", "unet")
     summary = "ESD: fine-tune the denoiser towards the frozen model's negatively guided prediction"
     trainer_class = EsdTrainer

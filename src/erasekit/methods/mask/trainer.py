@@ -23,7 +23,7 @@ from ...pipeline import denoiser_of
 from ...training.adversarial import adversarial_conditioning
 from ...training.gradient import checkpointed_gradient, naive_gradient
 from ...training.run import PromptEncoder, TrainingRun, freeze, validate_run_config
-from ..base import base_model_record, peak_memory_bytes
+from ..base import base_model_record, concept_fields, peak_memory_bytes
 from .artifact import write_mask_files
 from .model import MaskedModel, fraction_of
 from .parameterization import MaskSettings
@@ -385,8 +385,7 @@ class MaskTrainer:
             "unit_kinds": sorted({s.kind for s in self.sites}),
             "units": count_units(self.sites)["per_kind"],
             "base_model": base_model_record(self.denoiser, self.model_id, cfg.model.revision),
-            "concept": cfg.concept.concept,
-            "anchor": cfg.concept.anchor,
+            **concept_fields(cfg),
             "settings": config_to_dict(cfg),
             "training": {
                 "iterations": cfg.train.iterations,
