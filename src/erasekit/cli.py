@@ -225,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="erase a concept from the embedded ShapesCanvas model and report before/after (CPU, minutes)"
     )
     p.add_argument(
-        "--concept", default="circle", help="an object, colour, style or background of ShapesCanvas (default: circle)"
+        "--concept",
+        action="append",
+        help="an object, colour, style or background of ShapesCanvas (default: circle); repeatable: several "
+        "values of one attribute erased by one erasure, each scored",
     )
     p.add_argument(
         "--output",
@@ -234,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--anchor",
+        action="append",
         help="what the concept becomes: another value of its attribute, or 'empty' for an object "
         "(default: an object's nearest neighbour in the model, square for circle; "
-        "each other value in turn for a colour, style or background)",
+        "each other value in turn for a colour, style or background); repeated, one per --concept in order",
     )
     p.add_argument("--method", default="mask", help="the erasure method (default: mask); see `erasekit methods`")
     p.add_argument("--world", help="a ShapesCanvas world folder (default: the shipped one)")
@@ -646,18 +650,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if any(t < 1 for t in threads):
         raise ErasekitError(f"--threads must be at least 1, got {threads}")
     pin_cpu_numerics(threads[0])  # main() pinned the rest before torch was imported
-    from .toyworld.demo import format_table, run_demo
+    from .toyworld.demo import as_concepts, format_table, run_demo
 
+    concepts, anchors = as_concepts(args.concept or ["circle"], args.anchor or [None])
     if _measures_spread(args):
         from .toyworld.spread import run_spread
 
+        if len(concepts) > 1:
+            raise ErasekitError("several --seed or --threads measure the spread of one concept's erasure; give one")
         run_spread(
-            args.concept,
+            concepts[0],
             args.output,
             seeds=args.seeds or [0],
             threads=threads,
             per_group=args.images,
-            anchor=args.anchor,
+            anchor=anchors[0],
             overrides=args.overrides,
             world_path=args.world,
             method=args.method,
@@ -666,16 +673,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     overrides = [*args.overrides, *(f"train.seed={s}" for s in args.seeds or [])]
     metrics = run_demo(
-        args.concept,
+        concepts if len(concepts) > 1 else concepts[0],
         args.output,
         world_path=args.world,
         per_group=args.images,
-        anchor=args.anchor,
+        anchor=anchors if len(anchors) > 1 else anchors[0],
         overrides=overrides,
         overwrite=args.overwrite,
         method=args.method,
     )
-    print(f"erasing {metrics['concept']!r} from the ShapesCanvas model")
+    erased = " and ".join(repr(c) for c in metrics.get("concepts", [metrics.get("concept")]))
+    print(f"erasing {erased} from the ShapesCanvas model")
     print(format_table(metrics))
     print(f"report: {Path(args.output) / 'report.html'}")
     return 0

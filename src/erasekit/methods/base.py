@@ -383,13 +383,13 @@ class Method(ABC):
                 f"it supports: {', '.join(self.families)}"
             )
 
-    def check_concepts(self, config: EraseConfig) -> None:
-        """Refuse, in one line, several concepts for a method that erases one at a time."""
-        if config.concept.more_concepts and not self.several_concepts:
+    def check_concepts(self, count: int) -> None:
+        """Refuse, in one line, ``count`` > 1 concepts for a method that erases one at a time."""
+        if count > 1 and not self.several_concepts:
             able = ", ".join(n for n in available_methods() if _METHODS[n].several_concepts)
             raise UnsupportedError(
-                f"method {self.name!r} erases one concept at a time, and {1 + len(config.concept.more_concepts)} "
-                f"were given; erase them one by one, or use a method that erases several at once ({able})"
+                f"method {self.name!r} erases one concept at a time, and {count} were given; "
+                f"erase them one by one, or use a method that erases several at once ({able})"
             )
 
     def validate(self, config: EraseConfig) -> None:  # noqa: B027  (optional hook)
@@ -594,7 +594,7 @@ def erase(config: EraseConfig, output: str | Path, *, resume: bool = False, stop
         >>> erase(cfg, "erasures/hulk")  # doctest: +SKIP
     """
     method = get_method(config.method)
-    method.check_concepts(config)
+    method.check_concepts(1 + len(config.concept.more_concepts))
     method.validate(config)  # bad settings fail before any weights are loaded
     output = Path(output)
     check_output(output)
