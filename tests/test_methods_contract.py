@@ -259,6 +259,7 @@ def test_the_registry_lists_and_refuses_by_name() -> None:
         "trains": True,
         "needs_cfg": False,
         "families": ["dit", "flux", "pixart", "sd3", "unet"],
+        "several_concepts": True,
         "summary": mask.summary,
     }
     assert mask.settings(EraseConfig()) is not None and isinstance(mask.settings(EraseConfig()), mask.config_class)
