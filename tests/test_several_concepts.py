@@ -153,22 +153,13 @@ def test_a_concepts_file_and_concept_flags_do_not_mix(tmp_path: Path, capsys: py
 
 
 # --------------------------------------------------------------------------- methods on the tiny FLUX pipeline
-SHARED = [
-    "model.id=tiny",
-    "model.device=cpu",
-    "model.dtype=float32",
-    "sampling.steps=2",
-    "sampling.resolution=32",
-    "sampling.max_sequence_length=16",
-    "train.checkpoint_every=0",
-    "train.trackers=[]",
-    "concept.concept=cat",
-    "concept.anchor=dog",
-    "concept.more_concepts=[bird]",
-    "concept.more_anchors=[fish]",
-    "concept.templates=['{concept}']",
-    "concept.preservation_prompts=[a tree]",
-]
+#: Two concepts, each its own prompt ("cat", "bird") aimed at its own anchor ("dog", "fish").
+TWO = {
+    "concept__more_concepts": "[bird]",
+    "concept__more_anchors": "[fish]",
+    "concept__templates": "['{concept}']",
+    "train__trackers": "[]",
+}
 #: Per method: a fit of seconds that reads both concepts' prompts (two rows: one of each concept).
 FITS: dict[str, list[str]] = {
     "mask": ["train.iterations=1", "train.batch_size=2"],
@@ -183,7 +174,7 @@ READS_TARGETS = {"mask": True, "esd": False, "uce": True, "ca": True, "concept-p
 
 @pytest.mark.parametrize("name", sorted(FITS))
 def test_two_concepts_reach_the_fit_and_the_artefact(
-    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str, tiny_train_overrides: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pipe = build_tiny_flux_pipeline(seed=0)
     arch = architecture_for(pipe)
@@ -195,7 +186,7 @@ def test_two_concepts_reach_the_fit_and_the_artefact(
         return encode(self, pipe, prompts, *args, **kwargs)
 
     monkeypatch.setattr(type(arch), "encode_prompts", recording)
-    config = load_config(None, [f"method={name}", *SHARED, *FITS[name]])
+    config = load_config(None, [f"method={name}", *tiny_train_overrides(**TWO), *FITS[name]])
     method = get_method(name)
     method.check_concepts(1 + len(config.concept.more_concepts))
     method.validate(config)
@@ -209,9 +200,8 @@ def test_two_concepts_reach_the_fit_and_the_artefact(
     assert load_erasure(tmp_path / name).record["concepts"] == ["cat", "bird"]
 
 
-def test_one_concept_records_what_it_always_did(tmp_path: Path) -> None:
-    overrides = [o for o in SHARED if not o.startswith("concept.more")]
-    config = load_config(None, ["method=uce", *overrides])
+def test_one_concept_records_what_it_always_did(tiny_train_overrides: Any, tmp_path: Path) -> None:
+    config = load_config(None, ["method=uce", *tiny_train_overrides(train__trackers="[]")])
     get_method("uce").fit(build_tiny_flux_pipeline(seed=0), config, tmp_path / "one")
     record = json.loads((tmp_path / "one" / "erasure.json").read_text())
     assert (record["concept"], record["concepts"], record["anchor"]) == ("cat", ["cat"], "dog")
