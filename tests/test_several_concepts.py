@@ -243,6 +243,25 @@ def test_the_protocol_leaves_the_other_erased_values_out_of_what_it_keeps() -> N
             protocol.check_concepts(concepts, anchors_)
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--concept", "circle", "--concept", "star", "--method", "flowedit"], "erases one concept at a time"),
+        (["--concept", "circle", "--concept", "red"], "of different attributes"),
+        (["--concept", "circle", "--concept", "star", "--anchor", "a", "--anchor", "b", "--anchor", "c"], "3 anchors"),
+        (["--concept", "circle", "--concept", "star", "--seed", "0", "--seed", "1"], "spread of one concept"),
+    ],
+)
+def test_the_demo_refuses_bad_concept_sets_in_one_line(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", *flags, "--output", str(out)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("erasekit demo: error: ") and message in lines[0], lines
+    assert not out.exists()
+
+
 def _block(concept: str, anchor: str, ua: float, ira: float) -> dict[str, Any]:
     return {
         "concept": concept,
