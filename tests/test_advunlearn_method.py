@@ -54,6 +54,13 @@ def _trainer(cls: type, pipe: Any, config: EraseConfig, path: Path) -> Any:
     return cls(pipe, config, path / "out", make_accelerator(config, path))
 
 
+def _advunlearn(pipe: Any, path: Path, attack_steps: int, retain_weight: float, *extra: str) -> AdvUnlearnTrainer:
+    config = _config(
+        "advunlearn", f"advunlearn.attack_steps={attack_steps}", f"advunlearn.retain_weight={retain_weight}", *extra
+    )
+    return _trainer(AdvUnlearnTrainer, pipe, config, path)
+
+
 def _move(trainer: Any, scale: float = 0.5) -> None:
     """Move the trained parameters away from the originals, as training would (the frozen copy stays)."""
     generator = torch.Generator().manual_seed(3)
@@ -65,12 +72,7 @@ def _move(trainer: Any, scale: float = 0.5) -> None:
 
 def test_without_attack_or_retain_the_loss_is_esds(pipe: Any, tmp_path: Path) -> None:
     esd = _trainer(EsdTrainer, pipe, _config("esd"), tmp_path / "esd")
-    adv = _trainer(
-        AdvUnlearnTrainer,
-        pipe,
-        _config("advunlearn", "advunlearn.attack_steps=0", "advunlearn.retain_weight=0"),
-        tmp_path / "adv",
-    )
+    adv = _advunlearn(pipe, tmp_path / "adv", 0, 0)
     for trainer in (esd, adv):
         _move(trainer)
     for sample in (0, 1):
@@ -92,18 +94,8 @@ def test_the_attack_lowers_its_objective_and_the_loss_uses_what_it_found(
         return found, history
 
     monkeypatch.setattr(advunlearn_module, "adversarial_conditioning", spy)
-    attacked = _trainer(
-        AdvUnlearnTrainer,
-        pipe,
-        _config("advunlearn", "advunlearn.attack_steps=5", "advunlearn.attack_lr=0.05", "advunlearn.retain_weight=0"),
-        tmp_path / "attacked",
-    )
-    plain = _trainer(
-        AdvUnlearnTrainer,
-        pipe,
-        _config("advunlearn", "advunlearn.attack_steps=0", "advunlearn.retain_weight=0"),
-        tmp_path / "plain",
-    )
+    attacked = _advunlearn(pipe, tmp_path / "attacked", 5, 0, "advunlearn.attack_lr=0.05")
+    plain = _advunlearn(pipe, tmp_path / "plain", 0, 0)
     for trainer in (attacked, plain):
         _move(trainer)
     loss, numbers = attacked.loss(0)
@@ -117,16 +109,10 @@ def test_the_attack_lowers_its_objective_and_the_loss_uses_what_it_found(
 
 
 def test_retain_loss_is_zero_for_the_frozen_model_and_grows_when_it_moves(pipe: Any, tmp_path: Path) -> None:
-    config = _config("advunlearn", "advunlearn.attack_steps=0", "advunlearn.retain_weight=0.3")
-    trainer = _trainer(AdvUnlearnTrainer, pipe, config, tmp_path / "adv")
+    trainer = _advunlearn(pipe, tmp_path / "adv", 0, 0.3)
     _, numbers = trainer.loss(0)
     assert numbers["retain"] == 0.0
-    without = _trainer(
-        AdvUnlearnTrainer,
-        pipe,
-        _config("advunlearn", "advunlearn.attack_steps=0", "advunlearn.retain_weight=0"),
-        tmp_path / "without",
-    )
+    without = _advunlearn(pipe, tmp_path / "without", 0, 0)
     for t in (trainer, without):
         _move(t)
     loss, numbers = trainer.loss(0)
