@@ -38,6 +38,17 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """A test that makes accelerators starts and ends without accelerate's process-wide state (another
+    test's accelerator would otherwise be reused, with its logging folder)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _tiny_train_overrides(model: str, **extra: object) -> list[str]:
     """``--set`` overrides for a CPU training run of the tiny FLUX pipeline at ``model``.
 

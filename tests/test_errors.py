@@ -348,71 +348,19 @@ def test_invalid_training_value(tiny_flux_path, runs, capsys):
     output = runs / "out"
     line = fail(capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--iterations", "0", "--output", output)
     assert "train.iterations must be at least 1" in line
-    line = fail(
-        capsys,
-        "erase",
-        "--model",
-        tiny_flux_path,
-        "--concept",
-        "cat",
-        "--set",
-        "sampling.generation_steps=0",
-        "--output",
-        output,
-    )
-    assert "sampling.generation_steps must be at least 1" in line
-    line = fail(
-        capsys,
-        "erase",
-        "--model",
-        tiny_flux_path,
-        "--concept",
-        "cat",
-        "--set",
-        "train.preservation_batch_size=0",
-        "--output",
-        output,
-    )
-    assert "train.preservation_batch_size must be at least 1" in line
-    line = fail(
-        capsys,
-        "erase",
-        "--model",
-        tiny_flux_path,
-        "--concept",
-        "cat",
-        "--set",
-        "loss.negative_guidance=-1",
-        "--output",
-        output,
-    )
-    assert "loss.negative_guidance must not be negative" in line
-    line = fail(
-        capsys,
-        "erase",
-        "--model",
-        tiny_flux_path,
-        "--concept",
-        "cat",
-        "--set",
-        "mask.final_threshold=.nan",
-        "--output",
-        output,
-    )
-    assert "mask.final_threshold: expected a finite number, got nan" in line
-    line = fail(
-        capsys,
-        "erase",
-        "--model",
-        tiny_flux_path,
-        "--concept",
-        "cat",
-        "--set",
-        "loss.intermediate_preservation=-1",
-        "--output",
-        output,
-    )
-    assert "loss.intermediate_preservation must not be negative" in line
+    for override, message in (
+        ("sampling.generation_steps=0", "sampling.generation_steps must be at least 1"),
+        ("train.preservation_batch_size=0", "train.preservation_batch_size must be at least 1"),
+        ("loss.negative_guidance=-1", "loss.negative_guidance must not be negative"),
+        ("mask.final_threshold=.nan", "mask.final_threshold: expected a finite number, got nan"),
+        ("loss.intermediate_preservation=-1", "loss.intermediate_preservation must not be negative"),
+        ("loss.intermediate_erasure=-1", "loss.intermediate_erasure must not be negative"),
+        ("train.adversarial.steps=-1", "train.adversarial.steps must not be negative"),
+    ):
+        line = fail(
+            capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", override, "--output", output
+        )
+        assert message in line, override
     assert_nothing_left(output)
 
 

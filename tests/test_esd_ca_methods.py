@@ -122,7 +122,11 @@ def test_esd_parameter_sets_are_the_architectures_text_conditioning(tmp_path: Pa
 
     dit = build_tiny_dit_pipeline(seed=0)
     dit_config = _config(
-        "esd", "concept.concept=golden retriever", "concept.anchor=tabby cat", recipe="configs/dit-xl-2.yaml"
+        "esd",
+        "concept.concept=golden retriever",
+        "concept.anchor=tabby cat",
+        "esd.variant=esd-x",  # the DiT recipe sets esd-u; esd-x is what must be refused there
+        recipe="configs/dit-xl-2.yaml",
     )
     with pytest.raises(ConfigError, match=r"dit family has none \(it is class-conditioned\); use esd.variant=esd-u"):
         EsdTrainer(dit, dit_config, tmp_path / "d", make_accelerator(dit_config, tmp_path))

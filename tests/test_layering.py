@@ -45,6 +45,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "evaluation": ("erasekit.toyworld", "erasekit.sweep", "erasekit.cli"),
     # beside evaluation: it may use the library and the ShapesCanvas world (its mask objective), not the CLI
     "sweep": ("erasekit.cli",),
+    # beside sweep: the library and the ShapesCanvas world, never the CLI
+    "bench": ("erasekit.cli",),
     "attacks": ("erasekit.toyworld", "erasekit.cli"),
 }
 
@@ -64,6 +66,8 @@ NOT_LOADED: dict[str, tuple[str, ...]] = {
     "erasekit.sweep": ("erasekit.cli", "erasekit.toyworld", "torch"),
     "erasekit.sweep.command": ("erasekit.cli", "erasekit.toyworld", "torch"),
     "erasekit.attacks": ("erasekit.toyworld", "erasekit.cli"),
+    # the CLI checks the bench's flags before torch and the world load
+    "erasekit.bench": ("erasekit.cli", "erasekit.toyworld", "torch"),
     "erasekit.cli": (),
 }
 

@@ -104,6 +104,24 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
     "concept-prune": ["concept_prune.top_share=0.05"],
     # esd-u and attn: the parameter sets DiT (class-conditioned, no text projections) has too
     "esd": ["train.iterations=2", "esd.variant=esd-u", "esd.lr=1e-3", "esd.start_guidance=2.0"],
+    # ESD's run plus the adversary, on a few candidates of the tiny vocabularies (EAP has no DiT: no text)
+    "eap": [
+        "train.iterations=2",
+        "eap.variant=esd-u",
+        "eap.lr=1e-3",
+        "eap.start_guidance=2.0",
+        "eap.nearest=40",
+        "eap.centres=4",
+    ],
+    # ESD's run against a 2-step inner attack, with the retain loss (no DiT: the attack moves text conditioning)
+    "advunlearn": [
+        "train.iterations=2",
+        "advunlearn.variant=esd-u",
+        "advunlearn.lr=1e-3",
+        "advunlearn.start_guidance=2.0",
+        "advunlearn.attack_steps=2",
+        "advunlearn.attack_lr=0.05",
+    ],
     "ca": ["train.iterations=2", "ca.parameters=attn", "ca.lr=1e-3", "ca.anchor_images=2", "ca.prior_weight=0.5"],
     # inference-time: SLD changes classifier-free guidance, which acts above scale 1
     "sld": ["sampling.guidance_scale=4.0", "sld.preset=max"],
@@ -241,6 +259,7 @@ def test_the_registry_lists_and_refuses_by_name() -> None:
         "trains": True,
         "needs_cfg": False,
         "families": ["dit", "flux", "pixart", "sd3", "unet"],
+        "several_concepts": True,
         "summary": mask.summary,
     }
     assert mask.settings(EraseConfig()) is not None and isinstance(mask.settings(EraseConfig()), mask.config_class)

@@ -444,6 +444,89 @@ def test_intermediate_preservation_adds_the_intermediate_latents(
     assert any(not torch.equal(logits["steps"][k], logits["final"][k]) for k in logits["final"])
 
 
+def test_intermediate_erasure_aims_every_step(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    """At the first step every binary gate is open, so after every step the concept latents are the
+    original model's and each intermediate goal (target + eta (target - concept)) lies 1 + eta times as
+    far from them as the target: with eta = 1 the whole erase term, final and intermediate, is four
+    times that of eta = 0; the intermediate term adds to the final one and leaves preservation alone;
+    the checkpointed walk and one graph train the same logits with it."""
+    first: dict[str, dict[str, str]] = {}
+    logits = {}
+    for name, extra in {
+        "final": {"loss__negative_guidance": 0.0},
+        "steps": {"loss__negative_guidance": 0.0, "loss__intermediate_erasure": 2.0},
+        "steps_eta": {"loss__negative_guidance": 1.0, "loss__intermediate_erasure": 2.0},
+        "steps_eta_one_graph": {
+            "loss__negative_guidance": 1.0,
+            "loss__intermediate_erasure": 2.0,
+            "train__gradient_checkpointing": False,
+        },
+    }.items():
+        config = tiny_train_config(
+            mask__parameterization="binary", mask__init_lambda=0.2, sampling__steps=3, train__iterations=2, **extra
+        )
+        logits[name] = run(pipe, config, tmp_path / name).logits
+        first[name] = read_log(tmp_path / name / "training_log.csv")[0]
+    assert float(first["steps"]["erase"]) > 1.01 * float(first["final"]["erase"]) > 0
+    assert float(first["steps"]["preserve"]) == pytest.approx(float(first["final"]["preserve"]), abs=1e-9)
+    assert float(first["steps_eta"]["erase"]) == pytest.approx(4 * float(first["steps"]["erase"]), rel=1e-4)
+    assert_same_logits(logits["steps_eta"], logits["steps_eta_one_graph"], atol=1e-4)
+    assert any(not torch.equal(logits["steps"][k], logits["final"][k]) for k in logits["final"])
+
+
+def test_adversarial_conditioning_descends_its_objective() -> None:
+    """On a linear predictor the attack lowers ||W c - target||^2 step by step from where it starts, leaves
+    the keys it does not attack alone, and with 0 steps returns the start unchanged."""
+    from erasekit.training.adversarial import adversarial_conditioning
+
+    torch.manual_seed(0)
+    weight = torch.randn(6, 6)
+    start = {"prompt_embeds": torch.randn(2, 3, 6), "pooled_prompt_embeds": torch.randn(2, 6), "ids": torch.ones(2, 3)}
+    target = torch.randn(2, 3, 6)
+
+    def predict(c: dict[str, torch.Tensor]) -> torch.Tensor:
+        return c["prompt_embeds"] @ weight + c["pooled_prompt_embeds"][:, None, :]
+
+    found, history = adversarial_conditioning(predict, start, target, steps=20, lr=0.05)
+    assert len(history) == 21
+    assert history[-1] < 0.5 * history[0]
+    assert history[0] == pytest.approx(float((predict(start) - target).pow(2).flatten(1).mean(1).sum()))
+    assert torch.equal(found["ids"], start["ids"])
+    assert not torch.equal(found["prompt_embeds"], start["prompt_embeds"])
+    assert not found["prompt_embeds"].requires_grad
+    unchanged, none = adversarial_conditioning(predict, start, target, steps=0, lr=0.05)
+    assert none == [] and all(torch.equal(unchanged[k], start[k]) for k in start)
+
+
+def test_adversarial_training_attacks_the_mask_as_it_is(
+    pipe: Any, tiny_train_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.adversarial.steps``: every micro-step runs the inner attack on the concept rows against the
+    current mask (its objective falls), the mask trains on what it found (other logits than without the
+    attack), and the same seed trains the same mask twice."""
+    histories: list[list[float]] = []
+    original = trainer_module.adversarial_conditioning
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        found, history = original(*args, **kwargs)
+        histories.append(history)
+        return found, history
+
+    monkeypatch.setattr(trainer_module, "adversarial_conditioning", spy)
+    extra = {"mask__parameterization": "sigmoid", "sampling__steps": 3, "train__iterations": 2}
+    attacked = run(pipe, tiny_train_config(train__adversarial__steps=3, **extra), tmp_path / "a")
+    assert len(histories) == 2
+    for history in histories:
+        assert len(history) == 4 and history[-1] < history[0]
+    again = run(pipe, tiny_train_config(train__adversarial__steps=3, **extra), tmp_path / "b")
+    assert_same_logits(attacked.logits, again.logits)
+    plain = run(pipe, tiny_train_config(**extra), tmp_path / "plain")
+    assert len(histories) == 4  # the plain run never attacked
+    assert any(not torch.equal(attacked.logits[k], plain.logits[k]) for k in plain.logits)
+    record = json.loads((tmp_path / "a" / "erasure.json").read_text())
+    assert record["settings"]["train"]["adversarial"] == {"steps": 3, "lr": 0.1}
+
+
 def test_zero_learning_rate_freezes_a_unit_kind(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
     config = tiny_train_config(mask__norm__lr=0.0, train__iterations=3)
     result = run(pipe, config, tmp_path / "mask")

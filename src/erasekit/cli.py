@@ -53,8 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("erase", help="fit an erasure of a concept (default method: the sparse mask)")
     p.add_argument("--method", help="the erasure method (default: the config's method, mask); see `erasekit methods`")
     p.add_argument("--model", help="hub id or pipeline folder (default: the config's model.id)")
-    p.add_argument("--concept", help="the concept to erase, e.g. nudity or 'Hulk'")
-    p.add_argument("--anchor", help="what the concept becomes in target prompts, e.g. 'a man' (default: dropped)")
+    p.add_argument(
+        "--concept",
+        action="append",
+        help="the concept to erase, e.g. nudity or 'Hulk' (repeatable: several concepts in one erasure, "
+        "for the methods that can; see `erasekit methods`)",
+    )
+    p.add_argument(
+        "--anchor",
+        action="append",
+        help="what the concept becomes in target prompts, e.g. 'a man' (default: dropped); repeated, "
+        "the anchors pair with the --concept flags in order; one is every concept's",
+    )
+    p.add_argument(
+        "--concepts",
+        dest="concepts_file",
+        metavar="FILE",
+        help="text file of concepts to erase together, one a line: 'concept' or 'concept => anchor'",
+    )
     p.add_argument("--config", help="YAML recipe, e.g. configs/flux-schnell.yaml")
     p.add_argument(
         "--set",
@@ -209,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="erase a concept from the embedded ShapesCanvas model and report before/after (CPU, minutes)"
     )
     p.add_argument(
-        "--concept", default="circle", help="an object, colour, style or background of ShapesCanvas (default: circle)"
+        "--concept",
+        action="append",
+        help="an object, colour, style or background of ShapesCanvas (default: circle); repeatable: several "
+        "values of one attribute erased by one erasure, each scored",
     )
     p.add_argument(
         "--output",
@@ -218,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--anchor",
+        action="append",
         help="what the concept becomes: another value of its attribute, or 'empty' for an object "
         "(default: an object's nearest neighbour in the model, square for circle; "
-        "each other value in turn for a colour, style or background)",
+        "each other value in turn for a colour, style or background); repeated, one per --concept in order",
     )
     p.add_argument("--method", default="mask", help="the erasure method (default: mask); see `erasekit methods`")
     p.add_argument("--world", help="a ShapesCanvas world folder (default: the shipped one)")
@@ -267,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--erasure", "--masks", dest="erasure", metavar="DIR", help="erasure folder (default: none)")
     p.add_argument("--concept", required=True, help="the concept the erasure removed")
-    p.add_argument("--attack", required=True, help="the attack (soft-prompt, p4d, unlearndiffatk, completion)")
+    p.add_argument(
+        "--attack",
+        required=True,
+        help="the attack (soft-prompt, p4d, unlearndiffatk, completion, ring-a-bell, ring-a-bell-embedding)",
+    )
     p.add_argument("--budget", type=int, help="the attack's budget in its own unit (default: the attack's)")
     p.add_argument("--seed", type=int, action="append", help="noise seed (repeatable; default 0-15)")
     p.add_argument("--detector", help="the judge: shapes, nudenet, clip (default: shapes with --world)")
@@ -305,6 +329,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser(
+        "bench",
+        help="every method x concept x attack on ShapesCanvas: a resumable run, a leaderboard and a report",
+    )
+    p.add_argument(
+        "--world", default="shapes", help="shapes (the embedded ShapesCanvas world, default) or a world folder"
+    )
+    p.add_argument("--methods", nargs="+", metavar="NAME", help="erasure methods (default: every registered one)")
+    p.add_argument(
+        "--concepts",
+        nargs="+",
+        metavar="CONCEPT",
+        help="ShapesCanvas concepts (default: circle star red checkered); a+b is a set erased together",
+    )
+    p.add_argument("--attacks", nargs="+", metavar="NAME", help="attacks (default: every registered one)")
+    p.add_argument(
+        "--images", type=int, help=f"evaluation images per group: concept, synonym, other values (default {PER_GROUP})"
+    )
+    p.add_argument("--attack-budget", type=int, help="every attack's budget in its own unit (default: each attack's)")
+    p.add_argument("--attack-seeds", type=int, help="attack the first N of the seeds 100-115 (default: all 16)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="uce and flowedit on circle, 16 images per group, the completion probe at budget 4 on 4 seeds "
+        "(flags given as well replace its choices)",
+    )
+    p.add_argument("--threads", type=int, help="torch threads of each process (default: torch's choice)")
+    p.add_argument("--output", required=True, help="the benchmark folder; an existing one is continued")
+    p.set_defaults(func=cmd_bench, pinned_numerics=True, resumes_output=lambda args: True)
+
     p = sub.add_parser("toyworld", help="the ShapesCanvas world: retrain it, or measure its quality")
     world_sub = p.add_subparsers(dest="toyworld_command", required=True, metavar="ACTION")
     w = world_sub.add_parser("train", help="train the world from scratch (pipeline + detectors) into a new folder")
@@ -320,17 +374,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _concept_flags(args: argparse.Namespace, anchor: str) -> dict[str, Any]:
+    """The concept keys ``--concept``, ``--anchor`` and ``--concepts FILE`` set (none when none is given).
+
+    ``anchor``: the recipe's ``concept.anchor``, which a concepts-file line without ``=>`` takes when
+    there is no ``--anchor``.
+    """
+    from .data import read_concepts_file
+
+    anchors = list(args.anchor or [])
+    if args.concepts_file and args.concept:
+        raise ErasekitError("give the concepts with --concept or with --concepts FILE, not both")
+    if args.concepts_file:
+        if len(anchors) > 1:
+            raise ErasekitError(
+                "with --concepts FILE give at most one --anchor (the anchor of lines that name none); "
+                "write 'concept => anchor' lines for the others"
+            )
+        entries = read_concepts_file(args.concepts_file)
+        names = [name for name, _ in entries]
+        default = anchors[0] if anchors else anchor
+        anchors = [a if a is not None else default for _, a in entries]
+    elif args.concept:
+        names = list(args.concept)
+        if len(anchors) > 1 and len(anchors) != len(names):
+            raise ErasekitError(
+                f"{len(anchors)} --anchor flags for {len(names)} --concept flags; "
+                "give one anchor per concept (in order), or one for all"
+            )
+    elif anchors:  # anchors alone: the recipe's concepts, in order
+        return {"concept.anchor": anchors[0], "concept.more_anchors": anchors[1:]}
+    else:
+        return {}
+    keys: dict[str, Any] = {"concept.concept": names[0], "concept.more_concepts": names[1:]}
+    if anchors:
+        keys["concept.anchor"] = anchors[0]
+    keys["concept.more_anchors"] = anchors[1:] if len(anchors) > 1 else []
+    return keys
+
+
 def cmd_erase(args: argparse.Namespace) -> int:
     from .config import load_config, set_value
     from .methods import erase
 
     config = load_config(args.config, args.overrides)
     # the flags win over --set, and their text is taken as it is (not parsed as YAML)
+    for key, value in _concept_flags(args, config.concept.anchor).items():
+        set_value(config, key, value)
     for flag, key in (
         ("method", "method"),
         ("model", "model.id"),
-        ("concept", "concept.concept"),
-        ("anchor", "concept.anchor"),
         ("steps", "sampling.steps"),
         ("resolution", "sampling.resolution"),
         ("iterations", "train.iterations"),
@@ -559,18 +652,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if any(t < 1 for t in threads):
         raise ErasekitError(f"--threads must be at least 1, got {threads}")
     pin_cpu_numerics(threads[0])  # main() pinned the rest before torch was imported
-    from .toyworld.demo import format_table, run_demo
+    from .toyworld.demo import as_concepts, format_table, run_demo
 
+    concepts, anchors = as_concepts(args.concept or ["circle"], args.anchor or [None])
     if _measures_spread(args):
         from .toyworld.spread import run_spread
 
+        if len(concepts) > 1:
+            raise ErasekitError("several --seed or --threads measure the spread of one concept's erasure; give one")
         run_spread(
-            args.concept,
+            concepts[0],
             args.output,
             seeds=args.seeds or [0],
             threads=threads,
             per_group=args.images,
-            anchor=args.anchor,
+            anchor=anchors[0],
             overrides=args.overrides,
             world_path=args.world,
             method=args.method,
@@ -579,31 +675,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     overrides = [*args.overrides, *(f"train.seed={s}" for s in args.seeds or [])]
     metrics = run_demo(
-        args.concept,
+        concepts if len(concepts) > 1 else concepts[0],
         args.output,
         world_path=args.world,
         per_group=args.images,
-        anchor=args.anchor,
+        anchor=anchors if len(anchors) > 1 else anchors[0],
         overrides=overrides,
         overwrite=args.overwrite,
         method=args.method,
     )
-    print(f"erasing {metrics['concept']!r} from the ShapesCanvas model")
+    erased = " and ".join(repr(c) for c in metrics.get("concepts", [metrics.get("concept")]))
+    print(f"erasing {erased} from the ShapesCanvas model")
     print(format_table(metrics))
     print(f"report: {Path(args.output) / 'report.html'}")
     return 0
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import yaml
 
-    from .arch.samplers import set_scheduler
     from .attacks import Sampling, get_attack, run_attack
     from .errors import ConfigError
     from .methods import load_erasure
     from .pipeline import load_pipeline
 
-    get_attack(args.attack)  # an unknown attack or a bad erasure fails before the model loads
+    attack = get_attack(args.attack)  # an unknown attack or a bad erasure fails before the model loads
     erasure = load_erasure(args.erasure) if args.erasure else None
     settings: dict[str, Any] = {}
     for item in args.overrides:
@@ -617,14 +715,20 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
         world = World.load()
         model, defaults = str(world.pipeline_path), {**defaults, **world.sampling}
+        if "pairs" in {f.name for f in dataclasses.fields(attack.config_class)} and "pairs" not in settings:
+            from .toyworld.protocol import concept_pairs
+
+            # Ring-a-Bell's concept vector: the world's templates with and without the concept
+            settings["pairs"] = concept_pairs(args.concept)
     else:
         model = args.model
     detector = args.detector or ("shapes" if args.world else None)
     if detector is None:
         raise ConfigError("--detector is needed with --model: shapes, nudenet or clip")
-    sampling = Sampling(**_sampling_flags(args, defaults))
+    sampling = Sampling(
+        **_sampling_flags(args, defaults), scheduler=args.scheduler or defaults.get("scheduler", "pipeline")
+    )
     pipe = load_pipeline(model, args.dtype, args.device)
-    set_scheduler(pipe, args.scheduler or defaults.get("scheduler", "pipeline"))
     result = run_attack(
         pipe,
         args.attack,
@@ -665,6 +769,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         train_seed=args.train_seed,
         rescore=not args.no_rescore,
     )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import make_settings, run_bench
+
+    settings = make_settings(
+        methods=args.methods,
+        concepts=args.concepts,
+        attacks=args.attacks,
+        images=args.images,
+        attack_budget=args.attack_budget,
+        attack_seeds=args.attack_seeds,
+        quick=args.quick,
+    )  # every name and number is checked before the world loads
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ErasekitError(f"--threads must be at least 1, got {args.threads}")
+        pin_cpu_numerics(args.threads)
+    run_bench(settings, args.output, world_path=None if args.world == "shapes" else args.world)
     return 0
 
 

@@ -44,6 +44,12 @@ class ConceptConfig:
     concept: str = ""
     anchor: str = ""
     """Neutral replacement for the concept in target prompts; empty means the concept is dropped."""
+    more_concepts: list[str] = field(default_factory=list)
+    """Further concepts erased by the same fit (``erasekit erase --concept a --concept b``), each put through
+    ``templates`` (its own name only: ``synonyms`` are the first concept's). Methods that erase one concept at
+    a time refuse them."""
+    more_anchors: list[str] = field(default_factory=list)
+    """The anchors of ``more_concepts``, in order; empty: each of them takes ``anchor``."""
     templates: list[str] = field(
         default_factory=lambda: [
             "a photo of {concept}",
@@ -54,9 +60,9 @@ class ConceptConfig:
     )
     synonyms: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
-    """Extra concept prompts, used as they are."""
+    """Extra concept prompts, used as they are (of any of the concepts)."""
     target_prompts: list[str] = field(default_factory=list)
-    """Explicit targets, one per concept prompt (templates x concept/synonyms, then ``prompts``)."""
+    """Explicit targets, one per concept prompt (templates x concepts and their names, then ``prompts``)."""
     preservation_prompts: list[str] = field(
         default_factory=lambda: [
             "a photo of a dog in a park",
@@ -124,7 +130,8 @@ class UCEConfig:
     preserve_scale: float = 1.0
     """Weight of the preservation prompts (s_p)."""
     concepts: list[str] = field(default_factory=list)
-    """More concepts erased in the same edit, each to ``concept.anchor`` through ``concept.templates``."""
+    """More concepts erased in the same edit, each to ``concept.anchor`` through ``concept.templates`` (the
+    older form of ``concept.more_concepts``, which every method that erases several concepts reads)."""
     batch_size: int = 8
     """Prompts per pass when reading the projections' inputs."""
 
@@ -146,6 +153,16 @@ class SamplingConfig:
     the model samples with. Recorded in the artefact; ``erasekit generate`` and ``erasekit evaluate``
     default to it (else to ``steps``)."""
 
+    def for_generation(self) -> SamplingConfig:
+        """These settings as images are drawn with them: ``generation_steps`` (where set) as the steps."""
+        if self.generation_steps is None:
+            return dataclasses.replace(self)
+        return dataclasses.replace(self, steps=self.generation_steps, generation_steps=None)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of a family's ``trajectory`` (steps, resolution, guidance scale)."""
+        return {"steps": self.steps, "resolution": self.resolution, "guidance_scale": self.guidance_scale}
+
 
 @dataclass
 class LossConfig:
@@ -161,11 +178,31 @@ class LossConfig:
     the mean, over every step but the last, of the distance of the latent after that step to the
     original model's from the same noise (0: the final latents alone). The original model's latents
     come from the reference trajectory the loss already runs: no extra model evaluations."""
+    intermediate_erasure: float = 0.0
+    """Weight of the concept prompts' intermediate latents: the erase term adds this times the mean, over
+    every step but the last, of the distance of the latent after that step to the target prompt's
+    latent under the original model from the same noise (moved past it by ``negative_guidance`` as the
+    final goal is). The early steps decide an image's layout and outline, so a goal on them steers the
+    whole trajectory onto the target's instead of only its end (0: the final latent alone). Like
+    ``intermediate_preservation`` it reads the reference trajectory the loss already runs."""
     negative_guidance: float = 0.0
     """Aim each concept prompt past its target, away from what the original model makes of it: goal =
     target + eta * (target - z0 of the concept prompt under the original model), ESD's negative
     guidance on the final latent (one more trajectory per concept prompt without gradients). 0: the
     target itself."""
+
+
+@dataclass
+class AdversarialConfig:
+    """Adversarial mask training (``train.adversarial``): before each step, an attacker who holds the mask as
+    it is finds conditioning that brings the concept back, and the step erases the concept from that
+    conditioning instead of the plain prompt's (AdvUnlearn's scheme; ``erasekit.training.adversarial``)."""
+
+    steps: int = 0
+    """Adam steps of the inner attack per micro-step (0: off). Each costs one denoiser call with gradients
+    on the concept rows at one denoising step."""
+    lr: float = 0.1
+    """Adam's step size on the text-encoder outputs."""
 
 
 @dataclass
@@ -196,6 +233,8 @@ class TrainConfig:
     log_every: int = 1
     trackers: list[str] = field(default_factory=lambda: ["csv"])
     """csv is built in; tensorboard / wandb when installed."""
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    """The mask method's inner attack (off by default)."""
 
 
 @dataclass
@@ -236,6 +275,61 @@ class EsdConfig:
     start_guidance: float = 3.0
     """Classifier-free guidance (on guidance-distilled FLUX: the guidance input) of the frozen model when it
     samples the training latents x_t from noise to the random step."""
+
+
+@dataclass
+class EapConfig(EsdConfig):
+    """Erasing with Adversarial Preservation (Bui et al., NeurIPS 2024): ESD's fine-tuning (the fields it
+    shares with ``esd`` mean the same) plus the preservation of the concept the current edit damages most,
+    searched by Gumbel-softmax logits over candidate concepts (the vocabulary tokens nearest the concept,
+    reduced to K-means centres), alternating with the model's steps. Defaults: the official code's (nudity:
+    ESD-u, lr 1e-5; its length, 1000 iterations, is ``train.iterations`` unless ``iterations`` is set)."""
+
+    variant: str = "esd-u"
+    """As ``esd.variant``; the official EAP runs train ``noxattn`` (everything but cross-attention): esd-u."""
+    lr: float = 1e-5
+    """Adam learning rate of the model (official)."""
+    preservation_weight: float = 1.0
+    """alpha in ESD + alpha * preservation (the preservation loss on the adversarial concept)."""
+    adversary_lr: float = 1e-2
+    """Adam learning rate of the Gumbel-softmax logits, which ascend the preservation loss (official)."""
+    adversary_steps: int = 1
+    """Ascent steps of the logits before each training sample's model loss."""
+    temperature: float = 1.0
+    """Gumbel-softmax temperature."""
+    hard: bool = False
+    """One-hot Gumbel samples (straight-through gradient) instead of soft mixtures of the candidates."""
+    nearest: int = 1000
+    """Vocabulary tokens nearest the concept (cosine, in the first text encoder's input embeddings) the
+    candidates are drawn from (official: 1000-2000); at most the vocabulary less the excluded tokens."""
+    centres: int = 50
+    """K-means centres of those tokens; each centre's nearest token is one candidate concept (official 50-100)."""
+    candidates: list[str] = field(default_factory=list)
+    """Candidate concepts given as words, searched instead of the vocabulary's nearest tokens (for a model whose
+    vocabulary is mostly word pieces); the concept's own words are left out either way."""
+
+
+@dataclass
+class AdvUnlearnConfig(EsdConfig):
+    """AdvUnlearn (Zhang et al., NeurIPS 2024): ESD's fine-tuning (the fields it shares with ``esd`` mean the
+    same) on conditioning an inner attack found against the model as it is, plus a retain loss on the
+    preservation prompts. The official code trains the text encoder; erasekit trains the text-conditioning
+    projections (``esd-x``), which the reference notes recommend for FLUX and SD3 and which keeps one
+    parameter set for every text family."""
+
+    eta: float = 1.0
+    """As ``esd.eta``; AdvUnlearn's ESD loss uses negative guidance 1."""
+    lr: float = 1e-5
+    """Adam learning rate of the model (official; its length, 1000 iterations, is ``train.iterations``
+    unless ``iterations`` is set)."""
+    attack_steps: int = 30
+    """Adam steps of the inner attack per training sample (official: 30)."""
+    attack_lr: float = 1e-3
+    """Adam's step size on the text-encoder outputs the attack moves (official: 1e-3, there on one prefix
+    token's word embedding)."""
+    retain_weight: float = 0.3
+    """Weight of the retain loss: the trained model's prediction for a preservation prompt against the frozen
+    model's at the same latent (official: 0.3, on COCO object prompts)."""
 
 
 @dataclass
@@ -313,6 +407,8 @@ class EraseConfig:
     concept_prune: ConceptPruneConfig = field(default_factory=ConceptPruneConfig)
     esd: EsdConfig = field(default_factory=EsdConfig)
     ca: CaConfig = field(default_factory=CaConfig)
+    eap: EapConfig = field(default_factory=EapConfig)
+    advunlearn: AdvUnlearnConfig = field(default_factory=AdvUnlearnConfig)
     sld: SLDConfig = field(default_factory=SLDConfig)
     flowedit: FlowEditConfig = field(default_factory=FlowEditConfig)
 
@@ -324,6 +420,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampling.scheduler": ("pipeline", "ddim", "euler", "dpm", "pndm", "flow-euler"),
     "concept_prune.base": ("anchor", "preservation"),
     "esd.variant": ("esd-x", "esd-u", "esd-all"),
+    "eap.variant": ("esd-x", "esd-u", "esd-all"),
+    "advunlearn.variant": ("esd-x", "esd-u", "esd-all"),
     "ca.parameters": ("cross-attn", "attn", "full-weight"),
     "sld.preset": ("weak", "medium", "strong", "max"),
 }

@@ -1,5 +1,5 @@
-"""Attacks that test an erasure (``soft-prompt``, ``p4d``, ``unlearndiffatk``, ``completion``), their registry
-and result type.
+"""Attacks that test an erasure (``soft-prompt``, ``p4d``, ``unlearndiffatk``, ``completion``,
+``ring-a-bell``, ``ring-a-bell-embedding``), their registry and result type.
 
 Importing the package registers every attack; :func:`run_attack` is the library call behind
 ``erasekit attack``.
@@ -7,7 +7,7 @@ Importing the package registers every attack; :func:`run_attack` is the library 
 
 from __future__ import annotations
 
-from . import completion, p4d, soft_prompt, unlearndiffatk  # noqa: F401  (registers the attacks)
+from . import completion, p4d, ring_a_bell, soft_prompt, unlearndiffatk  # noqa: F401  (registers the attacks)
 from .base import (
     Attack,
     AttackConfig,
@@ -27,6 +27,14 @@ from .base import (
 )
 from .completion import CompletionConfig, CompletionProbe
 from .p4d import P4DAttack
+from .ring_a_bell import (
+    RingABell,
+    RingABellConfig,
+    RingABellEmbedding,
+    RingABellEmbeddingConfig,
+    concept_vector,
+    genetic_search,
+)
 from .soft_prompt import SoftPromptAttack, SoftPromptConfig
 from .tokens import TokenAttackConfig
 from .unlearndiffatk import UnlearnDiffAtk, UnlearnDiffAtkConfig
@@ -42,6 +50,10 @@ __all__ = [
     "ErasureHandle",
     "Judge",
     "P4DAttack",
+    "RingABell",
+    "RingABellConfig",
+    "RingABellEmbedding",
+    "RingABellEmbeddingConfig",
     "Sampling",
     "SeedResult",
     "SoftPromptAttack",
@@ -50,7 +62,9 @@ __all__ = [
     "UnlearnDiffAtk",
     "UnlearnDiffAtkConfig",
     "attack_names",
+    "concept_vector",
     "detector_judge",
+    "genetic_search",
     "get_attack",
     "register_attack",
     "run_attack",

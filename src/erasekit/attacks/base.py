@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from PIL import Image
 
+from ..config import SamplingConfig
 from ..errors import ConfigError, PromptError
 from ..methods.base import FOLD_RECORD, ErasureHandle
 from ..outputs import atomic_directory, check_output, commit_directory
@@ -117,17 +118,10 @@ def judge_images(judge: Callable[[Sequence[Image.Image]], Sequence[bool]], image
 
 
 # --------------------------------------------------------------------------- settings
-@dataclass
-class Sampling:
-    """How images are drawn (as ``erasekit generate`` draws them)."""
-
-    steps: int = 28
-    resolution: int = 512
-    guidance_scale: float = 0.0
-    max_sequence_length: int = 256
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return {"steps": self.steps, "resolution": self.resolution, "guidance_scale": self.guidance_scale}
+#: How an attack draws images: the project's one sampling type (steps, resolution, guidance scale,
+#: text length, sampler), as ``erasekit generate`` draws them. :func:`run_attack` samples with
+#: ``generation_steps`` where set (:meth:`SamplingConfig.for_generation`) and installs ``scheduler`` for the run.
+Sampling = SamplingConfig
 
 
 @dataclass
@@ -190,6 +184,8 @@ class AttackResult:
     sampling: dict[str, Any] = field(default_factory=dict)
     erasure: Any = None
     """How the erasure describes itself (its ``provenance()`` or ``repr``); ``None`` for the original model."""
+    search: dict[str, Any] | None = None
+    """What the attack's search did, where it has one to report (ring-a-bell: generations, fitness evaluations)."""
 
     @property
     def pre_rate(self) -> float:
@@ -243,6 +239,7 @@ class AttackResult:
             "config": self.config,
             "sampling": self.sampling,
             "erasure": self.erasure,
+            "search": self.search,
         }
 
 
@@ -381,6 +378,19 @@ def erased(pipe: Any, erasure: Erasure | None) -> Iterator[None]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def scheduler_installed(pipe: Any, name: str) -> Iterator[None]:
+    """``pipe`` samples with the scheduler ``name`` (``set_scheduler``) for the block; its own afterwards."""
+    from ..arch.samplers import set_scheduler
+
+    own = pipe.scheduler
+    set_scheduler(pipe, name)
+    try:
+        yield
+    finally:
+        pipe.scheduler = own
+
+
 class CallCounter:
     """Counts the denoiser's forward calls (a batched or guided call counts once)."""
 
@@ -408,6 +418,25 @@ def count_denoiser_calls(pipe: Any) -> Iterator[CallCounter]:
 def row_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean squared distance per row (each seed's loss; summed, rows do not share a gradient)."""
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+def final_latents(
+    arch: Any, pipe: Any, encoded: dict[str, torch.Tensor], seeds: list[int], sampling: Sampling
+) -> tuple[torch.Tensor, Any]:
+    """The final latents of the trajectory of ``encoded`` from ``seeds``' noise (no gradients), and the trajectory."""
+    from ..arch.samplers import run_trajectory
+
+    with torch.no_grad():
+        trajectory = arch.trajectory(pipe, encoded, seeds, **sampling.as_kwargs())
+        return run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps)[-1], trajectory
+
+
+def decode_images(trajectory: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """``latents`` decoded by ``trajectory``'s decoder into images."""
+    from ..generate import to_pil
+
+    with torch.no_grad():
+        return to_pil(trajectory.decode(latents))
 
 
 def chunks(items: list[int], size: int) -> Iterator[list[int]]:
@@ -557,17 +586,26 @@ def run_attack(
     """Run the attack ``attack_name`` (the library call behind ``erasekit attack``).
 
     ``judge``: a callable (images -> bools) or a detector name (``shapes``, ``nudenet``, ``clip``)
-    built for ``concept``. ``budget``: the attack's unit (soft-prompt: optimiser steps; completion:
-    denoiser steps the original model runs); its default when ``None``. ``config``: the attack's own
-    settings by name. With ``output`` the folder is written by :func:`save_attack_result`; every check
-    runs before any image is drawn, and nothing is written if the attack fails.
+    built for ``concept``. ``sampling``: drawn with its ``generation_steps`` where set, with its
+    ``scheduler`` installed on ``pipe`` for the run (the pipeline's own is put back afterwards).
+    ``budget``: the attack's unit (soft-prompt: optimiser steps; completion: denoiser steps the
+    original model runs; ring-a-bell: generations of its genetic search); its default when ``None``.
+    ``config``: the attack's own settings by name. With ``output`` the folder is written by
+    :func:`save_attack_result`; every check runs before any image is drawn, and nothing is written if
+    the attack fails.
 
     Raises:
         ErasekitError: unknown attack or setting, a budget below 1 (or one the attack cannot use), no
-            seeds, an empty concept, an existing ``output``, or a detector that cannot judge the concept.
+            seeds, an empty concept, an unknown scheduler, an existing ``output``, or a detector that
+            cannot judge the concept.
     """
+    from ..arch.samplers import SCHEDULER_CLASSES
+
     attack = get_attack(attack_name)
     settings = attack.make_config(config)
+    sampling = sampling.for_generation()
+    if sampling.scheduler not in SCHEDULER_CLASSES:
+        raise ConfigError(f"unknown scheduler {sampling.scheduler!r}; choose one of {', '.join(SCHEDULER_CLASSES)}")
     if not concept or not concept.strip():
         raise PromptError("the concept is empty; pass the concept the erasure removed")
     seeds = [int(s) for s in seeds]
@@ -585,16 +623,17 @@ def run_attack(
         raise ConfigError(f"the erasure {type(erasure).__name__} has no apply(pipe) method")
     check_attackable(pipe, attack, erasure)
     start = time.perf_counter()
-    result = attack.run(
-        pipe,
-        erasure=erasure,
-        concept=concept,
-        judge=judge,
-        budget=budget,
-        seeds=seeds,
-        sampling=sampling,
-        config=settings,
-    )
+    with scheduler_installed(pipe, sampling.scheduler):
+        result = attack.run(
+            pipe,
+            erasure=erasure,
+            concept=concept,
+            judge=judge,
+            budget=budget,
+            seeds=seeds,
+            sampling=sampling,
+            config=settings,
+        )
     result.seconds = time.perf_counter() - start
     if output is not None:
         save_attack_result(result, output, provenance=provenance_record(pipe), overwrite=overwrite)

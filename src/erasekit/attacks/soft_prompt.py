@@ -34,7 +34,6 @@ from PIL import Image
 from ..arch import denoiser_of
 from ..arch.samplers import run_trajectory
 from ..errors import ConfigError
-from ..generate import to_pil
 from ..training.gradient import checkpointed_gradient
 from .base import (
     Attack,
@@ -45,7 +44,9 @@ from .base import (
     SeedResult,
     chunks,
     count_denoiser_calls,
+    decode_images,
     erased,
+    final_latents,
     judge_images,
     register_attack,
     row_distance,
@@ -66,19 +67,6 @@ class SoftPromptConfig(AttackConfig):
     target_prompt: str | None = None
     lr: float = 0.2
     path_weight: float = 1.0
-
-
-def _final(
-    arch: Any, pipe: Any, encoded: dict[str, torch.Tensor], seeds: list[int], sampling: Sampling
-) -> tuple[torch.Tensor, Any]:
-    with torch.no_grad():
-        trajectory = arch.trajectory(pipe, encoded, seeds, **sampling.as_kwargs())
-        return run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps)[-1], trajectory
-
-
-def _images(trajectory: Any, latents: torch.Tensor) -> list[Image.Image]:
-    with torch.no_grad():
-        return to_pil(trajectory.decode(latents))
 
 
 def soft_prompt_objective(
@@ -176,18 +164,18 @@ class SoftPromptAttack(Attack):
                     path = run_trajectory(reference.step, reference.noise, reference.num_steps, keep=True)
                 target = path[-1]
                 with erased(pipe, erasure):
-                    z_pre, trajectory = _final(arch, pipe, wanted, chunk, sampling)
-                    pre = _images(trajectory, z_pre)
+                    z_pre, trajectory = final_latents(arch, pipe, wanted, chunk, sampling)
+                    pre = decode_images(trajectory, z_pre)
                     pre_hits = judge_images(judge, pre)
-                    z_start, trajectory = _final(arch, pipe, start, chunk, sampling)
-                    start_hits = judge_images(judge, _images(trajectory, z_start))
+                    z_start, trajectory = final_latents(arch, pipe, start, chunk, sampling)
+                    start_hits = judge_images(judge, decode_images(trajectory, z_start))
                     params = {k: start[k].detach().clone().requires_grad_(True) for k in keys}
                     used, stopped = self._optimise(
                         arch, pipe, start, params, path, chunk, judge, budget, sampling, config
                     )
                     final = {**start, **{k: p.detach() for k, p in params.items()}}
-                    z_post, trajectory = _final(arch, pipe, final, chunk, sampling)
-                    post = _images(trajectory, z_post)
+                    z_post, trajectory = final_latents(arch, pipe, final, chunk, sampling)
+                    post = decode_images(trajectory, z_post)
                     post_hits = judge_images(judge, post)
                 losses = row_distance(z_post, target).tolist()
                 for row, seed in enumerate(chunk):
@@ -246,7 +234,7 @@ class SoftPromptAttack(Attack):
             )
             if config.stop_on_success:
                 # the judge sees the image of the embeddings as they are before this update
-                hits = torch.tensor(judge_images(judge, _images(final[1], final[0])))
+                hits = torch.tensor(judge_images(judge, decode_images(final[1], final[0])))
                 for row in torch.nonzero(hits & ~done).flatten().tolist():
                     used[row], stopped[row] = iteration, True
                 done |= hits

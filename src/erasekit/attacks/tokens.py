@@ -22,7 +22,6 @@ from ..arch import denoiser_of
 from ..arch.base import TokenEmbeddings, Trajectory
 from ..arch.samplers import run_trajectory
 from ..errors import ConfigError
-from ..generate import to_pil
 from .base import (
     Attack,
     AttackConfig,
@@ -32,7 +31,9 @@ from .base import (
     SeedResult,
     chunks,
     count_denoiser_calls,
+    decode_images,
     erased,
+    final_latents,
     judge_images,
 )
 
@@ -381,7 +382,4 @@ def _draw(
     arch: Any, pipe: Any, encoded: dict[str, torch.Tensor], seeds: list[int], sampling: Sampling
 ) -> list[Image.Image]:
     """The images of ``encoded`` from the seeds' noise (no gradients)."""
-    with torch.no_grad():
-        trajectory = arch.trajectory(pipe, encoded, seeds, **sampling.as_kwargs())
-        z = run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps)[-1]
-        return to_pil(trajectory.decode(z))
+    return decode_images(*reversed(final_latents(arch, pipe, encoded, seeds, sampling)))

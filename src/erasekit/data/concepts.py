@@ -19,18 +19,18 @@ class ConceptPrompts:
     preservation: list[str]
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt per non-empty line; a missing or empty file is a :class:`PromptError`."""
+def read_prompt_file(path: str | Path, what: str = "prompt") -> list[str]:
+    """One prompt (or ``what``) per non-empty line; a missing or empty file is a :class:`PromptError`."""
     file = Path(path)
     if not file.is_file():
-        raise PromptError(f"prompt file {str(file)!r} does not exist")
+        raise PromptError(f"{what} file {str(file)!r} does not exist")
     try:
         lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
     except UnicodeDecodeError:
-        raise PromptError(f"prompt file {str(file)!r} is not UTF-8 text") from None
+        raise PromptError(f"{what} file {str(file)!r} is not UTF-8 text") from None
     prompts = [line for line in lines if line]
     if not prompts:
-        raise PromptError(f"prompt file {str(file)!r} is empty; put one prompt per line")
+        raise PromptError(f"{what} file {str(file)!r} is empty; put one {what.removesuffix('s')} per line")
     return prompts
 
 
@@ -57,18 +57,59 @@ def retarget(prompt: str, pattern: re.Pattern[str], anchor: str) -> str:
     return _tidy(pattern.sub(anchor.strip(), prompt)) or anchor.strip()
 
 
-def build_concept_prompts(cfg: ConceptConfig) -> ConceptPrompts:
-    """Expand templates over the concept and its synonyms; pair each prompt with its target.
+def concept_entries(cfg: ConceptConfig) -> list[tuple[str, str]]:
+    """Every concept ``cfg`` erases with its anchor, in order: ``(concept, anchor)`` first, then
+    ``more_concepts`` paired with ``more_anchors`` (each with ``anchor`` when that list is empty).
 
-    The target of a prompt is, by default, the same prompt with the concept (or synonym) replaced
-    by the anchor (dropped when the anchor is empty); ``target_prompts`` overrides that, one per
-    concept prompt.
+    Raises:
+        PromptError: an empty concept, anchors that do not pair with the concepts, a concept given twice.
     """
     concept = cfg.concept.strip()
     if not concept:
         raise PromptError("the concept is empty; pass --concept TEXT (e.g. --concept nudity)")
-    names = concept_names(cfg)
-    prompts = [_tidy(t.format(concept=n)) for t in cfg.templates for n in names]
+    more = [c.strip() for c in cfg.more_concepts]
+    if any(not c for c in more):
+        raise PromptError("one of the concepts is empty; give every --concept (or concepts-file line) a text")
+    if cfg.more_anchors and len(cfg.more_anchors) != len(more):
+        raise PromptError(
+            f"{len(cfg.more_anchors) + 1} anchors for {len(more) + 1} concepts; "
+            "give one anchor per concept (in order), or one for all"
+        )
+    entries = [(concept, cfg.anchor), *zip(more, cfg.more_anchors or [cfg.anchor] * len(more))]
+    seen: set[str] = set()
+    for name, _ in entries:
+        if name.casefold() in seen:
+            raise PromptError(f"the concept {name!r} is given twice; name each concept once")
+        seen.add(name.casefold())
+    return entries
+
+
+def _naming(cfg: ConceptConfig) -> tuple[list[list[str]], re.Pattern[str], list[str]]:
+    """Per concept its names (the first concept's synonyms with it), one pattern finding any of them as
+    :func:`concept_pattern` does, and the anchor of each of the pattern's groups (one group per name)."""
+    entries = concept_entries(cfg)
+    names = [concept_names(cfg), *([name] for name, _ in entries[1:])]
+    owned = sorted(
+        ((n, anchor) for ns, (_, anchor) in zip(names, entries) for n in ns),
+        key=lambda pair: len(pair[0]),
+        reverse=True,
+    )
+    alternatives = "|".join(f"({re.escape(n)})" for n, _ in owned)
+    pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+    return names, pattern, [anchor.strip() for _, anchor in owned]
+
+
+def build_concept_prompts(cfg: ConceptConfig) -> ConceptPrompts:
+    """Expand templates over every concept and its names; pair each prompt with its target.
+
+    The prompts run template by template, each over the concepts in order (the first concept's synonyms
+    after it), so that consecutive prompts take the concepts in turn; ``prompts`` follow. The target of a
+    prompt is, by default, the same prompt with each concept (or synonym) it names replaced by that
+    concept's anchor (dropped when the anchor is empty), all in one pass (an anchor that names another
+    concept stays as it is); ``target_prompts`` overrides that, one per concept prompt.
+    """
+    names, pattern, anchors = _naming(cfg)
+    prompts = [_tidy(t.format(concept=n)) for t in cfg.templates for ns in names for n in ns]
     prompts += [_tidy(p) for p in cfg.prompts if p.strip()]
     if not prompts:
         raise PromptError("no concept prompts: give concept.templates containing {concept} or concept.prompts")
@@ -80,18 +121,40 @@ def build_concept_prompts(cfg: ConceptConfig) -> ConceptPrompts:
             )
         targets = [_tidy(t) for t in cfg.target_prompts]
     else:
-        pattern = concept_pattern(names)
         targets = []
         for prompt in prompts:
-            if not pattern.search(prompt):
+            found = pattern.search(prompt)
+            if not found:
+                named = " or ".join(repr(ns[0]) for ns in names)
                 raise PromptError(
-                    f"concept prompt {prompt!r} does not mention {concept!r}; "
-                    "give concept.target_prompts for such prompts"
+                    f"concept prompt {prompt!r} does not mention {named}; give concept.target_prompts for such prompts"
                 )
-            targets.append(retarget(prompt, pattern, cfg.anchor))
+            first = anchors[found.lastindex - 1] if found.lastindex else ""
+            replaced = pattern.sub(lambda m: anchors[m.lastindex - 1] if m.lastindex else "", prompt)
+            targets.append(_tidy(replaced) or first)
     preservation = [_tidy(p) for p in cfg.preservation_prompts if p.strip()]
     if cfg.preservation_file:
         preservation += read_prompt_file(cfg.preservation_file)
     if not preservation:
         raise PromptError("no preservation prompts: set concept.preservation_prompts or concept.preservation_file")
     return ConceptPrompts(concept=prompts, target=targets, preservation=preservation)
+
+
+def read_concepts_file(path: str | Path) -> list[tuple[str, str | None]]:
+    """The concepts of a concepts file: one per non-empty line, ``concept`` or ``concept => anchor``
+    (``None``: the line names no anchor); lines starting with ``#`` are comments.
+
+    Raises:
+        PromptError: a missing, unreadable or empty file, or a line with an empty concept.
+    """
+    entries: list[tuple[str, str | None]] = []
+    for line in read_prompt_file(path, what="concepts"):
+        if line.startswith("#"):
+            continue
+        concept, arrow, anchor = line.partition("=>")
+        if not concept.strip():
+            raise PromptError(f"concepts file {str(path)!r}: the line {line!r} names no concept before '=>'")
+        entries.append((concept.strip(), anchor.strip() if arrow else None))
+    if not entries:
+        raise PromptError(f"concepts file {str(path)!r} names no concept; put one concept per line")
+    return entries

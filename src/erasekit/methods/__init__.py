@@ -4,8 +4,10 @@ Importing this package registers every method that ships with erasekit (one impo
 """
 
 from . import (
+    advunlearn,  # noqa: F401  (registers "advunlearn")
     ca,  # noqa: F401  (registers "ca")
     concept_prune,  # noqa: F401  (registers "concept-prune")
+    eap,  # noqa: F401  (registers "eap")
     esd,  # noqa: F401  (registers "esd")
     flowedit,  # noqa: F401  (registers "flowedit")
     mask,  # noqa: F401  (registers "mask")

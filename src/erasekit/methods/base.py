@@ -30,6 +30,7 @@ from torch import nn
 from .. import __version__
 from ..arch import architecture_for, denoiser_of
 from ..config import EraseConfig
+from ..data import concept_entries
 from ..errors import (
     ErasekitError,
     ErasureFileError,
@@ -133,6 +134,22 @@ def generation_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     if generation_steps is not None:
         sampling["steps"] = generation_steps
     return sampling
+
+
+def concept_fields(config: EraseConfig) -> dict[str, Any]:
+    """The record's concept fields: ``concept`` and ``anchor`` (the first concept's), ``concepts`` (every
+    concept erased) and, where there are several, ``anchors`` (theirs, in the same order)."""
+    concept = config.concept
+    fields_ = {
+        "concept": concept.concept,
+        "concepts": [concept.concept] if concept.concept else [],
+        "anchor": concept.anchor,
+    }
+    if concept.more_concepts:
+        entries = concept_entries(concept)
+        fields_["concepts"] = [name for name, _ in entries]
+        fields_["anchors"] = [anchor for _, anchor in entries]
+    return fields_
 
 
 def write_record(folder: Path, record: dict[str, Any], payload: Sequence[str]) -> dict[str, Any]:
@@ -353,6 +370,8 @@ class Method(ABC):
     changes: ClassVar[str] = ""
     families: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
+    several_concepts: ClassVar[bool] = False
+    """Whether one fit erases several concepts (``concept.more_concepts``); a method that cannot refuses them."""
 
     def settings(self, config: EraseConfig) -> Any:
         """This method's settings in ``config`` (an instance of :attr:`config_class`)."""
@@ -364,6 +383,15 @@ class Method(ABC):
             raise UnsupportedError(
                 f"method {self.name!r} does not support the {arch.family} family; "
                 f"it supports: {', '.join(self.families)}"
+            )
+
+    def check_concepts(self, count: int) -> None:
+        """Refuse, in one line, ``count`` > 1 concepts for a method that erases one at a time."""
+        if count > 1 and not self.several_concepts:
+            able = ", ".join(n for n in available_methods() if _METHODS[n].several_concepts)
+            raise UnsupportedError(
+                f"method {self.name!r} erases one concept at a time, and {count} were given; "
+                f"erase them one by one, or use a method that erases several at once ({able})"
             )
 
     def validate(self, config: EraseConfig) -> None:  # noqa: B027  (optional hook)
@@ -402,6 +430,7 @@ class Method(ABC):
             "trains": self.trains,
             "needs_cfg": self.needs_cfg,
             "families": list(self.families),
+            "several_concepts": self.several_concepts,
             "summary": self.summary,
         }
 
@@ -567,6 +596,7 @@ def erase(config: EraseConfig, output: str | Path, *, resume: bool = False, stop
         >>> erase(cfg, "erasures/hulk")  # doctest: +SKIP
     """
     method = get_method(config.method)
+    method.check_concepts(1 + len(config.concept.more_concepts))
     method.validate(config)  # bad settings fail before any weights are loaded
     output = Path(output)
     check_output(output)

@@ -108,6 +108,18 @@ class WeightTrainer(ABC):
     def prepare(self) -> None:  # noqa: B027  (optional hook)
         """Work before the first step, once per run and resume (e.g. generating images); default: none."""
 
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors a method carries from step to step beside the trained parameters (EAP's adversary), saved
+        in every checkpoint under these names (which must not be parameter names); default: none."""
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:  # noqa: B027  (optional hook)
+        """Restore :meth:`extra_state` from a checkpoint on ``--resume``; default: nothing to restore."""
+
+    def training_record(self) -> dict[str, Any]:
+        """What the artefact's ``training`` record gains beyond the run's length (JSON values); default: none."""
+        return {}
+
     # ------------------------------------------------------------------ helpers for methods
     def noise_seed(self, sample: int, stream: int = 0) -> int:
         """The noise seed of training sample ``sample`` (``stream`` tells apart several draws per sample)."""
@@ -163,6 +175,7 @@ class WeightTrainer(ABC):
                 with torch.no_grad():
                     for name, param in self.params.items():
                         param.copy_(tensors[name].to(param.device, param.dtype))
+                self.load_extra_state({k: v for k, v in tensors.items() if k not in self.params})
             run.begin(start)
             self.prepare()
             self._loop(optimizer, scheduler, start, stop_after)
@@ -187,7 +200,11 @@ class WeightTrainer(ABC):
             seconds=seconds,
             peak_memory_bytes=peak_memory_bytes(acc.device),
         )
-        record["training"] = {"iterations": cfg.train.iterations, "processes": acc.num_processes}
+        record["training"] = {
+            "iterations": cfg.train.iterations,
+            "processes": acc.num_processes,
+            **self.training_record(),
+        }
         erasure = self.erasure_class.from_edits(self.denoiser, edits, record)
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -240,6 +257,7 @@ class WeightTrainer(ABC):
                 bar.update(1)
                 if self.run.wants_checkpoint(done):
                     tensors = {name: p.detach().contiguous() for name, p in self.params.items()}
+                    tensors.update({k: v.detach().contiguous() for k, v in self.extra_state().items()})
                     self.run.checkpoint(done, tensors, optimizer, scheduler)
 
 

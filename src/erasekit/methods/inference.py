@@ -16,7 +16,15 @@ from typing import Any, ClassVar
 from ..arch import denoiser_of
 from ..arch.override import SamplingOverride, install_sampling_override
 from ..config import EraseConfig, config_to_dict
-from .base import Cost, Erasure, ErasureHandle, base_model_record, generation_defaults, peak_memory_bytes
+from .base import (
+    Cost,
+    Erasure,
+    ErasureHandle,
+    base_model_record,
+    concept_fields,
+    generation_defaults,
+    peak_memory_bytes,
+)
 
 
 class InferenceTimeErasure(Erasure):
@@ -72,13 +80,10 @@ def fit_inference_time(
     """
     started = time.perf_counter()
     _, denoiser = denoiser_of(pipe)
-    concept = config.concept.concept
     record: dict[str, Any] = {
         "method": erasure_class.method,
         "base_model": base_model_record(denoiser, model_id or config.model.id, config.model.revision),
-        "concept": concept,
-        "concepts": [concept] if concept else [],
-        "anchor": config.concept.anchor,
+        **concept_fields(config),
         "settings": config_to_dict(config),
         "generation": generation_defaults({"sampling": config_to_dict(config.sampling)}),
         **(fields or {}),

@@ -32,7 +32,7 @@ from torch import nn
 from ..arch import denoiser_of
 from ..config import EraseConfig, config_to_dict
 from ..errors import ErasureFileError, ErasureMismatchError, UnsupportedError
-from .base import Erasure, base_model_record, generation_defaults
+from .base import Erasure, base_model_record, concept_fields, generation_defaults
 
 WEIGHTS_NAME = "weights.safetensors"
 #: The one fold of a weight edit: the edited values written into the same parameters.
@@ -73,14 +73,11 @@ def erasure_record(
 ) -> dict[str, Any]:
     """The record fields every fitted erasure carries (``erasure.json`` less format fields and payload)."""
     settings = config_to_dict(config)
-    concepts = [config.concept.concept] if config.concept.concept else []
     return {
         "method": method,
         "family": family,
         "base_model": base_model_record(denoiser, model_id or config.model.id, config.model.revision),
-        "concept": config.concept.concept,
-        "concepts": concepts,
-        "anchor": config.concept.anchor,
+        **concept_fields(config),
         "settings": settings,
         "generation": generation_defaults(settings),
         "cost": {"changes": changes, "seconds": round(seconds, 3), "peak_memory_bytes": peak_memory_bytes},

@@ -16,6 +16,8 @@ from the prompts and seeds an erasure trains on (:func:`erasure_prompts`).
 
 from __future__ import annotations
 
+import itertools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -60,16 +62,46 @@ def resolve_concept(concept: str) -> tuple[str, str]:
     raise ErasekitError(f"{concept!r} is not a ShapesCanvas concept; use one of: {known}")
 
 
+def concept_pairs(concept: str) -> list[tuple[str, str]]:
+    """Prompt pairs that differ only in ``concept``: every training template that names the concept's
+    attribute, filled with the canonical word of every combination of the other attributes it names,
+    once with the concept and once with each other value of its attribute (Ring-a-Bell's concept
+    vector is the mean difference of the two sides' encodings).
+
+    Raises:
+        ErasekitError: the word names no ShapesCanvas value.
+    """
+    attribute, value = resolve_concept(concept)
+    others = [v for v in ATTRIBUTES[attribute] if v != value]
+    pairs: list[tuple[str, str]] = []
+    for template in TEMPLATES:
+        names = re.findall(r"\{(\w+)\}", template)
+        if attribute not in names:
+            continue
+        rest = [n for n in names if n != attribute]
+        for combination in itertools.product(*(ATTRIBUTES[n] for n in rest)):
+            words = dict(zip(rest, combination))
+            with_concept = fill(template, {**words, attribute: value})
+            pairs.extend((with_concept, fill(template, {**words, attribute: other})) for other in others)
+    return pairs
+
+
 def evaluation_samples(
-    concept: str, per_group: int = PER_GROUP, seed: int = EVALUATION_SEED, image_seed_base: int = EVALUATION_SEED_BASE
+    concept: str,
+    per_group: int = PER_GROUP,
+    seed: int = EVALUATION_SEED,
+    image_seed_base: int = EVALUATION_SEED_BASE,
+    exclude: Sequence[str] = (),
 ) -> list[Sample]:
     """Target, synonym and in-domain samples for ``concept`` (``per_group`` each, deterministic).
 
-    ``seed`` draws the scenes; the images' noise seeds count up from ``image_seed_base``.
+    ``seed`` draws the scenes; the images' noise seeds count up from ``image_seed_base``. ``exclude``: values
+    of the concept's attribute the in-domain group leaves out (the other concepts of an erasure of several,
+    which are not retained); the target and synonym samples do not depend on it.
     """
     attribute, value = resolve_concept(concept)
     rng = np.random.default_rng(seed)
-    others = [v for v in ATTRIBUTES[attribute] if v != value]
+    others = _others(attribute, value, exclude)
     samples: list[Sample] = []
     image_seed = image_seed_base
     for group in GROUPS:
@@ -92,7 +124,9 @@ def tuning_samples(concept: str, per_group: int = 96) -> list[Sample]:
     return evaluation_samples(concept, per_group, seed=TUNING_SEED, image_seed_base=TUNING_SEED_BASE)
 
 
-def anchor_samples(concept: str, samples: Sequence[Sample], anchor: str | None = None) -> list[Sample]:
+def anchor_samples(
+    concept: str, samples: Sequence[Sample], anchor: str | None = None, exclude: Sequence[str] = ()
+) -> list[Sample]:
     """The target and synonym samples as the erasure's anchor prompts would draw them.
 
     Same scenes and noise seeds; the prompt is the canonical one with the concept replaced by
@@ -102,11 +136,13 @@ def anchor_samples(concept: str, samples: Sequence[Sample], anchor: str | None =
     draw, so their :func:`score` (UA and synonym UA) is the most such an erasure can reach: where the
     model's own anchor images are taken for the concept, so are the erased ones.
 
+    ``exclude``: values the ``None`` anchor does not take (the other concepts of an erasure of several).
+
     Raises:
         ErasekitError: ``anchor`` is not another value of the concept's attribute.
     """
     attribute, value = check_anchor(concept, anchor)
-    others = [v for v in ATTRIBUTES[attribute] if v != value]
+    others = _others(attribute, value, exclude)
     drawn = [s for s in samples if s.group != "in_domain"]
     return [
         Sample(_anchor_prompt(CANONICAL_TEMPLATE, s.scene, attribute, anchor, others, k), s.seed, s.scene, s.group)
@@ -143,6 +179,37 @@ def score(concept: str, samples: Sequence[Sample], predictions: Mapping[str, Seq
     return {"ua": mean(ua), "synonym_ua": mean(synonym_ua), "ira": mean(ira), "cra": mean(cra)}
 
 
+def _others(attribute: str, value: str, exclude: Sequence[str] = ()) -> list[str]:
+    """The values of ``attribute`` other than ``value`` and those in ``exclude``."""
+    return [v for v in ATTRIBUTES[attribute] if v != value and v not in exclude]
+
+
+def check_concepts(concepts: Sequence[str], anchors: Sequence[str | None]) -> list[tuple[str, str]]:
+    """``(attribute, value)`` of each concept of an erasure of several, once each anchor suits its concept
+    (:func:`check_anchor`) and names none of the erased values.
+
+    Raises:
+        ErasekitError: an unknown concept or a bad anchor, a concept given twice, concepts of different
+            attributes (the protocol keeps each concept's other values; those of other attributes are
+            drawn at random, erased ones among them), or an anchor that is another erased concept.
+    """
+    resolved = [check_anchor(c, a) for c, a in zip(concepts, anchors, strict=True)]
+    values = [value for _, value in resolved]
+    for k, value in enumerate(values):
+        if value in values[:k]:
+            raise ErasekitError(f"the concept {value!r} is given twice; name each concept once")
+    attributes = sorted({attribute for attribute, _ in resolved})
+    if len(attributes) > 1:
+        raise ErasekitError(
+            f"the concepts {', '.join(map(repr, values))} are of different attributes ({', '.join(attributes)}); "
+            "several concepts erased together must be values of one attribute"
+        )
+    for (_, value), anchor in zip(resolved, anchors):
+        if anchor in values:
+            raise ErasekitError(f"anchor {anchor!r} for {value!r} is erased too; choose a value that is kept")
+    return resolved
+
+
 def check_anchor(concept: str, anchor: str | None) -> tuple[str, str]:
     """``(attribute, value)`` of ``concept`` once ``anchor`` is known to suit it (None always does).
 
@@ -151,7 +218,7 @@ def check_anchor(concept: str, anchor: str | None) -> tuple[str, str]:
             nor ``"empty"`` for an object.
     """
     attribute, value = resolve_concept(concept)
-    others = [v for v in ATTRIBUTES[attribute] if v != value]
+    others = _others(attribute, value)
     if anchor is not None and anchor not in others and not (anchor == "empty" and attribute == "object"):
         extra = " or 'empty' (the empty background)" if attribute == "object" else ""
         raise ErasekitError(f"anchor {anchor!r} for {value!r}: use another {attribute} ({', '.join(others)}){extra}")
@@ -169,7 +236,7 @@ def _anchor_prompt(template: str, scene: Scene, attribute: str, anchor: str | No
 
 
 def erasure_prompts(
-    concept: str, count: int = 16, seed: int = 0, anchor: str | None = None
+    concept: str, count: int = 16, seed: int = 0, anchor: str | None = None, exclude: Sequence[str] = ()
 ) -> tuple[list[str], list[str], list[str]]:
     """Training prompts for erasing ``concept``: ``(concept prompts, anchor prompts, preservation prompts)``.
 
@@ -178,13 +245,14 @@ def erasure_prompts(
     (default: each of the other values in turn; ``"empty"`` for an object: the empty background).
     Preservation prompts describe scenes with other values of the same attribute. All use the
     training templates other than the canonical one, so no erasure prompt is an evaluation prompt
-    (:func:`evaluation_samples`), and scenes come from their own stream.
+    (:func:`evaluation_samples`), and scenes come from their own stream. ``exclude``: values neither
+    preserved nor taken as the ``None`` anchor (the other concepts of an erasure of several).
 
     Raises:
         ErasekitError: ``anchor`` is not another value of the concept's attribute.
     """
     attribute, value = check_anchor(concept, anchor)
-    others = [v for v in ATTRIBUTES[attribute] if v != value]
+    others = _others(attribute, value, exclude)
     rng = np.random.default_rng(seed)
     names = SYNONYMS[attribute][value]
     templates = [t for t in TEMPLATES if t != CANONICAL_TEMPLATE and "{" + attribute + "}" in t]

@@ -47,10 +47,13 @@ class World:
         return self.path / "pipeline"
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> World:
-        """Load a world folder (default: the shipped one) on the CPU in float32."""
-        from diffusers import FluxPipeline
+    def load(cls, path: str | Path | None = None, *, pipeline: bool = True) -> World:
+        """Load a world folder (default: the shipped one) on the CPU in float32.
 
+        ``pipeline=False`` leaves the pipeline to :meth:`ensure_pipeline` (and :meth:`generate`, which
+        calls it): a caller that may find everything it needs judged already (``erasekit bench``
+        rerun) does not pay for loading diffusers and the model.
+        """
         from .detectors import ShapesDetectors
 
         folder = Path(path) if path is not None else SHIPPED_WORLD
@@ -61,8 +64,7 @@ class World:
                 "use the shipped one (no argument) or build one with `erasekit toyworld train`"
             )
         record = json.loads(record_file.read_text())
-        pipe = FluxPipeline.from_pretrained(str(folder / "pipeline"), torch_dtype=torch.float32)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = _load_pipeline(folder / "pipeline") if pipeline else None
         detectors = ShapesDetectors.from_pretrained(folder / "detectors")
         morph = folder / MORPH_DETECTORS
         return cls(
@@ -73,6 +75,12 @@ class World:
             record=record,
             morph_detectors=ShapesDetectors.from_pretrained(morph) if morph.is_dir() else None,
         )
+
+    def ensure_pipeline(self) -> Any:
+        """The world's pipeline, loaded now where :meth:`load` left it out."""
+        if self.pipe is None:
+            self.pipe = _load_pipeline(self.pipeline_path)
+        return self.pipe
 
     @torch.no_grad()
     def generate(
@@ -91,15 +99,24 @@ class World:
         """
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt is needed")
+        pipe = self.ensure_pipeline()
         images, latents = [], []
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
             chunk = slice(start, start + batch_size)
-            z, trajectory = generate_latents(self.pipe, list(prompts[chunk]), list(seeds[chunk]), **self.sampling)
+            z, trajectory = generate_latents(pipe, list(prompts[chunk]), list(seeds[chunk]), **self.sampling)
             pixels = trajectory.decode(z)
             images.append((pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
             latents.append(z.float())
         stacked = np.concatenate(images)
         return (stacked, torch.cat(latents)) if return_latents else stacked
+
+
+def _load_pipeline(folder: Path) -> Any:
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def measure_quality(world: World, count: int = 200, seed: int = 2_000_003, progress: bool = False) -> dict[str, Any]:

@@ -145,6 +145,7 @@ class CaMethod(FineTuneMethod):
     erasure_class = CaErasure
     needs_cfg = False
     changes = CHANGES
+    several_concepts = True
     families = ("dit", "flux", "pixart", "sd3", "unet")
     summary = "concept ablation: fine-tune so the concept prompt predicts what the anchor prompt does"
     trainer_class = CaTrainer

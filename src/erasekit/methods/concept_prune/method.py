@@ -32,7 +32,7 @@ from ...config import ConceptPruneConfig, EraseConfig, config_to_dict
 from ...data import build_concept_prompts
 from ...errors import ConfigError
 from ...outputs import check_output
-from ..base import Method, base_model_record, peak_memory_bytes, register_method
+from ..base import Method, base_model_record, concept_fields, peak_memory_bytes, register_method
 from ..mask.method import MaskErasure
 from .kernels import InputNormRecorder, neuron_scores, skilled_neurons
 
@@ -144,6 +144,7 @@ class ConceptPruneMethod(Method):
     trains = False
     needs_cfg = False
     changes = CHANGES
+    several_concepts = True
     families = ("dit", "flux", "pixart", "sd3", "unet")
     summary = "ConceptPrune: training-free pruning of the feed-forward neurons skilled at the concept (WANDA)"
 
@@ -202,8 +203,7 @@ class ConceptPruneMethod(Method):
             "unit_kinds": ["neurons"],
             "units": count_units(sites)["per_kind"],
             "base_model": base_model_record(denoiser, model_id or config.model.id, config.model.revision),
-            "concept": config.concept.concept,
-            "anchor": config.concept.anchor,
+            **concept_fields(config),
             "settings": config_to_dict(config),
             "scoring": {
                 "trajectory_steps": steps,

@@ -17,8 +17,12 @@ from erasekit.methods.eap.kernels import (
     x0_from_epsilon,
     x0_from_velocity,
 )
+from erasekit.methods.eap.method import EapErasure, EapMethod, EapTrainer
 
 __all__ = [
+    "EapErasure",
+    "EapMethod",
+    "EapTrainer",
     "EAP_DEFAULT_ADVERSARY_LR",
     "EAP_DEFAULT_CENTRES",
     "EAP_DEFAULT_ITERATIONS",

@@ -16,10 +16,12 @@ combination), which is the guidance-distilled form of the reference notes and th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ...arch.base import Trajectory
 from ...arch.guidance import Conditional
 from ...config import EraseConfig, EsdConfig
 from ...errors import ConfigError
@@ -37,16 +39,31 @@ class EsdErasure(WeightEditErasure):
     method = "esd"
 
 
-def check_esd_settings(settings: EsdConfig) -> None:
-    """Refuse ESD settings it cannot run with, naming the key."""
+def check_esd_settings(settings: EsdConfig, section: str = "esd") -> None:
+    """Refuse ESD settings it cannot run with, naming the key (in ``section``: EAP shares these fields)."""
     if settings.variant not in ESD_VARIANTS:
-        raise ConfigError(f"esd.variant: unknown variant {settings.variant!r}; choose one of {', '.join(ESD_VARIANTS)}")
+        raise ConfigError(
+            f"{section}.variant: unknown variant {settings.variant!r}; choose one of {', '.join(ESD_VARIANTS)}"
+        )
     if settings.eta < 0:
-        raise ConfigError("esd.eta must not be negative (0 makes the target the empty prompt's prediction)")
+        raise ConfigError(f"{section}.eta must not be negative (0 makes the target the empty prompt's prediction)")
     if not settings.lr > 0:
-        raise ConfigError(f"esd.lr must be positive, got {settings.lr}")
+        raise ConfigError(f"{section}.lr must be positive, got {settings.lr}")
     if settings.start_guidance < 0:
-        raise ConfigError("esd.start_guidance must not be negative")
+        raise ConfigError(f"{section}.start_guidance must not be negative")
+
+
+@dataclass
+class EsdSample:
+    """One ESD training sample: the frozen model's latent ``z`` before step ``step`` of ``trajectory`` (the
+    concept prompt's), the trained model's ``prediction`` there (with gradient) and the frozen ``target``."""
+
+    trajectory: Trajectory
+    z: torch.Tensor
+    step: int
+    prediction: torch.Tensor | None
+    """``None`` when the caller predicts with other conditioning itself (AdvUnlearn)."""
+    target: torch.Tensor
 
 
 class EsdTrainer(WeightTrainer):
@@ -69,7 +86,9 @@ class EsdTrainer(WeightTrainer):
             )
         return esd_parameters(self.denoiser.named_parameters(), module_name_predicate(text), self.settings.variant)
 
-    def loss(self, sample: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def esd_sample(self, sample: int, predict_concept: bool = True) -> EsdSample:
+        """Steps 1-4 of the module docstring for global training sample ``sample`` (step 4 only with
+        ``predict_concept``)."""
         s = self.config.sampling
         prompt = self.prompts.concept[self.concept_row(sample)]
         step = int(torch.randint(s.steps, (1,), generator=self.generator(sample)))
@@ -93,8 +112,12 @@ class EsdTrainer(WeightTrainer):
             for i in range(step):
                 z = trajectory.step(z, i)
             target = esd_target_from_model(frozen, z, step, concept, neutral, self.settings.eta)  # type: ignore[arg-type]
-        prediction = predict(z, step, concept)
-        return esd_loss(prediction.float(), target.float()), {"timestep_index": float(step)}
+        return EsdSample(trajectory, z, step, predict(z, step, concept) if predict_concept else None, target)
+
+    def loss(self, sample: int) -> tuple[torch.Tensor, dict[str, float]]:
+        esd = self.esd_sample(sample)
+        assert esd.prediction is not None
+        return esd_loss(esd.prediction.float(), esd.target.float()), {"timestep_index": float(esd.step)}
 
 
 @register_method
@@ -108,6 +131,7 @@ class EsdMethod(FineTuneMethod):
     erasure_class = EsdErasure
     needs_cfg = False
     changes = CHANGES
+    several_concepts = True
     families = ("dit", "flux", "pixart", "sd3", "unet")
     summary = "ESD: fine-tune the denoiser towards the frozen model's negatively guided prediction"
     trainer_class = EsdTrainer
@@ -116,4 +140,4 @@ class EsdMethod(FineTuneMethod):
         check_esd_settings(settings)
 
 
-__all__ = ["CHANGES", "EsdErasure", "EsdMethod", "EsdTrainer", "check_esd_settings"]
+__all__ = ["CHANGES", "EsdErasure", "EsdMethod", "EsdSample", "EsdTrainer", "check_esd_settings"]

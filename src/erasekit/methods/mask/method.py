@@ -155,6 +155,7 @@ class MaskMethod(Method):
     trains = True
     needs_cfg = False
     changes = CHANGES
+    several_concepts = True
     families = ("dit", "flux", "pixart", "sd3", "unet")
     summary = "minimalist concept erasure: a sparse binary mask trained through the sampling trajectory"
 

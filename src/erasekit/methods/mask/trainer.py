@@ -20,9 +20,10 @@ from ...config import UNIT_KINDS, EraseConfig, config_to_dict
 from ...data import build_concept_prompts
 from ...errors import ConfigError, TrainingDivergedError
 from ...pipeline import denoiser_of
+from ...training.adversarial import adversarial_conditioning
 from ...training.gradient import checkpointed_gradient, naive_gradient
 from ...training.run import PromptEncoder, TrainingRun, freeze, validate_run_config
-from ..base import base_model_record, peak_memory_bytes
+from ..base import base_model_record, concept_fields, peak_memory_bytes
 from .artifact import write_mask_files
 from .model import MaskedModel, fraction_of
 from .parameterization import MaskSettings
@@ -201,6 +202,9 @@ class MaskTrainer:
         end = cfg.train.iterations if stop_after is None else min(stop_after, cfg.train.iterations)
         gradient = checkpointed_gradient if cfg.train.gradient_checkpointing else naive_gradient
         intermediate = cfg.loss.intermediate_preservation if steps > 1 else 0.0
+        intermediate_erase = cfg.loss.intermediate_erasure if steps > 1 else 0.0
+        eta = cfg.loss.negative_guidance
+        attack_steps = cfg.train.adversarial.steps
 
         def numbered(k: int, size: int) -> list[int]:
             """Global numbers of this process's ``size`` samples of micro-step ``k`` (prompt rows and noise seeds)."""
@@ -224,20 +228,25 @@ class MaskTrainer:
                     seeds = [self._noise_seed(i, 0) for i in index] + [self._noise_seed(i, 1) for i in keep_index]
                     # one hard-concrete sample per trajectory, identical on every process
                     masked.resample_noise(torch.Generator().manual_seed(cfg.train.seed * 7919 + k))
-                    eta = cfg.loss.negative_guidance
-                    # negative guidance needs the concept prompts' original latents: they ride in the targets' batch
-                    originals = prompts[:b] if eta else []
+                    # negative guidance and the inner attack need the concept prompts' original latents: they
+                    # ride in the targets' batch
+                    originals = prompts[:b] if eta or attack_steps else []
                     with masked.disabled():
                         reference = self.arch.trajectory(
                             self.pipe, encode(targets + originals), seeds + seeds[: len(originals)], **sample
                         )
-                        path = run_trajectory(reference.step, reference.noise, steps, keep=intermediate > 0)
-                        ends = path[-1]
-                    goal = ends[: len(targets)]
-                    if eta:
-                        goal = torch.cat([goal[:b] + eta * (goal[:b] - ends[len(targets) :]), goal[b:]])
-                    trajectory = self.arch.trajectory(self.pipe, encode(prompts), seeds, **sample)
-                    parts: dict[str, torch.Tensor] = {"steps": torch.zeros(())}
+                        path = run_trajectory(
+                            reference.step,
+                            reference.noise,
+                            steps,
+                            keep=intermediate > 0 or intermediate_erase > 0 or attack_steps > 0,
+                        )
+                    goal = aim(path[-1], len(targets), b, eta)
+                    encoded = encode(prompts)
+                    if attack_steps:
+                        encoded = self._attack(masked, encoded, path, len(targets), b, seeds[:b], sample, k)
+                    trajectory = self.arch.trajectory(self.pipe, encoded, seeds, **sample)
+                    parts: dict[str, torch.Tensor] = {"steps": torch.zeros(()), "erase_steps": torch.zeros(())}
 
                     # this iteration's goal, parts and path are bound as defaults (the closures run within it)
                     def loss_fn(
@@ -252,15 +261,25 @@ class MaskTrainer:
                         z: torch.Tensor,
                         path: list[torch.Tensor] = path,
                         parts: dict[str, torch.Tensor] = parts,
+                        n_targets: int = len(targets),
                     ) -> torch.Tensor:
-                        # the preservation rows after step i against the original model's from the same noise
-                        term = (
-                            intermediate
-                            / (steps - 1)
-                            * distance(z[b:], path[i + 1][b : b + pb], cfg.loss.distance).mean()
-                        )
-                        parts["steps"] = parts["steps"] + term.detach()
-                        return cfg.loss.preserve_weight * term
+                        # after step i: the preservation rows against the original model's latents from the
+                        # same noise, the concept rows against their (aimed) targets'
+                        total = torch.zeros(())
+                        if intermediate:
+                            term = (
+                                intermediate
+                                / (steps - 1)
+                                * distance(z[b:], path[i + 1][b : b + pb], cfg.loss.distance).mean()
+                            )
+                            parts["steps"] = parts["steps"] + term.detach()
+                            total = total + cfg.loss.preserve_weight * term
+                        if intermediate_erase:
+                            target = aim(path[i + 1], n_targets, b, eta)[:b]
+                            term = intermediate_erase / (steps - 1) * distance(z[:b], target, cfg.loss.distance).mean()
+                            parts["erase_steps"] = parts["erase_steps"] + term.detach()
+                            total = total + cfg.loss.erase_weight * term
+                        return total
 
                     _, micro_grads = gradient(
                         trajectory.step,
@@ -268,15 +287,13 @@ class MaskTrainer:
                         steps,
                         loss_fn,
                         params,
-                        step_loss=step_loss if intermediate > 0 else None,
+                        step_loss=step_loss if intermediate > 0 or intermediate_erase > 0 else None,
                     )
                     for acc_grad, g in zip(grads, micro_grads):
                         acc_grad.add_(g, alpha=1.0 / accum)
                     preserve_term = parts["preserve"].detach() + parts["steps"]
-                    terms += (
-                        torch.tensor([float(parts["erase"].detach()), float(preserve_term)], dtype=torch.float64)
-                        / accum
-                    )
+                    erase_term = parts["erase"].detach() + parts["erase_steps"]
+                    terms += torch.tensor([float(erase_term), float(preserve_term)], dtype=torch.float64) / accum
                 if world > 1:
                     for g in grads:
                         g.copy_(acc.reduce(g, reduction="mean"))
@@ -328,6 +345,37 @@ class MaskTrainer:
                 if on_step is not None:
                     on_step(done)
 
+    def _attack(
+        self,
+        masked: MaskedModel,
+        encoded: dict[str, torch.Tensor],
+        path: list[torch.Tensor],
+        n_targets: int,
+        b: int,
+        seeds: list[int],
+        sample: dict[str, Any],
+        k: int,
+    ) -> dict[str, torch.Tensor]:
+        """``encoded`` with the concept rows' conditioning replaced by what the inner attack found against the
+        mask as it is (``train.adversarial``; :mod:`erasekit.training.adversarial`): at one denoising step,
+        drawn per micro-step from the training seed, on the original model's latents of the concept
+        prompts there, the attacked conditioning makes the masked model predict what the original model
+        predicts for the concept prompts."""
+        cfg = self.config
+        i = random.Random(cfg.train.seed * 104_729 + k).randrange(cfg.sampling.steps)
+        z = path[i][n_targets : n_targets + b]
+        concept = {key: value[:b] for key, value in encoded.items()}
+        with masked.disabled(), torch.no_grad():
+            target = self.arch.trajectory(self.pipe, concept, seeds, **sample).predict(z, i)
+
+        def predict(conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.arch.trajectory(self.pipe, conditioning, seeds, **sample).predict(z, i)
+
+        found, _ = adversarial_conditioning(
+            predict, concept, target, cfg.train.adversarial.steps, cfg.train.adversarial.lr
+        )
+        return {key: torch.cat([found[key], value[b:]]) for key, value in encoded.items()}
+
     def _write_artifact(self, masked: MaskedModel, seconds: float, counts: dict[str, dict[str, int]]) -> None:
         cfg = self.config
         record = {
@@ -337,8 +385,7 @@ class MaskTrainer:
             "unit_kinds": sorted({s.kind for s in self.sites}),
             "units": count_units(self.sites)["per_kind"],
             "base_model": base_model_record(self.denoiser, self.model_id, cfg.model.revision),
-            "concept": cfg.concept.concept,
-            "anchor": cfg.concept.anchor,
+            **concept_fields(cfg),
             "settings": config_to_dict(cfg),
             "training": {
                 "iterations": cfg.train.iterations,
@@ -352,11 +399,28 @@ class MaskTrainer:
         self.run.commit()
 
 
+def aim(latents: torch.Tensor, n_targets: int, b: int, eta: float) -> torch.Tensor:
+    """The reference batch's goal rows: ``latents`` holds the ``n_targets`` target rows (the first ``b`` the
+    concept rows' targets) followed, when ``eta`` is set, by the ``b`` concept prompts' own latents under
+    the original model; the concept rows' goals move past their targets by ``eta`` times the difference
+    (ESD's negative guidance)."""
+    goal = latents[:n_targets]
+    if not eta:
+        return goal
+    return torch.cat([goal[:b] + eta * (goal[:b] - latents[n_targets : n_targets + b]), goal[b:]])
+
+
 def validate_training_config(config: EraseConfig) -> None:
     """Reject settings the mask trainer cannot run with, naming the key."""
     validate_run_config(config)
     if config.loss.intermediate_preservation < 0:
         raise ConfigError("loss.intermediate_preservation must not be negative (0 preserves the final latents alone)")
+    if config.train.adversarial.steps < 0:
+        raise ConfigError("train.adversarial.steps must not be negative (0 trains without the inner attack)")
+    if config.train.adversarial.steps and config.train.adversarial.lr <= 0:
+        raise ConfigError("train.adversarial.lr must be positive when train.adversarial.steps is set")
+    if config.loss.intermediate_erasure < 0:
+        raise ConfigError("loss.intermediate_erasure must not be negative (0 aims the final latents alone)")
     if config.loss.negative_guidance < 0:
         raise ConfigError("loss.negative_guidance must not be negative (0 aims at the target itself)")
     for kind in UNIT_KINDS:

@@ -58,9 +58,9 @@ def default_kinds(text_conditioning_kinds: tuple[str, ...]) -> tuple[str, ...]:
 def concept_pairs(config: EraseConfig) -> tuple[list[str], list[str], list[str]]:
     """The concept prompts, their target (anchor) prompts, and the preservation prompts.
 
-    The first concept's come from ``config.concept`` as every method builds them; each concept of
-    ``uce.concepts`` is put through the same templates (or used bare where there are none) with the
-    same anchor.
+    The concepts of ``config.concept`` (``concept`` and ``more_concepts``, each to its anchor) come as every
+    method builds them; each concept of ``uce.concepts`` (the older way to name more) is put through the
+    same templates (or used bare where there are none) with ``concept.anchor``.
     """
     prompts = build_concept_prompts(config.concept)
     concepts, targets = list(prompts.concept), list(prompts.target)
@@ -68,6 +68,8 @@ def concept_pairs(config: EraseConfig) -> tuple[list[str], list[str], list[str]]
         cfg = replace(
             config.concept,
             concept=extra,
+            more_concepts=[],
+            more_anchors=[],
             synonyms=[],
             prompts=[] if config.concept.templates else [extra],
             target_prompts=[] if config.concept.templates else [config.concept.anchor.strip() or extra],
@@ -138,6 +140,7 @@ class UCEMethod(Method):
     trains = False
     needs_cfg = False
     changes = CHANGES
+    several_concepts = True
     families = ("flux", "pixart", "sd3", "unet")
     summary = "unified concept editing: a closed-form edit of the text-conditioning projections"
 
@@ -220,7 +223,7 @@ class UCEMethod(Method):
             seconds=seconds,
             peak_memory_bytes=peak_memory_bytes(arch.execution_device(pipe)),
         )
-        record["concepts"] = [config.concept.concept, *config.uce.concepts]
+        record["concepts"] = [*record["concepts"], *config.uce.concepts]
         record["modules"] = sorted(name.removesuffix(".weight") for name in edits)
         erasure = UCEErasure.from_edits(denoiser, edits, record)
         assert isinstance(erasure, UCEErasure)

@@ -1,0 +1,31 @@
+"""``erasekit bench``: every method x concept set x attack on ShapesCanvas, resumable, in one leaderboard.
+
+* :mod:`.cells`: the plan (erasure cells, then attack cells), each cell's key of its inputs, and the
+  cell folders a rerun reads back instead of computing again;
+* :mod:`.run`: :func:`run_bench` (one process, or its share of several) and :func:`make_settings`
+  (the flags, checked before anything is loaded);
+* :mod:`.report`: ``leaderboard.json``, ``leaderboard.md`` and ``report.html``.
+
+The default set: every registered method on circle, star, red and checkered, every registered attack
+at its default budget. A concept set of several concepts (``circle+red``) is part of the plan's model
+(a cell erases a set; its rows and attacks are per concept of the set); the recipe that fills one in
+is :func:`erasekit.bench.cells.erasure_recipe`, which takes one concept today.
+
+Layering: beside :mod:`erasekit.sweep`; it uses the library and :mod:`erasekit.toyworld`, never the CLI.
+"""
+
+from .cells import ATTACK_SEEDS, DEFAULT_CONCEPTS, BenchSettings, Cell, cell_key, plan
+from .run import QUICK, BenchResult, make_settings, run_bench
+
+__all__ = [
+    "ATTACK_SEEDS",
+    "DEFAULT_CONCEPTS",
+    "QUICK",
+    "BenchResult",
+    "BenchSettings",
+    "Cell",
+    "cell_key",
+    "make_settings",
+    "plan",
+    "run_bench",
+]
