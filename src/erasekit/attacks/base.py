@@ -309,9 +309,10 @@ class Attack(ABC):
         prompts: list[str] | None = None,
         embeddings: dict[str, torch.Tensor] | None = None,
         extra: dict[str, Any] | None = None,
+        search: dict[str, Any] | None = None,
     ) -> AttackResult:
         """The :class:`AttackResult` of a run with these inputs (``extra``: recorded beside the config;
-        ``seconds`` is filled in by :func:`run_attack`)."""
+        ``search``: what the search did; ``seconds`` is filled in by :func:`run_attack`)."""
         return AttackResult(
             attack=self.name,
             kind=self.kind,
@@ -329,6 +330,7 @@ class Attack(ABC):
             config={**asdict(config), **(extra or {})},
             sampling=asdict(sampling),
             erasure=erasure_record(erasure),
+            search=search,
         )
 
 

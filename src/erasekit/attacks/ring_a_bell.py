@@ -46,7 +46,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +68,8 @@ from .base import (
     count_denoiser_calls,
     decode_images,
     erased,
-    erasure_record,
     final_latents,
     judge_images,
-    judge_record,
     register_attack,
 )
 from .soft_prompt import OPTIMISED_KEYS
@@ -395,25 +393,21 @@ class _RingABell(Attack):
                     )
                 images.extend(post)
                 pre_images.extend(pre)
-        record = asdict(config)
-        record["pairs"] = _pairs_record(pairs, config.pairs)
-        return AttackResult(
-            attack=self.name,
-            kind=self.kind,
-            concept=concept,
-            judge=judge_record(judge),
-            budget=budget,
-            seeds=list(seeds),
+        return self.result(
+            concept,
+            judge,
+            budget,
+            seeds,
+            sampling,
+            config,
+            erasure,
             per_seed=per_seed,
             images=images,
             pre_images=pre_images,
-            seconds=0.0,
             denoiser_calls=counter.calls,
             prompts=[prompt] * len(seeds) if prompt is not None else None,
             embeddings=({key: torch.cat([r[key] for r in rows_found]) for key in target} if prompt is None else None),
-            config=record,
-            sampling=asdict(sampling),
-            erasure=erasure_record(erasure),
+            extra={"pairs": _pairs_record(pairs, config.pairs)},
             search={"start_distance": float(squared_distance(start, target)[0]), **search},
         )
 
