@@ -195,9 +195,12 @@ def test_the_quick_bench_end_to_end_then_a_rerun_computes_nothing_and_an_interru
     assert rows["flowedit"]["scores"]["ira"] == original["ira"] and rows["flowedit"]["scores"]["cra"] == original["cra"]
     assert rows["flowedit"]["fidelity"] == {"psnr": None, "ssim": pytest.approx(1.0)}
     assert rows["flowedit"]["cost"]["extra_denoiser_calls_per_step"] > 0
+    attack = rows["uce"]["attacks"]["completion"]
+    assert attack["budget"] == 4 and 0 <= attack["pre_attack_rate"] <= attack["post_attack_rate"] <= 1
+    # the attacks step the trajectory themselves, which an inference-time erasure's sampling never reaches:
+    # refused in one line, and the cell is finished with that error
+    assert "changes how images are sampled" in rows["flowedit"]["attacks"]["completion"]["error"]
     for row in rows.values():
-        attack = row["attacks"]["completion"]
-        assert attack["budget"] == 4 and 0 <= attack["pre_attack_rate"] <= attack["post_attack_rate"] <= 1
         assert row["measured"]["fit_seconds"] >= 0 and row["measured"]["peak_memory_bytes"] > 100e6
     markdown = (output / "leaderboard.md").read_text()
     assert "| original model | circle |" in markdown and "| uce | circle |" in markdown
@@ -205,7 +208,7 @@ def test_the_quick_bench_end_to_end_then_a_rerun_computes_nothing_and_an_interru
     cell_folders = sorted((output / CELLS).iterdir())
     assert len(cell_folders) == 4 and all((f / CELL_FILE).is_file() for f in cell_folders)
     assert sum((f / "erasure" / "erasure.json").is_file() for f in cell_folders) == 2
-    assert sum((f / "attack" / "summary.json").is_file() for f in cell_folders) == 2
+    assert sum((f / "attack" / "summary.json").is_file() for f in cell_folders) == 1
 
     def nothing_to_compute(*args: Any) -> Any:
         raise AssertionError("a finished cell was computed again")

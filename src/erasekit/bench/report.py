@@ -242,12 +242,19 @@ def plots(board: dict[str, Any]) -> dict[str, str]:
         1, max(1, len(attacks)), figsize=(max(5, 0.8 * len(rows) + 2) * len(attacks), 3.8), squeeze=False
     )
     for ax, attack in zip(axes[0], attacks):
-        pre = [(r["attacks"].get(attack) or {}).get("pre_attack_rate") or 0.0 for r in rows]
-        post = [(r["attacks"].get(attack) or {}).get("post_attack_rate") or 0.0 for r in rows]
+        pre, post = [], []
+        for r in rows:
+            numbers = r["attacks"].get(attack) or {}
+            # a refused attack (e.g. on an inference-time erasure it cannot reach) gets no bar, not a 0 % one
+            pre.append(None if "error" in numbers else numbers.get("pre_attack_rate") or 0.0)
+            post.append(None if "error" in numbers else numbers.get("post_attack_rate") or 0.0)
         x = range(len(rows))
-        ax.bar([i - 0.2 for i in x], pre, width=0.4, color="lightgray", label="without the attack")
-        ax.bar([i + 0.2 for i in x], post, width=0.4, color="tab:red", label="with the attack")
         for i, (a, b) in enumerate(zip(pre, post)):
+            if a is None or b is None:
+                ax.text(i, 0.02, "refused", ha="center", va="bottom", fontsize=7, rotation=90)
+                continue
+            ax.bar(i - 0.2, a, width=0.4, color="lightgray", label="without the attack" if i == 0 else None)
+            ax.bar(i + 0.2, b, width=0.4, color="tab:red", label="with the attack" if i == 0 else None)
             ax.text(i - 0.2, a + 0.01, f"{a:.0%}", ha="center", va="bottom", fontsize=7)
             ax.text(i + 0.2, b + 0.01, f"{b:.0%}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(list(x), labels, fontsize=8)
