@@ -21,20 +21,12 @@ from erasekit.methods.advunlearn import AdvUnlearnTrainer
 from erasekit.methods.esd.method import EsdTrainer
 from erasekit.tiny import build_tiny_flux_pipeline
 from erasekit.training.run import make_accelerator
+from tiny_settings import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerator_state")
 
 SHARED = [
-    "model.id=tiny",
-    "model.device=cpu",
-    "model.dtype=float32",
-    "sampling.steps=3",
-    "sampling.resolution=32",
-    "sampling.max_sequence_length=16",
-    "train.checkpoint_every=0",
-    "train.trackers=[]",
-    "concept.concept=cat",
-    "concept.anchor=dog",
+    *tiny_overrides(),
     "concept.templates=['a photo of {concept}', 'a {concept} on a sofa']",
 ]
 #: The ESD fields both methods read, the same values in each section.

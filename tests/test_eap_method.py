@@ -29,21 +29,13 @@ from erasekit.methods.eap.method import candidate_prompt, concept_span, mix_enco
 from erasekit.methods.esd import esd_loss, esd_target
 from erasekit.tiny import build_tiny_flux_pipeline
 from erasekit.training.run import make_accelerator
+from tiny_settings import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerator_state")
 
 SHARED = [
     "method=eap",
-    "model.id=tiny",
-    "model.device=cpu",
-    "model.dtype=float32",
-    "sampling.steps=3",
-    "sampling.resolution=32",
-    "sampling.max_sequence_length=16",
-    "train.checkpoint_every=0",
-    "train.trackers=[]",
-    "concept.concept=cat",
-    "concept.anchor=dog",
+    *tiny_overrides(),
     "concept.templates=['a photo of {concept}', 'a {concept} on a sofa']",
     "eap.variant=esd-x",
     "eap.eta=1.5",

@@ -25,20 +25,12 @@ from erasekit.methods.esd import EsdErasure
 from erasekit.methods.esd.method import EsdTrainer
 from erasekit.tiny import build_tiny_dit_pipeline, build_tiny_flux_pipeline, build_tiny_sd_pipeline
 from erasekit.training.run import make_accelerator
+from tiny_settings import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHARED = [
-    "model.id=tiny",
-    "model.device=cpu",
-    "model.dtype=float32",
-    "sampling.steps=3",
-    "sampling.resolution=32",
-    "sampling.max_sequence_length=16",
-    "train.checkpoint_every=0",
-    "train.trackers=[]",
-    "concept.concept=cat",
-    "concept.anchor=dog",
+    *tiny_overrides(),
 ]
 
 

@@ -22,19 +22,13 @@ from erasekit.methods.concept_prune import ConceptPruneErasure, kernels
 from erasekit.methods.concept_prune import method as cp
 from erasekit.methods.mask import MaskErasure
 from erasekit.tiny import build_tiny_flux_pipeline, build_tiny_sd_pipeline
+from tiny_settings import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHARED = [
     "method=concept-prune",
-    "model.id=tiny",
-    "model.device=cpu",
-    "model.dtype=float32",
-    "sampling.steps=3",
-    "sampling.resolution=32",
-    "sampling.max_sequence_length=16",
-    "concept.concept=cat",
-    "concept.anchor=dog",
+    *tiny_overrides(),
 ]
 
 

@@ -18,19 +18,13 @@ from erasekit.errors import ConfigError
 from erasekit.methods import get_method, load_erasure
 from erasekit.methods.uce.method import UCEErasure, concept_pairs
 from erasekit.tiny import build_tiny_flux_pipeline, build_tiny_sd_pipeline
+from tiny_settings import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHARED = [
-    "model.id=tiny",
-    "model.device=cpu",
-    "model.dtype=float32",
-    "sampling.steps=2",
-    "sampling.resolution=32",
-    "sampling.max_sequence_length=16",
+    *tiny_overrides(steps=2),
     "method=uce",
-    "concept.concept=cat",
-    "concept.anchor=dog",
     'concept.templates=["a photo of {concept}", "{concept}"]',
     "concept.preservation_prompts=[a red car, a tree]",
     "uce.lam=0.3",

@@ -290,7 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--attack",
         required=True,
-        help="the attack (soft-prompt, p4d, unlearndiffatk, completion, ring-a-bell, ring-a-bell-embedding)",
+        help=(
+            "the attack (soft-prompt, p4d, unlearndiffatk, completion, ring-a-bell, ring-a-bell-embedding, "
+            "textual-inversion)"
+        ),
     )
     p.add_argument("--budget", type=int, help="the attack's budget in its own unit (default: the attack's)")
     p.add_argument("--seed", type=int, action="append", help="noise seed (repeatable; default 0-15)")

@@ -1,5 +1,5 @@
 """Attacks that test an erasure (``soft-prompt``, ``p4d``, ``unlearndiffatk``, ``completion``,
-``ring-a-bell``, ``ring-a-bell-embedding``), their registry and result type.
+``ring-a-bell``, ``ring-a-bell-embedding``, ``textual-inversion``), their registry and result type.
 
 Importing the package registers every attack; :func:`run_attack` is the library call behind
 ``erasekit attack``.
@@ -7,7 +7,7 @@ Importing the package registers every attack; :func:`run_attack` is the library 
 
 from __future__ import annotations
 
-from . import completion, p4d, ring_a_bell, soft_prompt, unlearndiffatk  # noqa: F401  (registers the attacks)
+from . import completion, p4d, ring_a_bell, soft_prompt, textual_inversion, unlearndiffatk  # noqa: F401  (registers the attacks)
 from .base import (
     Attack,
     AttackConfig,
@@ -36,6 +36,7 @@ from .ring_a_bell import (
     genetic_search,
 )
 from .soft_prompt import SoftPromptAttack, SoftPromptConfig
+from .textual_inversion import TextualInversion, TextualInversionConfig
 from .tokens import TokenAttackConfig
 from .unlearndiffatk import UnlearnDiffAtk, UnlearnDiffAtkConfig
 
@@ -58,6 +59,8 @@ __all__ = [
     "SeedResult",
     "SoftPromptAttack",
     "SoftPromptConfig",
+    "TextualInversion",
+    "TextualInversionConfig",
     "TokenAttackConfig",
     "UnlearnDiffAtk",
     "UnlearnDiffAtkConfig",

@@ -70,7 +70,8 @@ def _single_token_ids(tokenizer: Any, words: list[str]) -> list[int | None]:
     return result
 
 
-def _names_concept(word: str, concept: str) -> bool:
+def names_concept(word: str, concept: str) -> bool:
+    """Whether ``word`` (or a text) names ``concept``: it contains one of the concept's words."""
     # a word names the concept when it contains one of the concept's words (circle, circles); short
     # words ("a", "of") count only when the concept has nothing longer
     parts = concept.lower().split()
@@ -97,7 +98,7 @@ def shared_vocabulary(arch: Any, pipe: Any, exclude_concept: str | None = None) 
     candidates = sorted({text.strip() for text in decoded})
     words = [w for w in candidates if w and not any(c.isspace() for c in w)]
     if exclude_concept:
-        words = [w for w in words if not _names_concept(w, exclude_concept)]
+        words = [w for w in words if not names_concept(w, exclude_concept)]
     per_encoder = {name: _single_token_ids(tokenizer, words) for name, (tokenizer, _) in encoders.items()}
     keep = [i for i in range(len(words)) if all(ids[i] is not None for ids in per_encoder.values())]
     if not keep:
@@ -371,7 +372,7 @@ class TokenAttack(Attack):
             raise ConfigError(f"{self.name} num_tokens must be a positive integer, got {config.num_tokens!r}")
         if not 0 < config.step_fraction <= 1:
             raise ConfigError(f"{self.name} step_fraction must be in (0, 1], got {config.step_fraction!r}")
-        if not config.allow_concept and _names_concept(config.init_prompt, concept):
+        if not config.allow_concept and names_concept(config.init_prompt, concept):
             raise ConfigError(
                 f"the {self.name} init_prompt {config.init_prompt!r} names the concept {concept!r}; "
                 "start from a prompt that does not"

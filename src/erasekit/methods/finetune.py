@@ -153,8 +153,6 @@ class WeightTrainer(ABC):
     def fit(self, resume: bool = False, stop_after: int | None = None) -> WeightEditErasure | None:
         """Train, then write the artefact to ``output`` (main process); returns the erasure, or None when
         ``stop_after`` stopped the run before its end (the staging folder stays for ``resume``)."""
-        from diffusers.optimization import get_scheduler
-
         cfg, acc, run = self.config, self.accelerator, self.run
         run.check_start(resume)
         started = time.perf_counter()
@@ -163,12 +161,7 @@ class WeightTrainer(ABC):
         try:
             params = list(self.params.values())
             optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=cfg.train.weight_decay)
-            scheduler = get_scheduler(
-                cfg.train.lr_schedule,
-                optimizer,
-                num_warmup_steps=cfg.train.warmup_steps,
-                num_training_steps=cfg.train.iterations,
-            )
+            scheduler = run.schedule(optimizer)
             start = 0
             if resume:
                 start, tensors = run.restore(optimizer, scheduler)

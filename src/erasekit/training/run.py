@@ -176,6 +176,16 @@ class TrainingRun:
         every = self.config.train.checkpoint_every
         return every > 0 and done % every == 0 and done < self.config.train.iterations
 
+    def schedule(self, optimizer: Any) -> Any:
+        """The learning-rate schedule every iterative method steps once per optimiser step (``train.lr_schedule``
+        with ``train.warmup_steps`` over ``train.iterations``); a resumed run loads its state with :meth:`restore`."""
+        from diffusers.optimization import get_scheduler
+
+        train = self.config.train
+        return get_scheduler(
+            train.lr_schedule, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=train.iterations
+        )
+
     def checkpoint(self, step: int, tensors: dict[str, torch.Tensor], optimizer: Any, scheduler: Any) -> None:
         """Write a checkpoint of step ``step`` (main process), keep only the latest, then synchronise."""
         if self.accelerator.is_main_process:

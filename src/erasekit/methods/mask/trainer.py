@@ -132,8 +132,6 @@ class MaskTrainer:
                 the staging folder and its checkpoints for a later ``resume`` (used by tests).
             on_step: called with the step number after each optimiser step.
         """
-        from diffusers.optimization import get_scheduler
-
         cfg, acc, run = self.config, self.accelerator, self.run
         run.check_start(resume)
         started = time.perf_counter()
@@ -145,12 +143,7 @@ class MaskTrainer:
                 for kind, ps in masked.parameters_by_kind().items()
             ]
             optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
-            scheduler = get_scheduler(
-                cfg.train.lr_schedule,
-                optimizer,
-                num_warmup_steps=cfg.train.warmup_steps,
-                num_training_steps=cfg.train.iterations,
-            )
+            scheduler = run.schedule(optimizer)
             start = 0
             if resume:
                 start, logits = run.restore(optimizer, scheduler)
