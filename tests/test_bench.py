@@ -19,7 +19,9 @@ from erasekit.bench import cell_key, make_settings, run_bench
 from erasekit.bench import run as bench_run
 from erasekit.bench.cells import CELL_FILE, CELLS, plan
 from erasekit.cli import main as cli
+from erasekit.config import config_to_dict
 from erasekit.errors import ErasekitError
+from erasekit.toyworld.demo import erasure_config as demo_erasure_config
 
 #: A cell's inputs as the plan builds them (shortened), to mutate one leaf at a time.
 INPUTS: dict[str, Any] = {
@@ -76,7 +78,11 @@ def test_the_key_changes_when_any_input_changes_and_not_with_the_order_of_keys()
         (["--methods", "nope"], "unknown method 'nope'"),
         (["--concepts", "hexagon"], "'hexagon' is not a ShapesCanvas concept"),
         (["--attacks", "nope"], "unknown attack 'nope'"),
-        (["--concepts", "circle+red"], "the concept set circle+red has 2 concepts"),
+        (["--concepts", "circle+red"], "the concept set circle+red: the concepts 'circle', 'red' are of different"),
+        (
+            ["--concepts", "circle+star+circle"],
+            "the concept set circle+star+circle: the concept 'circle' is given twice",
+        ),
         (["--images", "0"], "images must be a positive integer"),
         (["--attack-seeds", "17"], "at most 16 attack seeds"),
         (["--threads", "0"], "--threads must be at least 1"),
@@ -109,7 +115,7 @@ def test_the_quick_set_and_its_flags():
     assert (quick.methods, quick.concept_sets, quick.attacks) == (("uce", "flowedit"), (("circle",),), ("completion",))
     assert (quick.images, quick.attack_budget, len(quick.attack_seeds)) == (16, 4, 4)
     default = make_settings()
-    assert default.concept_sets == (("circle",), ("star",), ("red",), ("checkered",))
+    assert default.concept_sets == (("circle",), ("star",), ("red",), ("checkered",), ("circle", "star"))
     assert {"mask", "uce", "flowedit"} <= set(default.methods) and "soft-prompt" in default.attacks
     assert default.attack_budget is None and len(default.attack_seeds) == 16
     mixed = make_settings(quick=True, methods=["sld"], concepts=["disc"])  # flags replace the quick choices
@@ -166,6 +172,24 @@ def test_the_plan_keys_follow_the_recipe_the_draw_and_the_attack_settings(world,
     monkeypatch.setattr(demo, "RECIPE", recipe)
     keys = _keys(plan(world, make_settings(quick=True)))
     assert [k for k in base if keys[k] != base[k]] == ["erasure-uce-circle", "attack-completion-uce-circle"]
+
+
+@pytest.mark.slow
+def test_a_concept_set_is_one_fit_of_every_concept_and_attacked_per_concept(world):
+    cells = plan(world, make_settings(quick=True, methods=["uce"], concepts=["circle+star"]))
+    assert [cell.label for cell in cells] == [
+        "erasure-uce-circle+star",
+        "attack-completion-uce-circle+star-circle",
+        "attack-completion-uce-circle+star-star",
+    ]
+    erasure = cells[0].config
+    assert erasure is not None
+    assert (erasure.concept.concept, erasure.concept.more_concepts) == ("circle", ["star"])
+    # the demo's recipe for the same two concepts, anchors and prompts included
+    demo_recipe = demo_erasure_config(world, ["circle", "star"])
+    demo_recipe.method = "uce"
+    assert config_to_dict(erasure) == config_to_dict(demo_recipe)
+    assert cells[1].erasure is cells[0] and cells[2].inputs["erasure"] == cells[0].key
 
 
 def _without_measured(board: dict[str, Any]) -> dict[str, Any]:

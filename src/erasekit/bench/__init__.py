@@ -6,10 +6,11 @@
   (the flags, checked before anything is loaded);
 * :mod:`.report`: ``leaderboard.json``, ``leaderboard.md`` and ``report.html``.
 
-The default set: every registered method on circle, star, red and checkered, every registered attack
-at its default budget. A concept set of several concepts (``circle+red``) is part of the plan's model
-(a cell erases a set; its rows and attacks are per concept of the set); the recipe that fills one in
-is :func:`erasekit.bench.cells.erasure_recipe`, which takes one concept today.
+The default set: every registered method on circle, star, red, checkered and the set circle+star, every
+registered attack at its default budget. A concept set of several concepts (``circle+star``, values of one
+attribute) is erased by one fit, as ``erasekit demo --concept circle --concept star`` erases it; its rows
+and attacks are per concept of the set, and a method that cannot erase several concepts at once refuses
+the set in its cell.
 
 Layering: beside :mod:`erasekit.sweep`; it uses the library and :mod:`erasekit.toyworld`, never the CLI.
 """

@@ -40,8 +40,9 @@ BENCH_FORMAT = 1
 CELLS, CELL_FILE = "cells", "cell.json"
 #: Noise seeds of the attacks (the attack documentation's measured seeds: no recipe or attack was tuned on them).
 ATTACK_SEEDS: tuple[int, ...] = tuple(range(100, 116))
-#: The default ShapesCanvas concept sets: one concept each (module docstring of :mod:`erasekit.bench`).
-DEFAULT_CONCEPTS: tuple[tuple[str, ...], ...] = (("circle",), ("star",), ("red",), ("checkered",))
+#: The default ShapesCanvas concept sets: four concepts alone, and circle with star erased by one fit (the
+#: set the demo's several-concepts measurement used; module docstring of :mod:`erasekit.bench`).
+DEFAULT_CONCEPTS: tuple[tuple[str, ...], ...] = (("circle",), ("star",), ("red",), ("checkered",), ("circle", "star"))
 
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 #: The code an erasure cell runs besides its method's own package: the shared method and training code,
@@ -174,30 +175,32 @@ def numerics_inputs() -> dict[str, Any]:
 
 
 def check_concept_set(concepts: Sequence[str]) -> None:
-    """Refuse a concept set :func:`erasure_recipe` cannot fill in (one line).
+    """Refuse, in one line, a concept set the ShapesCanvas protocol cannot erase together.
 
     Raises:
-        ConfigError: a set of several concepts: the demo's recipe fills in one concept's prompts and
-            anchors, and erasing several at once goes through a method's multi-concept settings
-            (``uce.concepts``) that no ShapesCanvas recipe fills in yet.
+        ErasekitError: a concept given twice, or concepts of different attributes (the demo's rule:
+            :func:`erasekit.toyworld.protocol.check_concepts`).
     """
-    if len(concepts) != 1:
-        raise ConfigError(
-            f"bench: the concept set {'+'.join(concepts)} has {len(concepts)} concepts; the ShapesCanvas "
-            "recipe erases one concept at a time, so give each concept as a set of its own"
-        )
+    from ..toyworld import protocol
+
+    try:
+        protocol.check_concepts(concepts, [None] * len(concepts))
+    except ErasekitError as exc:
+        raise ConfigError(f"bench: the concept set {'+'.join(concepts)}: {exc}") from None
 
 
 def erasure_recipe(world: Any, method: str, concepts: tuple[str, ...]) -> EraseConfig:
-    """The method's ShapesCanvas recipe for a concept set (the demo's recipe, filled in by the world).
+    """The method's ShapesCanvas recipe for a concept set: the demo's recipe filled in by the world, with
+    every concept of the set and its anchor (``erasekit demo --concept a --concept b``). A method that
+    cannot erase several concepts in one fit refuses the set when its cell runs (the cell's ``error``).
 
     Raises:
-        ConfigError: a set of several concepts (:func:`check_concept_set`).
+        ConfigError: a set the protocol refuses (:func:`check_concept_set`).
     """
     from ..toyworld.demo import erasure_config
 
     check_concept_set(concepts)
-    config = erasure_config(world, concepts[0])
+    config = erasure_config(world, list(concepts))
     config.method = method
     return config
 

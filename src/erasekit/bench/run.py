@@ -233,8 +233,8 @@ def make_settings(
     :data:`QUICK`. A concept set is ``a+b`` (several concepts erased together).
 
     Raises:
-        ErasekitError: an unknown method, concept or attack, a concept set of several concepts (see
-            :func:`erasekit.bench.cells.erasure_recipe`), numbers below 1.
+        ErasekitError: an unknown method, concept or attack, a concept set the protocol cannot erase
+            together (:func:`erasekit.bench.cells.check_concept_set`), numbers below 1.
     """
     from ..attacks import attack_names, get_attack
     from ..methods import available_methods, get_method
