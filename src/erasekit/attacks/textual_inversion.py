@@ -60,7 +60,7 @@ class TextualInversionConfig(AttackConfig):
     (timesteps, noise)."""
 
     template: str = "a {}"
-    init_word: str = "shape"
+    init_word: str = "picture"
     target_prompt: str | None = None
     images: int = 8
     image_seed: int = 900_000
