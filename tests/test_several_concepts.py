@@ -164,12 +164,13 @@ TWO = {
 FITS: dict[str, list[str]] = {
     "mask": ["train.iterations=1", "train.batch_size=2"],
     "esd": ["train.iterations=2", "esd.lr=1e-3"],
+    "advunlearn": ["train.iterations=2", "advunlearn.lr=1e-3", "advunlearn.attack_steps=1"],
     "uce": [],
     "ca": ["train.iterations=2", "ca.anchor_images=2"],
     "concept-prune": ["concept_prune.top_share=0.05"],
 }
 #: What each method encodes: the concept prompts always; their targets (anchors) where it reads them.
-READS_TARGETS = {"mask": True, "esd": False, "uce": True, "ca": True, "concept-prune": False}
+READS_TARGETS = {"mask": True, "esd": False, "advunlearn": False, "uce": True, "ca": True, "concept-prune": False}
 
 
 @pytest.mark.parametrize("name", sorted(FITS))

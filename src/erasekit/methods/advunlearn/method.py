@@ -112,6 +112,9 @@ class AdvUnlearnMethod(FineTuneMethod):
     families = ("flux", "pixart", "sd3", "unet")
     summary = "AdvUnlearn: ESD trained against an inner attack on the conditioning, plus a retain loss"
     trainer_class = AdvUnlearnTrainer
+    # ESD's sampling draws each step's concept prompt from every erased concept's prompts, and the attack
+    # starts from that prompt
+    several_concepts = True
 
     def check_settings(self, settings: Any) -> None:
         check_advunlearn_settings(settings)
