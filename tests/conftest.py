@@ -85,6 +85,18 @@ def tiny_flux_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "pipeline"))
 
 
+@pytest.fixture(scope="module")
+def tiny_flux_pipe(tiny_flux_path: str):
+    """That pipeline loaded with stock diffusers (float32, no progress bars), one per test module: a module
+    may change it (its config, its scheduler) without reaching the others."""
+    import torch
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_path, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def tiny_train_overrides(tiny_flux_path: str):
     """Factory: ``tiny_train_overrides(train__iterations=6)`` -> the override list of a short CPU run."""

@@ -28,12 +28,8 @@ BOTH = ("prompt_embeds", "pooled_prompt_embeds")
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_flux_path: str):
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(tiny_flux_path, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def pipe(tiny_flux_pipe):
+    return tiny_flux_pipe
 
 
 class CountingJudge:

@@ -31,12 +31,8 @@ SAMPLING = Sampling(steps=2, resolution=32, guidance_scale=2.0, max_sequence_len
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_flux_path: str):
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(tiny_flux_path, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def pipe(tiny_flux_pipe):
+    return tiny_flux_pipe
 
 
 @pytest.fixture(scope="module")
