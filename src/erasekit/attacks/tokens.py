@@ -58,21 +58,11 @@ class Vocabulary:
         return {name: weights.to(table.dtype) @ table for name, table in self.tables.items()}
 
 
-def _token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Each text's token ids without special tokens. A fast tokenizer's ``tokenizers`` backend is called
-    directly: the whole vocabulary goes through here, and transformers' per-text result conversion took
-    most of the time (5 of 14 s for CLIP's and T5's vocabularies of the tiny FLUX pipeline)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
-
-
 def _single_token_ids(tokenizer: Any, words: list[str]) -> list[int | None]:
     """The one token id of each word, where the word is one token alone and between two context words."""
-    alone = _token_ids(tokenizer, words)
-    context = _token_ids(tokenizer, [f"{_CONTEXT} {w} {_CONTEXT}" for w in words])
-    (around,) = _token_ids(tokenizer, [_CONTEXT])
+    alone = tokenizer(words, add_special_tokens=False)["input_ids"]
+    context = tokenizer([f"{_CONTEXT} {w} {_CONTEXT}" for w in words], add_special_tokens=False)["input_ids"]
+    around = tokenizer(_CONTEXT, add_special_tokens=False)["input_ids"]
     result: list[int | None] = []
     for ids, inside in zip(alone, context):
         ok = len(ids) == 1 and inside == [*around, ids[0], *around]
