@@ -14,7 +14,7 @@ from erasekit.arch import denoiser_of
 from erasekit.arch.guidance import Conditional
 from erasekit.attacks import Sampling, TextualInversion, TextualInversionConfig, run_attack
 from erasekit.attacks.base import final_latents, row_distance
-from erasekit.attacks.textual_inversion import template_prompt
+from erasekit.attacks.textual_inversion import LearnedWord, template_prompt
 from erasekit.attacks.tokens import shared_vocabulary
 from erasekit.errors import ConfigError
 from test_attacks import ConstantJudge
@@ -89,14 +89,15 @@ def test_learning_lowers_the_denoising_loss_on_the_concept_images(pipe):
         x0, _ = final_latents(arch, pipe, wanted, seeds, SAMPLING)
     config = TextualInversionConfig(lr=0.05)
     attack = TextualInversion()
-    learned, losses = attack._learn(arch, pipe, prompt, vocabulary, word, x0, seeds, 40, SAMPLING, config)
-    start = {name: table[word : word + 1] for name, table in vocabulary.tables.items()}
+    slot = LearnedWord(arch, pipe, prompt, vocabulary, word, SAMPLING.max_sequence_length)
+    learned, losses = attack._learn(slot, x0, seeds, 40, SAMPLING, config)
+    start = slot.start()
 
     def objective(tokens) -> float:
         # every sampling step, one fixed noise draw: the loss the search lowers, without its sampling noise
         generator = torch.Generator().manual_seed(123)
         with torch.no_grad():
-            encoded = attack._encode(arch, pipe, prompt, vocabulary, word, tokens, 2, SAMPLING.max_sequence_length)
+            encoded = slot.encode(tokens, 2)
             trajectory = arch.trajectory(pipe, encoded, seeds, **SAMPLING.as_kwargs())
             total = 0.0
             for step in range(trajectory.num_steps):

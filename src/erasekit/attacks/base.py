@@ -441,6 +441,14 @@ def decode_images(trajectory: Any, latents: torch.Tensor) -> list[Image.Image]:
         return to_pil(trajectory.decode(latents))
 
 
+def draw_images(
+    arch: Any, pipe: Any, encoded: dict[str, torch.Tensor], seeds: list[int], sampling: Sampling
+) -> list[Image.Image]:
+    """The images of ``encoded`` from the seeds' noise (no gradients)."""
+    latents, trajectory = final_latents(arch, pipe, encoded, seeds, sampling)
+    return decode_images(trajectory, latents)
+
+
 def chunks(items: list[int], size: int) -> Iterator[list[int]]:
     """``items`` in consecutive pieces of at most ``size``."""
     for start in range(0, len(items), max(1, size)):

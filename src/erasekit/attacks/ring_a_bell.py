@@ -66,9 +66,8 @@ from .base import (
     SeedResult,
     chunks,
     count_denoiser_calls,
-    decode_images,
+    draw_images,
     erased,
-    final_latents,
     judge_images,
     register_attack,
 )
@@ -367,9 +366,9 @@ class _RingABell(Attack):
         with count_denoiser_calls(pipe) as counter, erased(pipe, erasure):
             for chunk in chunks(seeds, config.batch_size):
                 rows = len(chunk)
-                pre = self._draw(arch, pipe, encode([concept_prompt] * rows), chunk, sampling)
+                pre = draw_images(arch, pipe, encode([concept_prompt] * rows), chunk, sampling)
                 starting = encode([config.start_prompt] * rows)
-                start_images = self._draw(arch, pipe, starting, chunk, sampling)
+                start_images = draw_images(arch, pipe, starting, chunk, sampling)
                 if prompt is not None:
                     attacked = encode([prompt] * rows)
                 else:
@@ -377,7 +376,7 @@ class _RingABell(Attack):
                     fed = {key: t.unsqueeze(0).expand(rows, *t.shape).to(starting[key]) for key, t in target.items()}
                     attacked = {**starting, **fed}
                     rows_found.append(fed)
-                post = self._draw(arch, pipe, attacked, chunk, sampling)
+                post = draw_images(arch, pipe, attacked, chunk, sampling)
                 distances = squared_distance(attacked, target).tolist()
                 hits = [judge_images(judge, group) for group in (pre, start_images, post)]
                 for row, seed in enumerate(chunk):
@@ -426,13 +425,6 @@ class _RingABell(Attack):
                 f"family; choose from {', '.join(available)}"
             )
         return wanted
-
-    @staticmethod
-    def _draw(
-        arch: Any, pipe: Any, encoded: dict[str, torch.Tensor], seeds: list[int], sampling: Sampling
-    ) -> list[Image.Image]:
-        latents, trajectory = final_latents(arch, pipe, encoded, seeds, sampling)
-        return decode_images(trajectory, latents)
 
 
 @register_attack

@@ -40,7 +40,7 @@ from .base import (
     SeedResult,
     chunks,
     count_denoiser_calls,
-    decode_images,
+    draw_images,
     erased,
     final_latents,
     judge_images,
@@ -78,6 +78,40 @@ def template_prompt(template: str) -> SlotPrompt:
         raise ConfigError(f"the textual-inversion template must hold one {{}} where the token goes, got {template!r}")
     before, after = template.split("{}")
     return SlotPrompt([before, None, after])
+
+
+@dataclass
+class LearnedWord:
+    """The template with the word being learned in its slot: the encoders' tables of the shared vocabulary
+    and the initial word's index among them (the text tokenised is the template with that word)."""
+
+    arch: Any
+    pipe: Any
+    prompt: SlotPrompt
+    vocabulary: Vocabulary
+    word: int
+    max_sequence_length: int
+
+    def start(self) -> dict[str, torch.Tensor]:
+        """The initial word's ``(1, width)`` embedding row in every text encoder."""
+        return {name: table[self.word : self.word + 1] for name, table in self.vocabulary.tables.items()}
+
+    def encode(
+        self, tokens: dict[str, torch.Tensor], rows: int, unconditional: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The template with ``tokens`` (each encoder's ``(1, width)`` row) as the word, in each of ``rows`` rows."""
+        slots = torch.full((rows, 1), self.word, dtype=torch.long)
+        embeddings = {name: table.expand(rows, 1, -1) for name, table in tokens.items()}
+        return encode_slots(
+            self.arch,
+            self.pipe,
+            self.prompt,
+            self.vocabulary,
+            slots,
+            embeddings,
+            self.max_sequence_length,
+            unconditional=unconditional,
+        )
 
 
 @register_attack
@@ -118,19 +152,20 @@ class TextualInversion(Attack):
                 f"the textual-inversion init_word {config.init_word!r} is not one token in every text encoder of "
                 "this model; choose a common single word"
             )
-        word = vocabulary.words.index(config.init_word)
-        length = sampling.max_sequence_length
+        learned = LearnedWord(
+            arch, pipe, prompt, vocabulary, vocabulary.words.index(config.init_word), sampling.max_sequence_length
+        )
         with count_denoiser_calls(pipe) as counter:
             with torch.no_grad():
                 # the concept's images, drawn by the original model (no erasure installed here)
-                wanted = arch.encode_prompts(pipe, [config.target_prompt or concept] * len(image_seeds), length)
+                wanted = arch.encode_prompts(
+                    pipe, [config.target_prompt or concept] * len(image_seeds), sampling.max_sequence_length
+                )
                 x0, _ = final_latents(arch, pipe, wanted, image_seeds, sampling)
             with erased(pipe, erasure):
-                tokens, losses = self._learn(
-                    arch, pipe, prompt, vocabulary, word, x0, image_seeds, budget, sampling, config
-                )
+                tokens, losses = self._learn(learned, x0, image_seeds, budget, sampling, config)
                 per_seed, images, pre_images = self._judge(
-                    arch, pipe, prompt, vocabulary, word, tokens, concept, judge, seeds, budget, sampling, config
+                    learned, tokens, concept, judge, seeds, budget, sampling, config
                 )
         return self.result(
             concept,
@@ -165,50 +200,30 @@ class TextualInversion(Attack):
             )
         return image_seeds
 
-    @staticmethod
-    def _encode(
-        arch: Any,
-        pipe: Any,
-        prompt: SlotPrompt,
-        vocabulary: Vocabulary,
-        word: int,
-        tokens: dict[str, torch.Tensor],
-        rows: int,
-        length: int,
-        unconditional: dict[str, torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """The template with the learned token (each encoder's ``(1, width)`` row) in every one of ``rows`` rows."""
-        slots = torch.full((rows, 1), word, dtype=torch.long)
-        embeddings = {name: table.expand(rows, 1, -1) for name, table in tokens.items()}
-        return encode_slots(arch, pipe, prompt, vocabulary, slots, embeddings, length, unconditional=unconditional)
-
     def _learn(
         self,
-        arch: Any,
-        pipe: Any,
-        prompt: SlotPrompt,
-        vocabulary: Vocabulary,
-        word: int,
+        learned: LearnedWord,
         x0: torch.Tensor,
         image_seeds: list[int],
         budget: int,
         sampling: Sampling,
         config: TextualInversionConfig,
     ) -> tuple[dict[str, torch.Tensor], list[float]]:
-        """Adam on the token's embeddings (started at ``word``'s) for ``budget`` steps; the embeddings and losses."""
-        tokens = {
-            name: table[word : word + 1].clone().requires_grad_(True) for name, table in vocabulary.tables.items()
-        }
+        """Adam on the word's embeddings (from the initial word's) for ``budget`` steps; the embeddings and losses."""
+        tokens = {name: row.clone().requires_grad_(True) for name, row in learned.start().items()}
         optimizer = torch.optim.Adam(list(tokens.values()), lr=config.lr)
         generator = torch.Generator().manual_seed(config.seed)
-        rows, length = len(image_seeds), sampling.max_sequence_length
-        text = prompt.render([vocabulary.words[word]])[0]
+        rows = len(image_seeds)
         with torch.no_grad():
-            negative = arch.encode_prompts(pipe, [text] * rows, length)
+            negative = learned.arch.encode_prompts(
+                learned.pipe,
+                [learned.prompt.render([learned.vocabulary.words[learned.word]])[0]] * rows,
+                learned.max_sequence_length,
+            )
         losses = []
         for _ in range(budget):
-            encoded = self._encode(arch, pipe, prompt, vocabulary, word, tokens, rows, length, negative)
-            trajectory = arch.trajectory(pipe, encoded, image_seeds, **sampling.as_kwargs())
+            encoded = learned.encode(tokens, rows, negative)
+            trajectory = learned.arch.trajectory(learned.pipe, encoded, image_seeds, **sampling.as_kwargs())
             step = int(torch.randint(trajectory.num_steps, (1,), generator=generator))
             noise = torch.randn(x0.shape, generator=generator).to(device=x0.device, dtype=x0.dtype)
             assert trajectory.schedule is not None
@@ -223,11 +238,7 @@ class TextualInversion(Attack):
 
     def _judge(
         self,
-        arch: Any,
-        pipe: Any,
-        prompt: SlotPrompt,
-        vocabulary: Vocabulary,
-        word: int,
+        learned: LearnedWord,
         tokens: dict[str, torch.Tensor],
         concept: str,
         judge: Callable[[Sequence[Image.Image]], Sequence[bool]],
@@ -236,18 +247,19 @@ class TextualInversion(Attack):
         sampling: Sampling,
         config: TextualInversionConfig,
     ) -> tuple[list[SeedResult], list[Image.Image], list[Image.Image]]:
-        """Per seed: the erased model on the target prompt (before) and on the template with the token (after)."""
+        """Per seed: the erased model on the target prompt (before) and on the template with the word (after)."""
+        arch, pipe = learned.arch, learned.pipe
         per_seed: list[SeedResult] = []
         images: list[Image.Image] = []
         pre_images: list[Image.Image] = []
-        length = sampling.max_sequence_length
         for chunk in chunks(seeds, config.batch_size):
             rows = len(chunk)
             with torch.no_grad():
-                concept_rows = arch.encode_prompts(pipe, [config.target_prompt or concept] * rows, length)
-                pre = decode_images(*reversed(final_latents(arch, pipe, concept_rows, chunk, sampling)))
-                learned = self._encode(arch, pipe, prompt, vocabulary, word, tokens, rows, length)
-                post = decode_images(*reversed(final_latents(arch, pipe, learned, chunk, sampling)))
+                target = arch.encode_prompts(
+                    pipe, [config.target_prompt or concept] * rows, learned.max_sequence_length
+                )
+                pre = draw_images(arch, pipe, target, chunk, sampling)
+                post = draw_images(arch, pipe, learned.encode(tokens, rows), chunk, sampling)
             pre_hits, post_hits = judge_images(judge, pre), judge_images(judge, post)
             per_seed.extend(
                 SeedResult(seed=seed, pre_success=pre_hits[row], post_success=post_hits[row], budget_used=budget)

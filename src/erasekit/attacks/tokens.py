@@ -31,9 +31,8 @@ from .base import (
     SeedResult,
     chunks,
     count_denoiser_calls,
-    decode_images,
+    draw_images,
     erased,
-    final_latents,
     judge_images,
 )
 
@@ -323,12 +322,12 @@ class TokenAttack(Attack):
                 )
                 state.targets = self.prepare(state)
                 with erased(pipe, erasure):
-                    pre = _draw(arch, pipe, wanted, chunk, sampling)
-                    start_images = _draw(arch, pipe, start, chunk, sampling)
+                    pre = draw_images(arch, pipe, wanted, chunk, sampling)
+                    start_images = draw_images(arch, pipe, start, chunk, sampling)
                     tokens = self.search(state, budget, config)
                     prompts = prompts_of(prompt, vocabulary, tokens)
                     with torch.no_grad():
-                        post = _draw(arch, pipe, arch.encode_prompts(pipe, prompts, length), chunk, sampling)
+                        post = draw_images(arch, pipe, arch.encode_prompts(pipe, prompts, length), chunk, sampling)
                     losses = self.objective(state, prompts)
                 pre_hits, start_hits, post_hits = (judge_images(judge, x) for x in (pre, start_images, post))
                 for row, seed in enumerate(chunk):
@@ -377,10 +376,3 @@ class TokenAttack(Attack):
                 f"the {self.name} init_prompt {config.init_prompt!r} names the concept {concept!r}; "
                 "start from a prompt that does not"
             )
-
-
-def _draw(
-    arch: Any, pipe: Any, encoded: dict[str, torch.Tensor], seeds: list[int], sampling: Sampling
-) -> list[Image.Image]:
-    """The images of ``encoded`` from the seeds' noise (no gradients)."""
-    return decode_images(*reversed(final_latents(arch, pipe, encoded, seeds, sampling)))
