@@ -47,7 +47,7 @@ from .base import (
     register_attack,
     row_distance,
 )
-from .tokens import SlotPrompt, Vocabulary, encode_slots, names_concept, shared_vocabulary
+from .tokens import SlotPrompt, Vocabulary, encode_slots, names_concept, vocabulary_of
 
 
 @dataclass
@@ -146,15 +146,14 @@ class TextualInversion(Attack):
                 f"concept {concept!r}; start from words that do not"
             )
         arch, _ = denoiser_of(pipe)
-        vocabulary = shared_vocabulary(arch, pipe)
-        if config.init_word not in vocabulary.words:
+        # the initial word alone: the learned token takes its place, so no other word is ever needed
+        vocabulary = vocabulary_of(arch, pipe, [config.init_word])
+        if not vocabulary.words:
             raise ConfigError(
                 f"the textual-inversion init_word {config.init_word!r} is not one token in every text encoder of "
                 "this model; choose a common single word"
             )
-        learned = LearnedWord(
-            arch, pipe, prompt, vocabulary, vocabulary.words.index(config.init_word), sampling.max_sequence_length
-        )
+        learned = LearnedWord(arch, pipe, prompt, vocabulary, 0, sampling.max_sequence_length)
         with count_denoiser_calls(pipe) as counter:
             with torch.no_grad():
                 # the concept's images, drawn by the original model (no erasure installed here)

@@ -98,10 +98,18 @@ def shared_vocabulary(arch: Any, pipe: Any, exclude_concept: str | None = None) 
     words = [w for w in candidates if w and not any(c.isspace() for c in w)]
     if exclude_concept:
         words = [w for w in words if not names_concept(w, exclude_concept)]
+    vocabulary = vocabulary_of(arch, pipe, words)
+    if not vocabulary.words:
+        raise ConfigError("no word is a single token in every text encoder of this model; no token to search over")
+    return vocabulary
+
+
+def vocabulary_of(arch: Any, pipe: Any, words: list[str]) -> Vocabulary:
+    """The :class:`Vocabulary` of those of ``words`` that every text encoder reads as one token, alone and
+    between two context words (in their order; empty when none is)."""
+    encoders = arch.text_encoders(pipe)
     per_encoder = {name: _single_token_ids(tokenizer, words) for name, (tokenizer, _) in encoders.items()}
     keep = [i for i in range(len(words)) if all(ids[i] is not None for ids in per_encoder.values())]
-    if not keep:
-        raise ConfigError("no word is a single token in every text encoder of this model; no token to search over")
     ids = {name: torch.tensor([per_encoder[name][i] for i in keep], dtype=torch.long) for name in encoders}
     tables = {}
     for name, (_, encoder) in encoders.items():
