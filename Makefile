@@ -38,11 +38,17 @@ journey: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/erasekit fold --model $(JOURNEY)/tiny-flux --masks $(JOURNEY)/mask-cat --mode prune --output $(JOURNEY)/tiny-flux-pruned
 	HF_HUB_OFFLINE=1 $(PY) -c "from diffusers import DiffusionPipeline; p = DiffusionPipeline.from_pretrained('$(JOURNEY)/tiny-flux-pruned', trust_remote_code=True); print('stock diffusers loaded', type(p.transformer).__name__, sum(x.numel() for x in p.transformer.parameters()), 'parameters')"
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist; default: one per CPU, at most 4), each with its
+# share of the cores for torch (tests/conftest.py). Tests that share an expensive fixture stay on one
+# worker (`xdist_group`). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST_PARALLEL := $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup,)
+
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
 
 # Lint and format check (ruff, configured in pyproject.toml); `ruff format` and `ruff check --fix` mend.
 lint: setup

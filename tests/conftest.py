@@ -12,7 +12,11 @@ os.environ["ERASEKIT_CACHE"] = tempfile.mkdtemp(prefix="erasekit-test-cache-")
 # the same images as the demo and its shipped image cache, and train the same masks, on any x86 machine.
 from erasekit.reproducibility import pin_cpu_numerics  # noqa: E402  (imports no torch)
 
-pin_cpu_numerics()
+# `make test` runs the suite in parallel (pytest-xdist, one worker per core): each worker then takes its
+# share of the cores for torch, or the workers' threads would fight over them. The bits do not depend on
+# the thread count (pinned numerics), so the results are those of a serial run.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+pin_cpu_numerics(max(1, (os.cpu_count() or 1) // _WORKERS) if _WORKERS > 1 else None)
 
 # The reference data (prompt sets, published masks) is not part of the repository: tests find it through
 # ERASEKIT_DATA, which defaults to the developers' data folder beside the checkout when there is one.
