@@ -68,7 +68,7 @@ class AdvUnlearnTrainer(EsdTrainer):
         return self.settings
 
     def loss(self, sample: int) -> tuple[torch.Tensor, dict[str, float]]:
-        esd = self.esd_sample(sample, predict_concept=False)
+        esd = self.esd_sample(sample)
         trajectory, z, step = esd.trajectory, esd.z, esd.step
         assert trajectory.predict is not None
         predict_at = trajectory.predict

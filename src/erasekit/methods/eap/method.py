@@ -271,9 +271,9 @@ class EapTrainer(EsdTrainer):
     def loss(self, sample: int) -> tuple[torch.Tensor, dict[str, float]]:
         esd = self.esd_sample(sample)
         trajectory, z, step = esd.trajectory, esd.z, esd.step
-        assert trajectory.predict is not None and esd.prediction is not None
+        assert trajectory.predict is not None
         erase = esd_loss(
-            x0_estimate(trajectory, z, esd.prediction, step).float(),
+            x0_estimate(trajectory, z, esd.prediction(), step).float(),
             x0_estimate(trajectory, z, esd.target, step).float(),
         )
         generator = torch.Generator().manual_seed(self.noise_seed(sample, 2))

@@ -56,14 +56,17 @@ def check_esd_settings(settings: EsdConfig, section: str = "esd") -> None:
 @dataclass
 class EsdSample:
     """One ESD training sample: the frozen model's latent ``z`` before step ``step`` of ``trajectory`` (the
-    concept prompt's), the trained model's ``prediction`` there (with gradient) and the frozen ``target``."""
+    concept prompt's) and the frozen ``target`` there."""
 
     trajectory: Trajectory
     z: torch.Tensor
     step: int
-    prediction: torch.Tensor | None
-    """``None`` when the caller predicts with other conditioning itself (AdvUnlearn)."""
     target: torch.Tensor
+
+    def prediction(self) -> torch.Tensor:
+        """The trained model's conditional prediction for the concept prompt at ``z`` (with gradient)."""
+        assert self.trajectory.predict is not None
+        return self.trajectory.predict(self.z, self.step, Conditional("cond"))
 
 
 class EsdTrainer(WeightTrainer):
@@ -86,9 +89,9 @@ class EsdTrainer(WeightTrainer):
             )
         return esd_parameters(self.denoiser.named_parameters(), module_name_predicate(text), self.settings.variant)
 
-    def esd_sample(self, sample: int, predict_concept: bool = True) -> EsdSample:
-        """Steps 1-4 of the module docstring for global training sample ``sample`` (step 4 only with
-        ``predict_concept``)."""
+    def esd_sample(self, sample: int) -> EsdSample:
+        """Steps 1-3 of the module docstring for global training sample ``sample`` (step 4:
+        :meth:`EsdSample.prediction`)."""
         s = self.config.sampling
         prompt = self.prompts.concept[self.concept_row(sample)]
         step = int(torch.randint(s.steps, (1,), generator=self.generator(sample)))
@@ -112,12 +115,11 @@ class EsdTrainer(WeightTrainer):
             for i in range(step):
                 z = trajectory.step(z, i)
             target = esd_target_from_model(frozen, z, step, concept, neutral, self.settings.eta)  # type: ignore[arg-type]
-        return EsdSample(trajectory, z, step, predict(z, step, concept) if predict_concept else None, target)
+        return EsdSample(trajectory, z, step, target)
 
     def loss(self, sample: int) -> tuple[torch.Tensor, dict[str, float]]:
         esd = self.esd_sample(sample)
-        assert esd.prediction is not None
-        return esd_loss(esd.prediction.float(), esd.target.float()), {"timestep_index": float(esd.step)}
+        return esd_loss(esd.prediction().float(), esd.target.float()), {"timestep_index": float(esd.step)}
 
 
 @register_method
