@@ -8,6 +8,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The demo's image cache (erasekit.toyworld.image_cache) writes into a folder of this session, not the user's.
 os.environ["ERASEKIT_CACHE"] = tempfile.mkdtemp(prefix="erasekit-test-cache-")
+# So does the code that diffusers copies out of pruned pipelines (trust_remote_code): parallel workers
+# loading them at once would otherwise write the same files of the user's modules cache.
+os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="erasekit-test-modules-")
 # The CPU numerics `erasekit demo` pins (AVX2 kernels, ...), set before torch starts: in-process tests draw
 # the same images as the demo and its shipped image cache, and train the same masks, on any x86 machine.
 from erasekit.reproducibility import pin_cpu_numerics  # noqa: E402  (imports no torch)
