@@ -10,9 +10,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from erasekit.toyworld import protocol
+from erasekit.toyworld.detectors import ShapesDetectors
 from erasekit.toyworld.model import WorldSpec, build_world_pipeline, build_world_tokenizers
 from erasekit.toyworld.prompts import (
     CANONICAL_TEMPLATE,
@@ -390,10 +392,6 @@ def test_evaluate_on_a_shapes_set_draws_and_judges_the_demos_images(small_demo, 
     )
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     variants = {"original": "original", next(r["variant"] for r in rows if r["variant"] != "original"): "erased"}
-    from PIL import Image
-
-    from erasekit.toyworld.detectors import ShapesDetectors
-
     detectors = ShapesDetectors.from_pretrained(SHIPPED_WORLD / "detectors")
     for variant, key in variants.items():
         mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["prompt_index"])
