@@ -92,6 +92,10 @@ class LearnedWord:
     word: int
     max_sequence_length: int
 
+    def text(self) -> str:
+        """The template with the initial word, as text (what the tokenizers read)."""
+        return self.prompt.render([self.vocabulary.words[self.word]])[0]
+
     def start(self) -> dict[str, torch.Tensor]:
         """The initial word's ``(1, width)`` embedding row in every text encoder."""
         return {name: table[self.word : self.word + 1] for name, table in self.vocabulary.tables.items()}
@@ -214,11 +218,7 @@ class TextualInversion(Attack):
         generator = torch.Generator().manual_seed(config.seed)
         rows = len(image_seeds)
         with torch.no_grad():
-            negative = learned.arch.encode_prompts(
-                learned.pipe,
-                [learned.prompt.render([learned.vocabulary.words[learned.word]])[0]] * rows,
-                learned.max_sequence_length,
-            )
+            negative = learned.arch.encode_prompts(learned.pipe, [learned.text()] * rows, learned.max_sequence_length)
         losses = []
         for _ in range(budget):
             encoded = learned.encode(tokens, rows, negative)
