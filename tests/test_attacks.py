@@ -96,7 +96,7 @@ def test_registry_lists_attacks_and_refuses_unknown_names():
 
 
 # --------------------------------------------------------------------------- soft-prompt
-def test_soft_prompt_runs_within_budget_writes_files_and_is_deterministic(pipe, tmp_path: Path):
+def test_soft_prompt_runs_within_budget_writes_files_and_is_deterministic(pipe, tmp_path: Path, capsys):
     erasure = HalfNeuronsMask()
     judge = ConstantJudge(False)
     hooks_before = _hooks(pipe)
@@ -114,10 +114,12 @@ def test_soft_prompt_runs_within_budget_writes_files_and_is_deterministic(pipe, 
             config={"lr": 0.1},
         )
     steps = SAMPLING.steps
-    # target, pre-attack and starting images: one pass each; each optimiser step: a no-grad pass of
-    # T - 1 steps and T recomputed steps; the final images: one pass (the counting hook counts calls)
-    expected = 3 * steps + 2 * (2 * steps - 1) + steps
+    # target, pre-attack and starting images: one pass each, and the original model's prediction at each
+    # of the target's states; each optimiser step: a no-grad pass of T - 1 steps, T recomputed steps and
+    # T predictions at the target's states; the final images: one pass (the counting hook counts calls)
+    expected = 4 * steps + 2 * (3 * steps - 1) + steps
     assert result.denoiser_calls == expected == outside.calls
+    assert "soft-prompt seeds 3-4" in capsys.readouterr().err  # the search's progress bar
     assert [r.budget_used for r in result.per_seed] == [2, 2]
     assert erasure.applied == erasure.removed == 1 and _hooks(pipe) == hooks_before
     assert judge.seen == 3 * 2  # pre, start, post: the judge never sees the search
@@ -156,7 +158,9 @@ def test_soft_prompt_runs_within_budget_writes_files_and_is_deterministic(pipe, 
         sampling=SAMPLING,
         budget=2,
         config={"lr": 0.1},
+        progress=False,
     )
+    assert "soft-prompt" not in capsys.readouterr().err
     for key in result.embeddings:
         assert torch.equal(again.embeddings[key], result.embeddings[key])
     assert [r.loss for r in again.per_seed] == [r.loss for r in result.per_seed]
@@ -174,8 +178,9 @@ def test_soft_prompt_lowers_its_objective(pipe):
 
 def test_soft_prompt_gradient_matches_finite_differences(pipe):
     """The trajectory gradient w.r.t. the embeddings, along one random direction, equals the central
-    difference of the objective (final and intermediate states; float64, with true classifier-free
-    guidance so the embeddings also pass through the guided batch)."""
+    difference of the objective (final and intermediate states, and the predictions at the target
+    path's states; float64, with true classifier-free guidance so the embeddings also pass through the
+    guided batch)."""
     pipe64 = pipe.to(torch.float64)
     try:
         sampling = Sampling(steps=3, resolution=32, guidance_scale=2.0, max_sequence_length=16)
@@ -183,11 +188,23 @@ def test_soft_prompt_gradient_matches_finite_differences(pipe):
         start = arch.encode_prompts(pipe64, ["a shape"], sampling.max_sequence_length)
         wanted = arch.encode_prompts(pipe64, ["a cat"], sampling.max_sequence_length)
         trajectory = arch.trajectory(pipe64, wanted, [7], **sampling.as_kwargs())
-        path = run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps, keep=True)
+        with torch.no_grad():
+            path = run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps, keep=True)
+            predictions = [trajectory.predict(path[i], i) for i in range(trajectory.num_steps)]
         target = path[-1]
         params = {k: start[k].detach().clone().requires_grad_(True) for k in ("prompt_embeds", "pooled_prompt_embeds")}
         loss, grads, _ = soft_prompt_objective(
-            arch, pipe64, start, params, target, [7], sampling, path=path, path_weight=0.5
+            arch,
+            pipe64,
+            start,
+            params,
+            target,
+            [7],
+            sampling,
+            path=path,
+            path_weight=0.5,
+            predictions=predictions,
+            prediction_weight=0.7,
         )
 
         generator = torch.Generator().manual_seed(0)
@@ -201,8 +218,10 @@ def test_soft_prompt_gradient_matches_finite_differences(pipe):
             with torch.no_grad():
                 traj = arch.trajectory(pipe64, {**start, **shifted}, [7], **sampling.as_kwargs())
                 states = run_trajectory(traj.step, traj.noise, traj.num_steps, keep=True)
+                moves = [traj.predict(path[i], i) for i in range(traj.num_steps)]
             distances = [float((z - p).pow(2).flatten(1).mean(1).sum()) for z, p in zip(states[1:], path[1:])]
-            return distances[-1] + 0.5 * sum(distances[:-1])
+            misses = [float((m - p).pow(2).flatten(1).mean(1).sum()) for m, p in zip(moves, predictions)]
+            return distances[-1] + 0.5 * sum(distances[:-1]) + 0.7 * sum(misses) / len(misses)
 
         numeric = (objective(1.0) - objective(-1.0)) / (2 * h)
         assert abs(analytic) > 1e-6

@@ -515,8 +515,9 @@ def test_training_noise_never_seeds_an_evaluation_image():
     """Whatever the training seed, the noises an erasure trains on are not those the protocol judges with."""
     from types import SimpleNamespace
 
-    from erasekit.methods.mask.trainer import TRAINING_NOISE_SEEDS, MaskTrainer
+    from erasekit.methods.mask.trainer import MaskTrainer
     from erasekit.toyworld.demo import ANCHOR_SEED_BASE
+    from erasekit.training.run import TRAINING_NOISE_SEEDS
 
     assert protocol.EVALUATION_SEED_BASE >= TRAINING_NOISE_SEEDS and ANCHOR_SEED_BASE >= TRAINING_NOISE_SEEDS
     evaluation = {s.seed for s in protocol.evaluation_samples("circle", per_group=8)}

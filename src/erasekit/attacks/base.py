@@ -23,13 +23,14 @@ import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..config import SamplingConfig
 from ..errors import ConfigError, PromptError
@@ -256,6 +257,17 @@ class Attack(ABC):
     #: budget when none is given (what a unit of budget is: see the attack's docstring)
     default_budget: ClassVar[int] = 1
     config_class: ClassVar[type[AttackConfig]] = AttackConfig
+    #: show a progress bar over the search's steps (set by :func:`run_attack`)
+    progress: bool = False
+
+    def search_steps(self, budget: int, seeds: Sequence[int] = ()) -> Iterable[int]:
+        """``range(budget)``, the search loop of one batch of ``seeds`` (none: a search shared by every
+        seed), with a progress bar when :attr:`progress` is on (a search takes minutes, and prints
+        nothing else until it ends)."""
+        label = self.name
+        if seeds:
+            label += f" seed {seeds[0]}" if len(seeds) == 1 else f" seeds {seeds[0]}-{seeds[-1]}"
+        return tqdm(range(budget), desc=label, disable=not self.progress, unit="step", leave=False)
 
     def make_config(self, overrides: dict[str, Any] | None = None) -> AttackConfig:
         """The attack's config with ``overrides`` (unknown keys: a one-line error naming the valid ones)."""
@@ -592,6 +604,7 @@ def run_attack(
     output: str | Path | None = None,
     config: dict[str, Any] | None = None,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> AttackResult:
     """Run the attack ``attack_name`` (the library call behind ``erasekit attack``).
 
@@ -602,7 +615,7 @@ def run_attack(
     original model runs; ring-a-bell: generations of its genetic search); its default when ``None``.
     ``config``: the attack's own settings by name. With ``output`` the folder is written by
     :func:`save_attack_result`; every check runs before any image is drawn, and nothing is written if
-    the attack fails.
+    the attack fails. ``progress``: a progress bar over each search's steps.
 
     Raises:
         ErasekitError: unknown attack or setting, a budget below 1 (or one the attack cannot use), no
@@ -612,6 +625,7 @@ def run_attack(
     from ..arch.samplers import SCHEDULER_CLASSES
 
     attack = get_attack(attack_name)
+    attack.progress = progress
     settings = attack.make_config(config)
     sampling = sampling.for_generation()
     if sampling.scheduler not in SCHEDULER_CLASSES:

@@ -79,7 +79,7 @@ class P4DAttack(TokenAttack):
         # one step size per encoder, in its own embedding scale: FLUX's CLIP and T5 tables differ 50-fold
         groups = [{"params": [p], "lr": config.lr * float(vocabulary.tables[name].std())} for name, p in params.items()]
         optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-        for _ in range(budget):
+        for _ in self.search_steps(budget, state.seeds):
             tokens = nearest_words(state, params)
             # straight through: the loss sees the projected words, the gradient moves the continuous embeddings
             projected = {name: p + (vocabulary.tables[name][tokens] - p).detach() for name, p in params.items()}

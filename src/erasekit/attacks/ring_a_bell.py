@@ -45,7 +45,7 @@ import csv
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,11 +242,12 @@ def genetic_search(
     mutation_rate: float,
     seed: int,
     allowed: Callable[[str], bool] | None = None,
+    steps: Callable[[int], Iterable[int]] = range,
 ) -> SearchResult:
     """Ring-a-Bell's genetic algorithm over token ids (module docstring): minimise ``fitness`` of the
     decoded texts for ``generations`` generations. ``allowed``: a text it rejects is never chosen
-    (its fitness counts as infinite). Deterministic for ``seed`` (one numpy generator draws every
-    random choice)."""
+    (its fitness counts as infinite). ``steps``: ``range``, or a range with a progress bar.
+    Deterministic for ``seed`` (one numpy generator draws every random choice)."""
     rng = np.random.default_rng(seed)
     vocab = np.asarray(vocabulary, dtype=np.int64)
     cache: dict[str, float] = {}
@@ -254,7 +255,7 @@ def genetic_search(
     best_ids, best_text, best_fitness = members[0], "", math.inf
     evaluations = 0
     history: list[float] = []
-    for generation in range(generations):
+    for generation in steps(generations):
         texts = [decode(m.tolist()) for m in members]
         fresh = sorted({t for t in texts if t not in cache})
         if fresh:
@@ -508,6 +509,7 @@ class RingABell(_RingABell):
             mutation_rate=config.mutation_rate,
             seed=config.seed,
             allowed=None if banned is None else (lambda text: banned not in text.lower()),
+            steps=self.search_steps,
         )
         if not math.isfinite(found.fitness):
             raise ConfigError(

@@ -220,7 +220,7 @@ class TextualInversion(Attack):
         with torch.no_grad():
             negative = learned.arch.encode_prompts(learned.pipe, [learned.text()] * rows, learned.max_sequence_length)
         losses = []
-        for _ in range(budget):
+        for _ in self.search_steps(budget, image_seeds):
             encoded = learned.encode(tokens, rows, negative)
             trajectory = learned.arch.trajectory(learned.pipe, encoded, image_seeds, **sampling.as_kwargs())
             step = int(torch.randint(trajectory.num_steps, (1,), generator=generator))

@@ -87,7 +87,7 @@ class UnlearnDiffAtk(TokenAttack):
         rows, size = len(state.seeds), len(state.vocabulary)
         weights = torch.full((rows, config.num_tokens, size), 1.0 / size, requires_grad=True)
         optimizer = torch.optim.Adam([weights], lr=config.lr, weight_decay=config.weight_decay)
-        for _ in range(budget):
+        for _ in self.search_steps(budget, state.seeds):
             sample = torch.multinomial(weights.detach().flatten(0, 1), 1, generator=state.generator)
             tokens = sample.view(rows, config.num_tokens)
             one_hot = F.one_hot(tokens, size).to(weights.dtype)

@@ -28,12 +28,17 @@ from ..arch.samplers import set_scheduler
 from ..config import EraseConfig
 from ..data import build_concept_prompts
 from ..errors import ConfigError, TrainingDivergedError
-from ..training.run import PromptEncoder, TrainingRun, freeze, make_accelerator, staging_path, validate_run_config
+from ..training.run import (
+    PromptEncoder,
+    TrainingRun,
+    freeze,
+    make_accelerator,
+    staging_path,
+    training_noise_seed,
+    validate_run_config,
+)
 from .base import Method, peak_memory_bytes
 from .weights import WeightEditErasure, erasure_record
-
-#: Noise seeds of training samples lie in ``[0, TRAINING_NOISE_SEEDS)`` (as the mask trainer's do).
-TRAINING_NOISE_SEEDS = 900_000
 
 
 def with_run_length(config: EraseConfig, settings: Any) -> EraseConfig:
@@ -123,7 +128,7 @@ class WeightTrainer(ABC):
     # ------------------------------------------------------------------ helpers for methods
     def noise_seed(self, sample: int, stream: int = 0) -> int:
         """The noise seed of training sample ``sample`` (``stream`` tells apart several draws per sample)."""
-        return (self.config.train.seed * 100_003 + 4 * sample + stream) % TRAINING_NOISE_SEEDS
+        return training_noise_seed(self.config.train.seed, sample, stream, streams=4)
 
     def generator(self, sample: int) -> torch.Generator:
         """A CPU generator for sample ``sample``'s random choices (timestep, image), the same on resume."""
@@ -254,7 +259,7 @@ class WeightTrainer(ABC):
                     self.run.checkpoint(done, tensors, optimizer, scheduler)
 
 
-__all__ = ["TRAINING_NOISE_SEEDS", "WeightTrainer", "with_run_length"]
+__all__ = ["WeightTrainer", "with_run_length"]
 
 
 class FineTuneMethod(Method):

@@ -34,6 +34,17 @@ CHECKPOINTS = "checkpoints"
 #: The trained tensors inside a checkpoint (the optimiser and scheduler states sit beside them).
 CHECKPOINT_TENSORS = "tensors.safetensors"
 
+#: Training noise seeds lie below this, so that no evaluation draw that seeds its images from 900_000 up
+#: (the ShapesCanvas protocol's) shares a noise with a training sample, whatever ``train.seed`` is; an
+#: earlier ``seed * 1_000_003`` put training seed 1's noises on the protocol's evaluation images.
+TRAINING_NOISE_SEEDS = 900_000
+
+
+def training_noise_seed(train_seed: int, sample: int, stream: int, streams: int) -> int:
+    """The noise seed of draw ``stream`` (of ``streams`` per sample) of training sample ``sample`` in the
+    run of training seed ``train_seed``: distinct for every (sample, stream), in ``[0, TRAINING_NOISE_SEEDS)``."""
+    return (train_seed * 100_003 + streams * sample + stream) % TRAINING_NOISE_SEEDS
+
 
 def staging_path(output: Path) -> Path:
     """Where a run writes until it finishes (then renamed to ``output``); ``--resume`` continues it."""

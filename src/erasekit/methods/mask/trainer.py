@@ -22,18 +22,13 @@ from ...errors import ConfigError, TrainingDivergedError
 from ...pipeline import denoiser_of
 from ...training.adversarial import adversarial_conditioning
 from ...training.gradient import checkpointed_gradient, naive_gradient
-from ...training.run import PromptEncoder, TrainingRun, freeze, validate_run_config
+from ...training.run import PromptEncoder, TrainingRun, freeze, training_noise_seed, validate_run_config
 from ..base import base_model_record, concept_fields, peak_memory_bytes
 from .artifact import write_mask_files
 from .model import MaskedModel, fraction_of
 from .parameterization import MaskSettings
 
 logger = logging.getLogger(__name__)
-
-#: Training noise seeds lie below this, so that no evaluation draw that seeds its images from 900_000 up
-#: (the ShapesCanvas protocol's) shares a noise with a training sample, whatever ``train.seed`` is; an
-#: earlier ``seed * 1_000_003`` put training seed 1's noises on the protocol's evaluation images.
-TRAINING_NOISE_SEEDS = 900_000
 
 
 @dataclass
@@ -111,7 +106,7 @@ class MaskTrainer:
     def _noise_seed(self, index: int, stream: int) -> int:
         """Noise seed of training sample ``index`` (stream 0: concept rows, 1: preservation rows), in
         ``[0, TRAINING_NOISE_SEEDS)``."""
-        return (self.config.train.seed * 100_003 + 2 * index + stream) % TRAINING_NOISE_SEEDS
+        return training_noise_seed(self.config.train.seed, index, stream, streams=2)
 
     def _build_mask(self) -> MaskedModel:
         m = self.config.mask
