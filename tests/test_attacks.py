@@ -23,7 +23,7 @@ from erasekit.attacks import (
     save_attack_result,
 )
 from erasekit.attacks.base import count_denoiser_calls
-from erasekit.attacks.soft_prompt import soft_prompt_objective
+from erasekit.attacks.soft_prompt import TargetPath, soft_prompt_objective
 from erasekit.errors import ConfigError, ErasekitError, PromptError
 from erasekit.evaluation.prompts import load_prompt_set
 from erasekit.methods.mask.model import MaskedModel
@@ -188,23 +188,12 @@ def test_soft_prompt_gradient_matches_finite_differences(pipe):
         start = arch.encode_prompts(pipe64, ["a shape"], sampling.max_sequence_length)
         wanted = arch.encode_prompts(pipe64, ["a cat"], sampling.max_sequence_length)
         trajectory = arch.trajectory(pipe64, wanted, [7], **sampling.as_kwargs())
-        with torch.no_grad():
-            path = run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps, keep=True)
-            predictions = [trajectory.predict(path[i], i) for i in range(trajectory.num_steps)]
-        target = path[-1]
+        target = TargetPath.of(trajectory, with_predictions=True)
+        path, predictions = target.states, target.predictions
+        assert predictions is not None
         params = {k: start[k].detach().clone().requires_grad_(True) for k in ("prompt_embeds", "pooled_prompt_embeds")}
         loss, grads, _ = soft_prompt_objective(
-            arch,
-            pipe64,
-            start,
-            params,
-            target,
-            [7],
-            sampling,
-            path=path,
-            path_weight=0.5,
-            predictions=predictions,
-            prediction_weight=0.7,
+            arch, pipe64, start, params, target, [7], sampling, path_weight=0.5, prediction_weight=0.7
         )
 
         generator = torch.Generator().manual_seed(0)

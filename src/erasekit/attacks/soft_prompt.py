@@ -84,55 +84,72 @@ class SoftPromptConfig(AttackConfig):
     prediction_weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class TargetPath:
+    """The original model's trajectory of the target prompt from each seed's noise: ``states``
+    ``[z_T, ..., z_0]`` and, for the prediction term, ``predictions[i]``, its guided prediction at
+    ``states[i]`` (one per step; ``None`` when the term is off)."""
+
+    states: list[torch.Tensor]
+    predictions: list[torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, trajectory: Any, with_predictions: bool) -> TargetPath:
+        """Run ``trajectory`` (no gradients) and keep its states, and its predictions if asked."""
+        with torch.no_grad():
+            states = run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps, keep=True)
+            predictions = (
+                [trajectory.predict(states[i], i) for i in range(trajectory.num_steps)] if with_predictions else None
+            )
+        return cls(states, predictions)
+
+
 def soft_prompt_objective(
     arch: Any,
     pipe: Any,
     start: dict[str, torch.Tensor],
     params: dict[str, torch.Tensor],
-    target: torch.Tensor,
+    target: TargetPath,
     seeds: list[int],
     sampling: Sampling,
-    path: list[torch.Tensor] | None = None,
     path_weight: float = 0.0,
-    predictions: list[torch.Tensor] | None = None,
     prediction_weight: float = 0.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[torch.Tensor, Any]]:
     """The soft-prompt objective and its gradient through the whole trajectory.
 
     ``start``: the encoding of the batch (the keys of ``params`` replaced by those leaf tensors);
     the objective is the sum over rows of the mean squared distance between the final latent and
-    ``target``; with ``path`` (the target trajectory's states ``[z_T, ..., z_0]``) and ``path_weight``
-    > 0, ``path_weight`` times the same distance for every intermediate state is added; with
-    ``predictions`` (the original model's guided predictions at ``path[i]``, one per step) and
-    ``prediction_weight`` > 0, ``prediction_weight`` times the mean over steps of the distance between
-    this trajectory's prediction at ``path[i]`` and ``predictions[i]``. Returns
+    ``target``'s; with ``path_weight`` > 0, ``path_weight`` times the same distance for every
+    intermediate state is added; with ``prediction_weight`` > 0 (``target`` must then hold its
+    predictions), ``prediction_weight`` times the mean over steps of the distance between this
+    trajectory's prediction at ``target.states[i]`` and ``target.predictions[i]``. Returns
     ``(loss, grads in the order of params, (final latent, trajectory))``.
     """
     captured: dict[str, torch.Tensor] = {}
+    path = target.states
 
     def loss_fn(z: torch.Tensor) -> torch.Tensor:
         captured["z"] = z.detach()  # the final latent of this pass, for the judge when it is asked
-        return row_distance(z, target).sum()
+        return row_distance(z, path[-1]).sum()
 
     # built with gradients on: a family may combine the embeddings (e.g. with the negative prompt for
     # guidance) when it builds the trajectory, and that must stay differentiable
     with torch.enable_grad():
         trajectory = arch.trajectory(pipe, {**start, **params}, seeds, **sampling.as_kwargs())
     step_loss = None
-    if path is not None and path_weight > 0:
-        intermediate = path
+    if path_weight > 0:
 
         def step_loss(i: int, z: torch.Tensor) -> torch.Tensor:
-            return path_weight * row_distance(z, intermediate[i + 1]).sum()
+            return path_weight * row_distance(z, path[i + 1]).sum()
 
     loss, grads = checkpointed_gradient(
         trajectory.step, trajectory.noise, trajectory.num_steps, loss_fn, list(params.values()), step_loss=step_loss
     )
-    if predictions is not None and prediction_weight > 0:
-        if path is None:
-            raise ValueError("the soft-prompt prediction term is taken at the target path's states; pass path")
+    if prediction_weight > 0:
+        if target.predictions is None:
+            raise ValueError("the soft-prompt prediction term needs the target's predictions: TargetPath.of(..., True)")
         weight = prediction_weight / trajectory.num_steps
-        for i, wanted in enumerate(predictions):
+        for i, wanted in enumerate(target.predictions):
             # one step at a time: each prediction's graph is freed before the next is built
             with torch.enable_grad():
                 term = weight * row_distance(trajectory.predict(path[i], i), wanted).sum()
@@ -194,13 +211,7 @@ class SoftPromptAttack(Attack):
                 # the original model's trajectory of the concept is the target (no erasure installed here)
                 with torch.no_grad():
                     reference = arch.trajectory(pipe, wanted, chunk, **sampling.as_kwargs())
-                    path = run_trajectory(reference.step, reference.noise, reference.num_steps, keep=True)
-                    predictions = (
-                        [reference.predict(path[i], i) for i in range(reference.num_steps)]
-                        if config.prediction_weight > 0
-                        else None
-                    )
-                target = path[-1]
+                target = TargetPath.of(reference, with_predictions=config.prediction_weight > 0)
                 with erased(pipe, erasure):
                     z_pre, trajectory = final_latents(arch, pipe, wanted, chunk, sampling)
                     pre = decode_images(trajectory, z_pre)
@@ -209,13 +220,13 @@ class SoftPromptAttack(Attack):
                     start_hits = judge_images(judge, decode_images(trajectory, z_start))
                     params = {k: start[k].detach().clone().requires_grad_(True) for k in keys}
                     used, stopped = self._optimise(
-                        arch, pipe, start, params, path, predictions, chunk, judge, budget, sampling, config
+                        arch, pipe, start, params, target, chunk, judge, budget, sampling, config
                     )
                     final = {**start, **{k: p.detach() for k, p in params.items()}}
                     z_post, trajectory = final_latents(arch, pipe, final, chunk, sampling)
                     post = decode_images(trajectory, z_post)
                     post_hits = judge_images(judge, post)
-                losses = row_distance(z_post, target).tolist()
+                losses = row_distance(z_post, target.states[-1]).tolist()
                 for row, seed in enumerate(chunk):
                     per_seed.append(
                         SeedResult(
@@ -253,8 +264,7 @@ class SoftPromptAttack(Attack):
         pipe: Any,
         start: dict[str, torch.Tensor],
         params: dict[str, torch.Tensor],
-        path: list[torch.Tensor],
-        predictions: list[torch.Tensor] | None,
+        target: TargetPath,
         seeds: list[int],
         judge: Callable[[Sequence[Image.Image]], Sequence[bool]],
         budget: int,
@@ -273,12 +283,10 @@ class SoftPromptAttack(Attack):
                 pipe,
                 start,
                 params,
-                path[-1],
+                target,
                 seeds,
                 sampling,
-                path=path,
                 path_weight=config.path_weight,
-                predictions=predictions,
                 prediction_weight=config.prediction_weight,
             )
             if config.stop_on_success:
