@@ -78,6 +78,41 @@ def test_the_token_starts_as_its_initial_word(pipe):
     assert [i.tobytes() for i in result.images] == [i.tobytes() for i in expected]
 
 
+def test_several_target_prompts_are_taken_in_turn(pipe):
+    from erasekit.attacks.base import draw_images
+
+    config = {"images": 2, "init_word": "picture", "target_prompt": ["a red cat", "a blue cat"]}
+    result = _attack(pipe, budget=2, config=config)
+    # before the attack, the seeds take the target prompts in turn
+    arch, _ = denoiser_of(pipe)
+    encoded = arch.encode_prompts(pipe, ["a red cat", "a blue cat"], SAMPLING.max_sequence_length)
+    expected = draw_images(arch, pipe, encoded, [3, 4], SAMPLING)
+    assert [i.tobytes() for i in result.pre_images] == [i.tobytes() for i in expected]
+    # a list of one prompt is that prompt; the second prompt's images change what is learned
+    one = _attack(pipe, budget=2, config={**config, "target_prompt": ["a red cat"]})
+    plain = _attack(pipe, budget=2, config={**config, "target_prompt": "a red cat"})
+    for name, table in one.embeddings.items():
+        torch.testing.assert_close(table, plain.embeddings[name], rtol=0, atol=0)
+        assert not torch.equal(table, result.embeddings[name])
+
+
+def test_the_step_size_is_in_each_encoders_own_embedding_scale(pipe):
+    arch, _ = denoiser_of(pipe)
+    vocabulary = shared_vocabulary(arch, pipe)
+    slot = LearnedWord(arch, pipe, template_prompt("a {}"), vocabulary, vocabulary.words.index("picture"), 16)
+    seeds = [900_000]
+    with torch.no_grad():
+        encoded = arch.encode_prompts(pipe, ["a photo of a cat"], SAMPLING.max_sequence_length)
+        x0, _ = final_latents(arch, pipe, encoded, seeds, SAMPLING)
+    learned, _ = TextualInversion()._learn(slot, x0, seeds, 1, SAMPLING, TextualInversionConfig(lr=0.1))
+    start = slot.start()
+    for name, (_, encoder) in arch.text_encoders(pipe).items():
+        # Adam's first step moves every coordinate by the step size (sign of the gradient): here 0.1 of
+        # the encoder's embedding-table spread, whatever that spread is
+        moved = (learned[name] - start[name]).abs().max()
+        torch.testing.assert_close(moved, 0.1 * encoder.get_input_embeddings().weight.std(), rtol=1e-3, atol=0)
+
+
 def test_learning_lowers_the_denoising_loss_on_the_concept_images(pipe):
     arch, _ = denoiser_of(pipe)
     vocabulary = shared_vocabulary(arch, pipe)
@@ -87,7 +122,8 @@ def test_learning_lowers_the_denoising_loss_on_the_concept_images(pipe):
     with torch.no_grad():
         wanted = arch.encode_prompts(pipe, ["a photo of a cat"] * 2, SAMPLING.max_sequence_length)
         x0, _ = final_latents(arch, pipe, wanted, seeds, SAMPLING)
-    config = TextualInversionConfig(lr=0.05)
+    # lr in units of each encoder's embedding spread: the tiny model's CLIP table is narrow
+    config = TextualInversionConfig(lr=0.2)
     attack = TextualInversion()
     slot = LearnedWord(arch, pipe, prompt, vocabulary, word, SAMPLING.max_sequence_length)
     learned, losses = attack._learn(slot, x0, seeds, 40, SAMPLING, config)
@@ -124,6 +160,8 @@ def test_learning_lowers_the_denoising_loss_on_the_concept_images(pipe):
         ({"lr": 0}, [0], "lr must be positive"),
         ({"image_seed": 10, "images": 3}, [11], "include judged seed"),
         ({"stop_on_success": True}, [0], "stop_on_success"),
+        ({"target_prompt": []}, [0], "non-empty list of prompts"),
+        ({"target_prompt": ["a cat", 3]}, [0], "non-empty list of prompts"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(pipe, tmp_path: Path, config, seeds, message):

@@ -207,6 +207,22 @@ def test_token_attack_runs_within_budget_writes_prompts_and_is_deterministic(pip
     assert other.prompts != result.prompts
 
 
+@pytest.mark.parametrize(("name", "passes_per_target"), [("p4d", 3), ("unlearndiffatk", 2)])
+def test_several_target_prompts_are_taken_in_turn(pipe, name, passes_per_target):
+    kwargs = dict(erasure=None, concept="a cat", judge=ConstantJudge(False), seeds=[3], sampling=SAMPLING, budget=2)
+    config = {"num_tokens": 1, "init_prompt": "a picture"}
+    both = run_attack(pipe, name, config={**config, "target_prompt": ["a red cat", "a blue cat"]}, **kwargs)
+    # per target prompt: its reference trajectory, (p4d: its predictions,) and the final objective; then
+    # the pre-attack, start and final images, and one denoiser call per iteration
+    assert both.denoiser_calls == (2 * passes_per_target + 3) * SAMPLING.steps + 2
+    one = run_attack(pipe, name, config={**config, "target_prompt": ["a red cat"]}, **kwargs)
+    plain = run_attack(pipe, name, config={**config, "target_prompt": "a red cat"}, **kwargs)
+    assert one.prompts == plain.prompts and [r.loss for r in one.per_seed] == [r.loss for r in plain.per_seed]
+    assert one.denoiser_calls == (passes_per_target + 3) * SAMPLING.steps + 2
+    # the objective is averaged over both targets
+    assert [r.loss for r in both.per_seed] != [r.loss for r in one.per_seed]
+
+
 def test_the_attack_command_runs_p4d_and_unlearndiffatk_on_the_embedded_world(tmp_path, capsys):
     from erasekit.cli import main as cli
 
@@ -247,6 +263,8 @@ class OverrideErasure:
         ("p4d", {"erasure": OverrideErasure()}, "changes how images are sampled"),
         ("completion", {"erasure": SLDErasure({"method": "sld"})}, "changes how images are sampled"),
         ("p4d", {"config": {"num_tokens": 40}}, "free tokens reach position"),
+        ("unlearndiffatk", {"config": {"target_prompt": []}}, "non-empty list of prompts"),
+        ("p4d", {"config": {"target_prompt": ["a cat", " "]}}, "non-empty list of prompts"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(pipe, tmp_path: Path, name, kwargs, message):

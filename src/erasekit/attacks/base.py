@@ -429,6 +429,28 @@ def count_denoiser_calls(pipe: Any) -> Iterator[CallCounter]:
         handle.remove()
 
 
+def target_prompts(target: str | Sequence[str] | None, concept: str, attack: str) -> list[str]:
+    """The prompts an attack's ``target_prompt`` setting names: the concept when unset, one prompt, or a
+    list of prompts (the concept in several variations, e.g. colours, so that no one colour or style
+    stands for the concept in the target images).
+
+    Raises:
+        ConfigError: an empty list, or an entry that is not a non-empty string.
+    """
+    if target is None:
+        return [concept]
+    prompts = [target] if isinstance(target, str) else target
+    valid = isinstance(prompts, (list, tuple)) and all(isinstance(p, str) and p.strip() for p in prompts)
+    if not valid or not prompts:
+        raise ConfigError(f"{attack} target_prompt must be a prompt or a non-empty list of prompts, got {target!r}")
+    return [p.strip() for p in prompts]
+
+
+def cycled(prompts: Sequence[str], count: int) -> list[str]:
+    """``count`` prompts taken from ``prompts`` in turn (row ``k`` gets ``prompts[k % len(prompts)]``)."""
+    return [prompts[k % len(prompts)] for k in range(count)]
+
+
 def row_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean squared distance per row (each seed's loss; summed, rows do not share a gradient)."""
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)

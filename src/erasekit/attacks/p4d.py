@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import register_attack, row_distance
-from .tokens import Search, SlotPrompt, TokenAttack, TokenAttackConfig
+from .tokens import Search, SlotPrompt, TargetReference, TokenAttack, TokenAttackConfig
 
 
 def nearest_words(state: Search, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -65,10 +65,11 @@ class P4DAttack(TokenAttack):
     def slot_prompt(self, config: TokenAttackConfig) -> SlotPrompt:
         return SlotPrompt([config.init_prompt, *[None] * config.num_tokens])
 
-    def prepare(self, state: Search) -> list[torch.Tensor]:
+    def prepare(self, state: Search, reference: TargetReference) -> list[torch.Tensor]:
         """The original model's guided predictions along its own trajectory, one per step."""
         with torch.no_grad():
-            return [state.reference.predict(state.path[i], i) for i in range(state.reference.num_steps)]
+            trajectory = reference.trajectory
+            return [trajectory.predict(reference.path[i], i) for i in range(trajectory.num_steps)]
 
     def search(self, state: Search, budget: int, config: TokenAttackConfig) -> torch.Tensor:
         assert isinstance(config, P4DConfig)
@@ -79,25 +80,27 @@ class P4DAttack(TokenAttack):
         # one step size per encoder, in its own embedding scale: FLUX's CLIP and T5 tables differ 50-fold
         groups = [{"params": [p], "lr": config.lr * float(vocabulary.tables[name].std())} for name, p in params.items()]
         optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-        for _ in self.search_steps(budget, state.seeds):
+        for iteration in self.search_steps(budget, state.seeds):
             tokens = nearest_words(state, params)
             # straight through: the loss sees the projected words, the gradient moves the continuous embeddings
             projected = {name: p + (vocabulary.tables[name][tokens] - p).detach() for name, p in params.items()}
             i = state.random_step()
+            reference = state.reference_at(iteration)
             trajectory = state.trajectory(state.encode(tokens, projected))
-            loss = row_distance(trajectory.predict(state.path[i], i), state.targets[i]).sum()
+            loss = row_distance(trajectory.predict(reference.path[i], i), reference.targets[i]).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         return nearest_words(state, params)
 
     def objective(self, state: Search, prompts: list[str]) -> list[float]:
-        """The mean over the sampling steps of the prediction distance, for the found prompts."""
+        """The mean over the sampling steps and target prompts of the prediction distance, for the found prompts."""
         with torch.no_grad():
             encoded = state.arch.encode_prompts(state.pipe, prompts, state.sampling.max_sequence_length)
             trajectory = state.trajectory(encoded)
             total = sum(
-                row_distance(trajectory.predict(state.path[i], i), state.targets[i])
+                row_distance(trajectory.predict(reference.path[i], i), reference.targets[i])
+                for reference in state.references
                 for i in range(trajectory.num_steps)
             )
-        return (total / trajectory.num_steps).tolist()
+        return (total / (trajectory.num_steps * len(state.references))).tolist()

@@ -40,12 +40,14 @@ from .base import (
     SeedResult,
     chunks,
     count_denoiser_calls,
+    cycled,
     draw_images,
     erased,
     final_latents,
     judge_images,
     register_attack,
     row_distance,
+    target_prompts,
 )
 from .tokens import SlotPrompt, Vocabulary, encode_slots, names_concept, vocabulary_of
 
@@ -56,12 +58,13 @@ class TextualInversionConfig(AttackConfig):
     the word whose embeddings the token starts from (one token in every text encoder; must not name the
     concept). ``target_prompt``: what the original model draws as the concept's images (default: the
     concept). ``images``: how many. ``image_seed``: their first noise seed (kept apart from the judged
-    seeds). ``lr``: Adam's step size on the token embeddings. ``seed``: the search's own randomness
-    (timesteps, noise)."""
+    seeds). ``lr``: Adam's step size on the token embeddings, in units of each text encoder's
+    embedding-table standard deviation (as ``p4d``'s). ``seed``: the search's own randomness (timesteps,
+    noise)."""
 
     template: str = "a {}"
     init_word: str = "picture"
-    target_prompt: str | None = None
+    target_prompt: str | list[str] | None = None
     images: int = 8
     image_seed: int = 900_000
     lr: float = 0.02
@@ -144,6 +147,7 @@ class TextualInversion(Attack):
         assert isinstance(config, TextualInversionConfig)
         prompt = template_prompt(config.template)
         image_seeds = self._image_seeds(config, seeds)
+        targets = target_prompts(config.target_prompt, concept, self.name)
         if names_concept(config.init_word, concept) or names_concept(config.template.replace("{}", ""), concept):
             raise ConfigError(
                 f"the textual-inversion init_word {config.init_word!r} or template {config.template!r} names the "
@@ -161,14 +165,12 @@ class TextualInversion(Attack):
         with count_denoiser_calls(pipe) as counter:
             with torch.no_grad():
                 # the concept's images, drawn by the original model (no erasure installed here)
-                wanted = arch.encode_prompts(
-                    pipe, [config.target_prompt or concept] * len(image_seeds), sampling.max_sequence_length
-                )
+                wanted = arch.encode_prompts(pipe, cycled(targets, len(image_seeds)), sampling.max_sequence_length)
                 x0, _ = final_latents(arch, pipe, wanted, image_seeds, sampling)
             with erased(pipe, erasure):
                 tokens, losses = self._learn(learned, x0, image_seeds, budget, sampling, config)
                 per_seed, images, pre_images = self._judge(
-                    learned, tokens, concept, judge, seeds, budget, sampling, config
+                    learned, tokens, targets, judge, seeds, budget, sampling, config
                 )
         return self.result(
             concept,
@@ -214,7 +216,11 @@ class TextualInversion(Attack):
     ) -> tuple[dict[str, torch.Tensor], list[float]]:
         """Adam on the word's embeddings (from the initial word's) for ``budget`` steps; the embeddings and losses."""
         tokens = {name: row.clone().requires_grad_(True) for name, row in learned.start().items()}
-        optimizer = torch.optim.Adam(list(tokens.values()), lr=config.lr)
+        encoders = learned.arch.text_encoders(learned.pipe)
+        # one step size per encoder, in its own embedding scale: FLUX's CLIP table is 50 times narrower
+        # than its T5's, and one absolute step throws the CLIP token far outside the words it was trained on
+        scale = {name: float(encoder.get_input_embeddings().weight.std()) for name, (_, encoder) in encoders.items()}
+        optimizer = torch.optim.Adam([{"params": [row], "lr": config.lr * scale[name]} for name, row in tokens.items()])
         generator = torch.Generator().manual_seed(config.seed)
         rows = len(image_seeds)
         with torch.no_grad():
@@ -239,24 +245,24 @@ class TextualInversion(Attack):
         self,
         learned: LearnedWord,
         tokens: dict[str, torch.Tensor],
-        concept: str,
+        targets: list[str],
         judge: Callable[[Sequence[Image.Image]], Sequence[bool]],
         seeds: list[int],
         budget: int,
         sampling: Sampling,
         config: TextualInversionConfig,
     ) -> tuple[list[SeedResult], list[Image.Image], list[Image.Image]]:
-        """Per seed: the erased model on the target prompt (before) and on the template with the word (after)."""
+        """Per seed: the erased model on a target prompt (before; the seeds take the target prompts in turn)
+        and on the template with the word (after)."""
         arch, pipe = learned.arch, learned.pipe
         per_seed: list[SeedResult] = []
         images: list[Image.Image] = []
         pre_images: list[Image.Image] = []
+        before = cycled(targets, len(seeds))
         for chunk in chunks(seeds, config.batch_size):
-            rows = len(chunk)
+            rows, done = len(chunk), len(per_seed)
             with torch.no_grad():
-                target = arch.encode_prompts(
-                    pipe, [config.target_prompt or concept] * rows, learned.max_sequence_length
-                )
+                target = arch.encode_prompts(pipe, before[done : done + rows], learned.max_sequence_length)
                 pre = draw_images(arch, pipe, target, chunk, sampling)
                 post = draw_images(arch, pipe, learned.encode(tokens, rows), chunk, sampling)
             pre_hits, post_hits = judge_images(judge, pre), judge_images(judge, post)

@@ -31,9 +31,11 @@ from .base import (
     SeedResult,
     chunks,
     count_denoiser_calls,
+    cycled,
     draw_images,
     erased,
     judge_images,
+    target_prompts,
 )
 
 #: The word around a candidate when its tokenisation in context is checked.
@@ -202,14 +204,15 @@ def prompts_of(prompt: SlotPrompt, vocabulary: Vocabulary, tokens: torch.Tensor)
 class TokenAttackConfig(AttackConfig):
     """Settings both token attacks have. ``init_prompt``: the fixed text of the attacked prompt (must
     not name the concept). ``target_prompt``: the prompt whose original-model images are the target
-    (default: the concept). ``num_tokens``: free tokens. ``allow_concept``: let the free tokens be words
-    that name the concept (off: such words are left out of the vocabulary). ``seed``: the search's own
-    randomness (initial tokens, timesteps, noise), independent of the image seeds. ``step_fraction``: the
-    search draws its sampling steps from this first (noisiest) fraction of the schedule, where the
-    layout of the image is decided."""
+    (default: the concept), or a list of prompts that the search iterations take in turn.
+    ``num_tokens``: free tokens. ``allow_concept``: let the free tokens be words that name the concept
+    (off: such words are left out of the vocabulary). ``seed``: the search's own randomness (initial
+    tokens, timesteps, noise), independent of the image seeds. ``step_fraction``: the search draws its
+    sampling steps from this first (noisiest) fraction of the schedule, where the layout of the image is
+    decided."""
 
     init_prompt: str = "a shape"
-    target_prompt: str | None = None
+    target_prompt: str | list[str] | None = None
     num_tokens: int = 5
     lr: float = 0.1
     weight_decay: float = 0.1
@@ -219,23 +222,31 @@ class TokenAttackConfig(AttackConfig):
 
 
 @dataclass
+class TargetReference:
+    """The original model's trajectory of one target prompt from the seeds' noise: the trajectory (its
+    predictions), its states ``[z_T, ..., z_0]``, and what :meth:`TokenAttack.prepare` computed from it."""
+
+    trajectory: Trajectory
+    path: list[torch.Tensor]
+    targets: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
 class Search:
-    """What one batch of seeds gives the search: the original model's reference trajectory of the
-    target prompt (states ``[z_T, ..., z_0]``, built with ``trajectory``), the negative rows to encode
-    with, and the vocabulary; the erasure is installed while the search runs."""
+    """What one batch of seeds gives the search: the original model's reference trajectory of each
+    target prompt, the negative rows to encode with, and the vocabulary; the erasure is installed while
+    the search runs."""
 
     arch: Any
     pipe: Any
     seeds: list[int]
     sampling: Sampling
-    reference: Trajectory
-    path: list[torch.Tensor]
+    references: list[TargetReference]
     unconditional: dict[str, torch.Tensor]
     vocabulary: Vocabulary
     prompt: SlotPrompt
     generator: torch.Generator
-    targets: list[torch.Tensor] = field(default_factory=list)
-    """What :meth:`TokenAttack.prepare` computed from the original model."""
+    step_fraction: float = 1.0
 
     def encode(self, tokens: torch.Tensor, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The encoding of the prompt with ``tokens`` in its slots and ``embeddings`` as their embeddings."""
@@ -253,11 +264,13 @@ class Search:
     def trajectory(self, encoded: dict[str, torch.Tensor]) -> Trajectory:
         return self.arch.trajectory(self.pipe, encoded, self.seeds, **self.sampling.as_kwargs())
 
-    step_fraction: float = 1.0
+    def reference_at(self, iteration: int) -> TargetReference:
+        """The target of search iteration ``iteration``: the target prompts in turn."""
+        return self.references[iteration % len(self.references)]
 
     def random_step(self) -> int:
         """A sampling step drawn uniformly from the first ``step_fraction`` of the schedule."""
-        steps = max(1, round(self.step_fraction * self.reference.num_steps))
+        steps = max(1, round(self.step_fraction * self.references[0].trajectory.num_steps))
         return int(torch.randint(steps, (1,), generator=self.generator))
 
 
@@ -300,37 +313,43 @@ class TokenAttack(Attack):
         arch, _ = denoiser_of(pipe)
         vocabulary = shared_vocabulary(arch, pipe, exclude_concept=None if config.allow_concept else concept)
         prompt = self.slot_prompt(config)
-        target_prompt = config.target_prompt or concept
+        targets = target_prompts(config.target_prompt, concept, self.name)
         length = sampling.max_sequence_length
         per_seed: list[SeedResult] = []
         images: list[Image.Image] = []
         pre_images: list[Image.Image] = []
         found: list[str] = []
+        # before the attack, each seed shows the erased model one target prompt (the prompts in turn)
+        before = cycled(targets, len(seeds))
         with count_denoiser_calls(pipe) as counter:
             for chunk in chunks(seeds, config.batch_size):
-                rows = len(chunk)
+                rows, done = len(chunk), len(per_seed)
                 with torch.no_grad():
-                    wanted = arch.encode_prompts(pipe, [target_prompt] * rows, length)
                     start = arch.encode_prompts(pipe, [config.init_prompt] * rows, length)
-                    # the original model's trajectory of the concept (no erasure installed here)
-                    reference = arch.trajectory(pipe, wanted, chunk, **sampling.as_kwargs())
-                    path = run_trajectory(reference.step, reference.noise, reference.num_steps, keep=True)
+                    references = []
+                    for target in targets:
+                        # the original model's trajectory of the concept (no erasure installed here)
+                        wanted = arch.encode_prompts(pipe, [target] * rows, length)
+                        reference = arch.trajectory(pipe, wanted, chunk, **sampling.as_kwargs())
+                        path = run_trajectory(reference.step, reference.noise, reference.num_steps, keep=True)
+                        references.append(TargetReference(reference, path))
                 state = Search(
                     arch=arch,
                     pipe=pipe,
                     seeds=chunk,
                     sampling=sampling,
-                    reference=reference,
-                    path=path,
+                    references=references,
                     unconditional=start,
                     vocabulary=vocabulary,
                     prompt=prompt,
                     generator=torch.Generator().manual_seed(config.seed),
                     step_fraction=config.step_fraction,
                 )
-                state.targets = self.prepare(state)
+                for reference in references:
+                    reference.targets = self.prepare(state, reference)
                 with erased(pipe, erasure):
-                    pre = draw_images(arch, pipe, wanted, chunk, sampling)
+                    concept_rows = arch.encode_prompts(pipe, before[done : done + rows], length)
+                    pre = draw_images(arch, pipe, concept_rows, chunk, sampling)
                     start_images = draw_images(arch, pipe, start, chunk, sampling)
                     tokens = self.search(state, budget, config)
                     prompts = prompts_of(prompt, vocabulary, tokens)
@@ -368,8 +387,9 @@ class TokenAttack(Attack):
             extra={"vocabulary_size": len(vocabulary)},
         )
 
-    def prepare(self, state: Search) -> list[torch.Tensor]:
-        """What the search needs from the original model, computed before the erasure is installed."""
+    def prepare(self, state: Search, reference: TargetReference) -> list[torch.Tensor]:
+        """What the search needs from the original model's trajectory ``reference``, computed before the
+        erasure is installed."""
         return []
 
     def _check(self, config: TokenAttackConfig, concept: str) -> None:

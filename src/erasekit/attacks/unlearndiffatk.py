@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..arch.guidance import Conditional
 from .base import register_attack, row_distance
-from .tokens import Search, SlotPrompt, TokenAttack, TokenAttackConfig
+from .tokens import Search, SlotPrompt, TargetReference, TokenAttack, TokenAttackConfig
 
 
 @dataclass
@@ -69,12 +69,13 @@ class UnlearnDiffAtk(TokenAttack):
     def slot_prompt(self, config: TokenAttackConfig) -> SlotPrompt:
         return SlotPrompt([*[None] * config.num_tokens, config.init_prompt])
 
-    def prepare(self, state: Search) -> list[torch.Tensor]:
-        """The target images: the original model's final latents of the target prompt."""
-        return [state.path[-1]]
+    def prepare(self, state: Search, reference: TargetReference) -> list[torch.Tensor]:
+        """The target image: the original model's final latents of the target prompt."""
+        return [reference.path[-1]]
 
-    def _loss(self, state: Search, tokens: torch.Tensor, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-        x0 = state.targets[0]
+    def _loss(
+        self, state: Search, tokens: torch.Tensor, embeddings: dict[str, torch.Tensor], x0: torch.Tensor
+    ) -> torch.Tensor:
         i = state.random_step()
         noise = torch.randn(x0.shape, generator=state.generator).to(device=x0.device, dtype=x0.dtype)
         trajectory = state.trajectory(state.encode(tokens, embeddings))
@@ -87,13 +88,14 @@ class UnlearnDiffAtk(TokenAttack):
         rows, size = len(state.seeds), len(state.vocabulary)
         weights = torch.full((rows, config.num_tokens, size), 1.0 / size, requires_grad=True)
         optimizer = torch.optim.Adam([weights], lr=config.lr, weight_decay=config.weight_decay)
-        for _ in self.search_steps(budget, state.seeds):
+        for iteration in self.search_steps(budget, state.seeds):
             sample = torch.multinomial(weights.detach().flatten(0, 1), 1, generator=state.generator)
             tokens = sample.view(rows, config.num_tokens)
             one_hot = F.one_hot(tokens, size).to(weights.dtype)
             # straight through: the words drawn are encoded, the gradient reaches the whole distribution
             mixed = one_hot + weights - weights.detach()
-            loss = self._loss(state, tokens, state.vocabulary.embed(mixed)).sum()
+            x0 = state.reference_at(iteration).targets[0]
+            loss = self._loss(state, tokens, state.vocabulary.embed(mixed), x0).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -102,15 +104,17 @@ class UnlearnDiffAtk(TokenAttack):
         return weights.detach().argmax(-1)
 
     def objective(self, state: Search, prompts: list[str]) -> list[float]:
-        """The denoising loss of the found prompts at every sampling step, one fresh noise draw each, averaged."""
+        """The denoising loss of the found prompts at every sampling step and on every target image, one
+        fresh noise draw each, averaged."""
         with torch.no_grad():
             encoded = state.arch.encode_prompts(state.pipe, prompts, state.sampling.max_sequence_length)
             trajectory = state.trajectory(encoded)
-            x0 = state.targets[0]
             assert trajectory.schedule is not None
             total = torch.zeros(len(prompts))
-            for i in range(trajectory.num_steps):
-                noise = torch.randn(x0.shape, generator=state.generator).to(device=x0.device, dtype=x0.dtype)
-                prediction = trajectory.predict(trajectory.add_noise(x0, noise, i), i, Conditional())
-                total += row_distance(prediction, trajectory.schedule.target(x0, noise, i)).cpu()
-        return (total / trajectory.num_steps).tolist()
+            for reference in state.references:
+                x0 = reference.targets[0]
+                for i in range(trajectory.num_steps):
+                    noise = torch.randn(x0.shape, generator=state.generator).to(device=x0.device, dtype=x0.dtype)
+                    prediction = trajectory.predict(trajectory.add_noise(x0, noise, i), i, Conditional())
+                    total += row_distance(prediction, trajectory.schedule.target(x0, noise, i)).cpu()
+        return (total / (trajectory.num_steps * len(state.references))).tolist()
