@@ -22,8 +22,8 @@ from erasekit.attacks import (
     run_attack,
     save_attack_result,
 )
-from erasekit.attacks.base import count_denoiser_calls
-from erasekit.attacks.soft_prompt import TargetPath, soft_prompt_objective
+from erasekit.attacks.base import TargetPath, count_denoiser_calls
+from erasekit.attacks.soft_prompt import soft_prompt_objective
 from erasekit.errors import ConfigError, ErasekitError, PromptError
 from erasekit.evaluation.prompts import load_prompt_set
 from erasekit.methods.mask.model import MaskedModel

@@ -451,6 +451,28 @@ def cycled(prompts: Sequence[str], count: int) -> list[str]:
     return [prompts[k % len(prompts)] for k in range(count)]
 
 
+@dataclass(frozen=True)
+class TargetPath:
+    """The original model's trajectory of a target prompt from each seed's noise: ``states``
+    ``[z_T, ..., z_0]`` and, where an attack matches predictions (``soft-prompt``'s prediction term,
+    ``p4d``), ``predictions[i]``, its guided prediction at ``states[i]`` (one per step; else ``None``)."""
+
+    states: list[torch.Tensor]
+    predictions: list[torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, trajectory: Any, with_predictions: bool) -> TargetPath:
+        """Run ``trajectory`` (no gradients) and keep its states, and its predictions if asked."""
+        from ..arch.samplers import run_trajectory
+
+        with torch.no_grad():
+            states = run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps, keep=True)
+            predictions = (
+                [trajectory.predict(states[i], i) for i in range(trajectory.num_steps)] if with_predictions else None
+            )
+        return cls(states, predictions)
+
+
 def row_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean squared distance per row (each seed's loss; summed, rows do not share a gradient)."""
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import register_attack, row_distance
-from .tokens import Search, SlotPrompt, TargetReference, TokenAttack, TokenAttackConfig
+from .tokens import Search, SlotPrompt, TokenAttack, TokenAttackConfig
 
 
 def nearest_words(state: Search, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -61,15 +61,10 @@ class P4DAttack(TokenAttack):
     name = "p4d"
     default_budget = 300
     config_class = P4DConfig
+    matches_predictions = True
 
     def slot_prompt(self, config: TokenAttackConfig) -> SlotPrompt:
         return SlotPrompt([config.init_prompt, *[None] * config.num_tokens])
-
-    def prepare(self, state: Search, reference: TargetReference) -> list[torch.Tensor]:
-        """The original model's guided predictions along its own trajectory, one per step."""
-        with torch.no_grad():
-            trajectory = reference.trajectory
-            return [trajectory.predict(reference.path[i], i) for i in range(trajectory.num_steps)]
 
     def search(self, state: Search, budget: int, config: TokenAttackConfig) -> torch.Tensor:
         assert isinstance(config, P4DConfig)
@@ -87,7 +82,7 @@ class P4DAttack(TokenAttack):
             i = state.random_step()
             reference = state.reference_at(iteration)
             trajectory = state.trajectory(state.encode(tokens, projected))
-            loss = row_distance(trajectory.predict(reference.path[i], i), reference.targets[i]).sum()
+            loss = row_distance(trajectory.predict(reference.states[i], i), reference.predictions[i]).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -99,7 +94,7 @@ class P4DAttack(TokenAttack):
             encoded = state.arch.encode_prompts(state.pipe, prompts, state.sampling.max_sequence_length)
             trajectory = state.trajectory(encoded)
             total = sum(
-                row_distance(trajectory.predict(reference.path[i], i), reference.targets[i])
+                row_distance(trajectory.predict(reference.states[i], i), reference.predictions[i])
                 for reference in state.references
                 for i in range(trajectory.num_steps)
             )

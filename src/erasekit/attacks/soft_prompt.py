@@ -45,7 +45,6 @@ import torch
 from PIL import Image
 
 from ..arch import denoiser_of
-from ..arch.samplers import run_trajectory
 from ..errors import ConfigError
 from ..training.gradient import checkpointed_gradient
 from .base import (
@@ -55,6 +54,7 @@ from .base import (
     Erasure,
     Sampling,
     SeedResult,
+    TargetPath,
     chunks,
     count_denoiser_calls,
     decode_images,
@@ -82,26 +82,6 @@ class SoftPromptConfig(AttackConfig):
     lr: float = 0.2
     path_weight: float = 1.0
     prediction_weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class TargetPath:
-    """The original model's trajectory of the target prompt from each seed's noise: ``states``
-    ``[z_T, ..., z_0]`` and, for the prediction term, ``predictions[i]``, its guided prediction at
-    ``states[i]`` (one per step; ``None`` when the term is off)."""
-
-    states: list[torch.Tensor]
-    predictions: list[torch.Tensor] | None = None
-
-    @classmethod
-    def of(cls, trajectory: Any, with_predictions: bool) -> TargetPath:
-        """Run ``trajectory`` (no gradients) and keep its states, and its predictions if asked."""
-        with torch.no_grad():
-            states = run_trajectory(trajectory.step, trajectory.noise, trajectory.num_steps, keep=True)
-            predictions = (
-                [trajectory.predict(states[i], i) for i in range(trajectory.num_steps)] if with_predictions else None
-            )
-        return cls(states, predictions)
 
 
 def soft_prompt_objective(

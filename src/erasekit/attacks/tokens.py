@@ -12,7 +12,7 @@ distribution over the shared vocabulary drives all encoders at once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +20,6 @@ from PIL import Image
 
 from ..arch import denoiser_of
 from ..arch.base import TokenEmbeddings, Trajectory
-from ..arch.samplers import run_trajectory
 from ..errors import ConfigError
 from .base import (
     Attack,
@@ -29,6 +28,7 @@ from .base import (
     Erasure,
     Sampling,
     SeedResult,
+    TargetPath,
     chunks,
     count_denoiser_calls,
     cycled,
@@ -222,16 +222,6 @@ class TokenAttackConfig(AttackConfig):
 
 
 @dataclass
-class TargetReference:
-    """The original model's trajectory of one target prompt from the seeds' noise: the trajectory (its
-    predictions), its states ``[z_T, ..., z_0]``, and what :meth:`TokenAttack.prepare` computed from it."""
-
-    trajectory: Trajectory
-    path: list[torch.Tensor]
-    targets: list[torch.Tensor] = field(default_factory=list)
-
-
-@dataclass
 class Search:
     """What one batch of seeds gives the search: the original model's reference trajectory of each
     target prompt, the negative rows to encode with, and the vocabulary; the erasure is installed while
@@ -241,7 +231,7 @@ class Search:
     pipe: Any
     seeds: list[int]
     sampling: Sampling
-    references: list[TargetReference]
+    references: list[TargetPath]
     unconditional: dict[str, torch.Tensor]
     vocabulary: Vocabulary
     prompt: SlotPrompt
@@ -264,13 +254,13 @@ class Search:
     def trajectory(self, encoded: dict[str, torch.Tensor]) -> Trajectory:
         return self.arch.trajectory(self.pipe, encoded, self.seeds, **self.sampling.as_kwargs())
 
-    def reference_at(self, iteration: int) -> TargetReference:
+    def reference_at(self, iteration: int) -> TargetPath:
         """The target of search iteration ``iteration``: the target prompts in turn."""
         return self.references[iteration % len(self.references)]
 
     def random_step(self) -> int:
         """A sampling step drawn uniformly from the first ``step_fraction`` of the schedule."""
-        steps = max(1, round(self.step_fraction * self.references[0].trajectory.num_steps))
+        steps = max(1, round(self.step_fraction * (len(self.references[0].states) - 1)))
         return int(torch.randint(steps, (1,), generator=self.generator))
 
 
@@ -283,6 +273,8 @@ class TokenAttack(Attack):
     white_box = True
     needs_original = True
     config_class = TokenAttackConfig
+    #: keep the original model's guided predictions along each target trajectory (p4d matches them)
+    matches_predictions: bool = False
 
     def slot_prompt(self, config: TokenAttackConfig) -> SlotPrompt:
         """Where the free tokens go (subclasses: before or after the initial prompt)."""
@@ -326,13 +318,16 @@ class TokenAttack(Attack):
                 rows, done = len(chunk), len(per_seed)
                 with torch.no_grad():
                     start = arch.encode_prompts(pipe, [config.init_prompt] * rows, length)
-                    references = []
-                    for target in targets:
-                        # the original model's trajectory of the concept (no erasure installed here)
-                        wanted = arch.encode_prompts(pipe, [target] * rows, length)
-                        reference = arch.trajectory(pipe, wanted, chunk, **sampling.as_kwargs())
-                        path = run_trajectory(reference.step, reference.noise, reference.num_steps, keep=True)
-                        references.append(TargetReference(reference, path))
+                    # the original model's trajectory of each target prompt (no erasure installed here)
+                    references = [
+                        TargetPath.of(
+                            arch.trajectory(
+                                pipe, arch.encode_prompts(pipe, [target] * rows, length), chunk, **sampling.as_kwargs()
+                            ),
+                            self.matches_predictions,
+                        )
+                        for target in targets
+                    ]
                 state = Search(
                     arch=arch,
                     pipe=pipe,
@@ -345,8 +340,6 @@ class TokenAttack(Attack):
                     generator=torch.Generator().manual_seed(config.seed),
                     step_fraction=config.step_fraction,
                 )
-                for reference in references:
-                    reference.targets = self.prepare(state, reference)
                 with erased(pipe, erasure):
                     concept_rows = arch.encode_prompts(pipe, before[done : done + rows], length)
                     pre = draw_images(arch, pipe, concept_rows, chunk, sampling)
@@ -386,11 +379,6 @@ class TokenAttack(Attack):
             prompts=found,
             extra={"vocabulary_size": len(vocabulary)},
         )
-
-    def prepare(self, state: Search, reference: TargetReference) -> list[torch.Tensor]:
-        """What the search needs from the original model's trajectory ``reference``, computed before the
-        erasure is installed."""
-        return []
 
     def _check(self, config: TokenAttackConfig, concept: str) -> None:
         if config.stop_on_success:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..arch.guidance import Conditional
 from .base import register_attack, row_distance
-from .tokens import Search, SlotPrompt, TargetReference, TokenAttack, TokenAttackConfig
+from .tokens import Search, SlotPrompt, TokenAttack, TokenAttackConfig
 
 
 @dataclass
@@ -69,10 +69,6 @@ class UnlearnDiffAtk(TokenAttack):
     def slot_prompt(self, config: TokenAttackConfig) -> SlotPrompt:
         return SlotPrompt([*[None] * config.num_tokens, config.init_prompt])
 
-    def prepare(self, state: Search, reference: TargetReference) -> list[torch.Tensor]:
-        """The target image: the original model's final latents of the target prompt."""
-        return [reference.path[-1]]
-
     def _loss(
         self, state: Search, tokens: torch.Tensor, embeddings: dict[str, torch.Tensor], x0: torch.Tensor
     ) -> torch.Tensor:
@@ -94,7 +90,7 @@ class UnlearnDiffAtk(TokenAttack):
             one_hot = F.one_hot(tokens, size).to(weights.dtype)
             # straight through: the words drawn are encoded, the gradient reaches the whole distribution
             mixed = one_hot + weights - weights.detach()
-            x0 = state.reference_at(iteration).targets[0]
+            x0 = state.reference_at(iteration).states[-1]  # the target image
             loss = self._loss(state, tokens, state.vocabulary.embed(mixed), x0).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -112,7 +108,7 @@ class UnlearnDiffAtk(TokenAttack):
             assert trajectory.schedule is not None
             total = torch.zeros(len(prompts))
             for reference in state.references:
-                x0 = reference.targets[0]
+                x0 = reference.states[-1]
                 for i in range(trajectory.num_steps):
                     noise = torch.randn(x0.shape, generator=state.generator).to(device=x0.device, dtype=x0.dtype)
                     prediction = trajectory.predict(trajectory.add_noise(x0, noise, i), i, Conditional())
