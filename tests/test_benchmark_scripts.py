@@ -58,3 +58,16 @@ def test_recipe_probe_scores_a_short_run_on_the_tuning_draw(capsys, tmp_path):
     tuning = {s.seed for s in protocol.tuning_samples("circle", per_group=4)}
     evaluation = {s.seed for s in protocol.evaluation_samples("circle", per_group=protocol.PER_GROUP)}
     assert min(tuning) == protocol.TUNING_SEED_BASE and not tuning & evaluation
+
+
+@pytest.mark.slow
+def test_iteration_cost_splits_a_profiled_iteration_into_kinds_of_work(capsys):
+    module = _load("iteration_cost")
+    assert module.kind_of("aten::addmm") == module.kind_of("aten::mm") == "linear layers (matrix products)"
+    assert module.kind_of("aten::gelu_backward") == module.kind_of("aten::gelu") == "element-wise arithmetic"
+    assert module.kind_of("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == "attention (fused kernels)"
+    assert module.kind_of("aten::topk") == "other"
+    result = module.main(["--iterations", "1", "--set", "sampling.steps=2"])
+    share = result["by_operation"]["share"]
+    assert math.isclose(sum(share.values()), 1.0, abs_tol=0.01)
+    assert share["linear layers (matrix products)"] > 0 and result["by_operation"]["seconds_per_iteration"] > 0
