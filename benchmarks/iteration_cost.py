@@ -167,17 +167,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     pin_cpu_numerics(args.threads)  # before torch: the demo's kernels
-    # an empty compile cache: the compilation a first run pays (inductor reuses what an earlier run compiled)
-    cache = tempfile.TemporaryDirectory()
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     import torch
 
     torch.set_num_threads(args.threads)
     result = {"by_operation": by_operation(args.iterations, args.overrides)}
     if args.compile:
-        result["compiled"] = compiled_ratio(args.repeats)
+        # an empty compile cache: the compilation a first run pays (inductor reuses what earlier runs compiled)
+        with tempfile.TemporaryDirectory() as cache:
+            previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+            try:
+                result["compiled"] = compiled_ratio(args.repeats)
+            finally:
+                if previous is None:
+                    os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+                else:
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
     print(json.dumps(result, indent=1))
-    cache.cleanup()
     return result
 
 
