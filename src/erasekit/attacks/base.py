@@ -460,6 +460,10 @@ class TargetPath:
     states: list[torch.Tensor]
     predictions: list[torch.Tensor] | None = None
 
+    @property
+    def num_steps(self) -> int:
+        return len(self.states) - 1
+
     @classmethod
     def of(cls, trajectory: Any, with_predictions: bool) -> TargetPath:
         """Run ``trajectory`` (no gradients) and keep its states, and its predictions if asked."""

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import register_attack, row_distance
-from .tokens import Search, SlotPrompt, TokenAttack, TokenAttackConfig
+from .tokens import Search, SlotPrompt, TokenAttack, TokenAttackConfig, embedding_scaled_groups
 
 
 def nearest_words(state: Search, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -72,8 +72,7 @@ class P4DAttack(TokenAttack):
         vocabulary = state.vocabulary
         start = torch.randint(len(vocabulary), (rows, config.num_tokens), generator=state.generator)
         params = {name: table[start].clone().requires_grad_(True) for name, table in vocabulary.tables.items()}
-        # one step size per encoder, in its own embedding scale: FLUX's CLIP and T5 tables differ 50-fold
-        groups = [{"params": [p], "lr": config.lr * float(vocabulary.tables[name].std())} for name, p in params.items()]
+        groups = embedding_scaled_groups(params, vocabulary.tables, config.lr)
         optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         for iteration in self.search_steps(budget, state.seeds):
             tokens = nearest_words(state, params)

@@ -49,7 +49,7 @@ from .base import (
     row_distance,
     target_prompts,
 )
-from .tokens import SlotPrompt, Vocabulary, encode_slots, names_concept, vocabulary_of
+from .tokens import SlotPrompt, Vocabulary, embedding_scaled_groups, encode_slots, names_concept, vocabulary_of
 
 
 @dataclass
@@ -216,11 +216,11 @@ class TextualInversion(Attack):
     ) -> tuple[dict[str, torch.Tensor], list[float]]:
         """Adam on the word's embeddings (from the initial word's) for ``budget`` steps; the embeddings and losses."""
         tokens = {name: row.clone().requires_grad_(True) for name, row in learned.start().items()}
-        encoders = learned.arch.text_encoders(learned.pipe)
-        # one step size per encoder, in its own embedding scale: FLUX's CLIP table is 50 times narrower
-        # than its T5's, and one absolute step throws the CLIP token far outside the words it was trained on
-        scale = {name: float(encoder.get_input_embeddings().weight.std()) for name, (_, encoder) in encoders.items()}
-        optimizer = torch.optim.Adam([{"params": [row], "lr": config.lr * scale[name]} for name, row in tokens.items()])
+        tables = {
+            name: encoder.get_input_embeddings().weight
+            for name, (_, encoder) in learned.arch.text_encoders(learned.pipe).items()
+        }
+        optimizer = torch.optim.Adam(embedding_scaled_groups(tokens, tables, config.lr))
         generator = torch.Generator().manual_seed(config.seed)
         rows = len(image_seeds)
         with torch.no_grad():

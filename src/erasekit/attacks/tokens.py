@@ -200,6 +200,15 @@ def prompts_of(prompt: SlotPrompt, vocabulary: Vocabulary, tokens: torch.Tensor)
 
 
 # --------------------------------------------------------------------------- the attacks' common frame
+def embedding_scaled_groups(
+    params: dict[str, torch.Tensor], tables: dict[str, torch.Tensor], lr: float
+) -> list[dict[str, Any]]:
+    """Optimiser parameter groups with one step size per text encoder: ``lr`` times the standard deviation
+    of that encoder's embedding ``tables[name]``. FLUX's CLIP table is 50 times narrower than its T5's, and
+    one absolute step throws the CLIP token far outside the words it was trained on."""
+    return [{"params": [p], "lr": lr * float(tables[name].std())} for name, p in params.items()]
+
+
 @dataclass
 class TokenAttackConfig(AttackConfig):
     """Settings both token attacks have. ``init_prompt``: the fixed text of the attacked prompt (must
@@ -260,7 +269,7 @@ class Search:
 
     def random_step(self) -> int:
         """A sampling step drawn uniformly from the first ``step_fraction`` of the schedule."""
-        steps = max(1, round(self.step_fraction * (len(self.references[0].states) - 1)))
+        steps = max(1, round(self.step_fraction * self.references[0].num_steps))
         return int(torch.randint(steps, (1,), generator=self.generator))
 
 
