@@ -11,7 +11,7 @@ from erasekit.toyworld.demo import bar_checks
 from erasekit.toyworld.detectors import ShapesDetectors, _to_float, augment_images
 from erasekit.toyworld.geometry import GeometricJudge
 from erasekit.toyworld.render import OBJECTS, render, render_morph, sample_scene
-from erasekit.toyworld.spread import summarise
+from erasekit.toyworld.spread import format_spread, summarise
 from erasekit.toyworld.world import SHIPPED_WORLD
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -141,7 +141,7 @@ def test_spread_summary_mean_std_worst():
     }
     report = summarise(runs)
     summary = report["summary"]
-    assert summary["runs"] == 3 and summary["distinct_masks"] == 2 and summary["runs_meeting_bar"] == 2
+    assert summary["runs"] == 3 and summary["distinct_erasures"] == 2 and summary["runs_meeting_bar"] == 2
     assert summary["strict_ua"]["mean"] == pytest.approx(0.94)
     assert summary["strict_ua"]["std"] == pytest.approx(np.std([0.96, 0.96, 0.90], ddof=1))
     assert summary["strict_ua"]["worst"] == pytest.approx(0.90)
@@ -159,8 +159,13 @@ def test_spread_summary_of_a_method_that_masks_nothing():
 
     report = summarise({"a": weight_edit(0.96, "x"), "b": weight_edit(0.90, "y"), "c": weight_edit(0.96, "x")})
     summary = report["summary"]
-    assert summary["runs"] == 3 and summary["distinct_masks"] == 2 and "masked_fraction" not in summary
+    assert summary["runs"] == 3 and summary["distinct_erasures"] == 2 and "masked_fraction" not in summary
     assert summary["strict_ua"]["worst"] == pytest.approx(0.90)
+    report.update(method="ca", concept="circle", seeds=[0, 1, 2], threads=[1], images_per_group=192)
+    text = format_spread(report)
+    assert text.startswith("Spread of `ca` (the demo's recipe) on `circle`")
+    assert "2 of 3 runs meet the bar" in text and "2 distinct erasures" in text
+    assert "masked_fraction" not in text and "| **worst** |" in text
 
 
 def test_a_finished_run_is_judged_again_from_its_saved_images(tmp_path):

@@ -71,7 +71,7 @@ def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     bars = {name: {check["metric"]: check["holds"] for check in bar_checks(m)} for name, m in runs.items()}
     summary["runs_meeting_bar"] = sum(all(v.values()) for v in bars.values())
     summary["runs"] = len(runs)
-    summary["distinct_masks"] = len({_erasure_digest(m) for m in runs.values()})
+    summary["distinct_erasures"] = len({_erasure_digest(m) for m in runs.values()})
     return {"summary": summary, "bar": bars, "rows": rows}
 
 
@@ -129,6 +129,7 @@ def run_spread(
     finally:
         torch.set_num_threads(previous_threads)
     report = {
+        "method": method,
         "concept": concept,
         "seeds": list(seeds),
         "threads": list(threads),
@@ -201,11 +202,11 @@ def format_spread(report: dict[str, Any]) -> str:
             + " | |"
         )
     return (
-        f"Spread of the demo recipe on `{report['concept']}`: "
+        f"Spread of `{report.get('method', 'mask')}` (the demo's recipe) on `{report['concept']}`: "
         f"training seeds {report['seeds']}, threads {report['threads']}, "
         f"{report['images_per_group']} images per group. "
         f"{summary['runs_meeting_bar']} of {summary['runs']} runs meet the bar "
-        f"(UA counted strictly); {summary['distinct_masks']} distinct masks. Standard deviations in points.\n\n"
+        f"(UA counted strictly); {summary['distinct_erasures']} distinct erasures. Standard deviations in points.\n\n"
         + head
         + "\n".join(lines)
         + "\n"
