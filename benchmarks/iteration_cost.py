@@ -24,6 +24,7 @@ import os
 import statistics
 import tempfile
 import time
+from unittest import mock
 
 from erasekit.reproducibility import pin_cpu_numerics
 
@@ -173,16 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"by_operation": by_operation(args.iterations, args.overrides)}
     if args.compile:
         # an empty compile cache: the compilation a first run pays (inductor reuses what earlier runs compiled)
-        with tempfile.TemporaryDirectory() as cache:
-            previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-            try:
-                result["compiled"] = compiled_ratio(args.repeats)
-            finally:
-                if previous is None:
-                    os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
-                else:
-                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+        with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache):
+            result["compiled"] = compiled_ratio(args.repeats)
     print(json.dumps(result, indent=1))
     return result
 

@@ -49,7 +49,15 @@ from .base import (
     row_distance,
     target_prompts,
 )
-from .tokens import SlotPrompt, Vocabulary, embedding_scaled_groups, encode_slots, names_concept, vocabulary_of
+from .tokens import (
+    SlotPrompt,
+    Vocabulary,
+    embedding_scaled_groups,
+    encode_slots,
+    input_embedding_tables,
+    names_concept,
+    vocabulary_of,
+)
 
 
 @dataclass
@@ -216,10 +224,7 @@ class TextualInversion(Attack):
     ) -> tuple[dict[str, torch.Tensor], list[float]]:
         """Adam on the word's embeddings (from the initial word's) for ``budget`` steps; the embeddings and losses."""
         tokens = {name: row.clone().requires_grad_(True) for name, row in learned.start().items()}
-        tables = {
-            name: encoder.get_input_embeddings().weight
-            for name, (_, encoder) in learned.arch.text_encoders(learned.pipe).items()
-        }
+        tables = input_embedding_tables(learned.arch, learned.pipe)
         optimizer = torch.optim.Adam(embedding_scaled_groups(tokens, tables, config.lr))
         generator = torch.Generator().manual_seed(config.seed)
         rows = len(image_seeds)

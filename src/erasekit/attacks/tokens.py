@@ -113,11 +113,15 @@ def vocabulary_of(arch: Any, pipe: Any, words: list[str]) -> Vocabulary:
     per_encoder = {name: _single_token_ids(tokenizer, words) for name, (tokenizer, _) in encoders.items()}
     keep = [i for i in range(len(words)) if all(ids[i] is not None for ids in per_encoder.values())]
     ids = {name: torch.tensor([per_encoder[name][i] for i in keep], dtype=torch.long) for name in encoders}
-    tables = {}
-    for name, (_, encoder) in encoders.items():
-        table = encoder.get_input_embeddings().weight.detach()
-        tables[name] = table[ids[name].to(table.device)]
+    tables = {name: table[ids[name].to(table.device)] for name, table in input_embedding_tables(arch, pipe).items()}
     return Vocabulary(words=[words[i] for i in keep], ids=ids, tables=tables)
+
+
+def input_embedding_tables(arch: Any, pipe: Any) -> dict[str, torch.Tensor]:
+    """Each text encoder's input-embedding table (detached), by the encoder's name."""
+    return {
+        name: encoder.get_input_embeddings().weight.detach() for name, (_, encoder) in arch.text_encoders(pipe).items()
+    }
 
 
 @dataclass

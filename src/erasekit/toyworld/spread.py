@@ -202,7 +202,7 @@ def format_spread(report: dict[str, Any]) -> str:
             + " | |"
         )
     return (
-        f"Spread of `{report.get('method', 'mask')}` (the demo's recipe) on `{report['concept']}`: "
+        f"Spread of `{report['method']}` (the demo's recipe) on `{report['concept']}`: "
         f"training seeds {report['seeds']}, threads {report['threads']}, "
         f"{report['images_per_group']} images per group. "
         f"{summary['runs_meeting_bar']} of {summary['runs']} runs meet the bar "
