@@ -5,13 +5,17 @@ instruction set and the OpenMP settings are read when torch starts) and prints s
 and the sha256 of the logits: equal digests mean bit-identical training. Configurations:
 
 * ``pinned``: erasekit's pinned numerics (:mod:`erasekit.reproducibility`) with 1 and 2 threads, on
-  an idle machine and beside ``--busy`` processes that spin on the CPU;
+  an idle machine and beside ``--busy`` processes that spin on the CPU (the pinned numerics look at the
+  load when they start: briefly spinning waits when idle, sleeping ones when busy);
 * ``library defaults``: what torch picks by itself (AVX-512 kernels where the processor has them,
-  spinning OpenMP waits), the same ways.
+  spinning OpenMP waits), the same ways;
+* with ``--waits``, only the pinned numerics at 2 threads, each way of waiting forced: sleeping
+  (``OMP_WAIT_POLICY=PASSIVE``), bounded spinning (``GOMP_SPINCOUNT``, erasekit's idle choice) and
+  libgomp's default spin count (300,000), idle and beside ``--busy`` processes.
 
 Usage::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cpu_numerics.py [--iterations 6] [--busy 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/cpu_numerics.py [--iterations 6] [--busy 3] [--waits]
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ import os
 import subprocess
 import sys
 import time
+
+from erasekit.reproducibility import IDLE_SPINCOUNT, PINNED_ENVIRONMENT, WAIT_VARIABLES  # imports no torch
+
+#: The ways of waiting ``--waits`` compares (environment beside the pinned numerics).
+WAITS = {
+    "sleeping": {"OMP_WAIT_POLICY": "PASSIVE"},
+    f"spin {IDLE_SPINCOUNT}": {"GOMP_SPINCOUNT": IDLE_SPINCOUNT},
+    "spin 300000 (libgomp's default)": {"GOMP_SPINCOUNT": "300000"},
+}
 
 CHILD = r"""
 import json, os, sys, tempfile, time
@@ -49,21 +62,9 @@ def _spin(stop_at: float) -> None:
         pass
 
 
-def _child(threads: int, iterations: int, pinned: bool) -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "ATEN_CPU_CAPABILITY",
-            "ONEDNN_MAX_CPU_ISA",
-            "MKL_CBWR",
-            "MKL_DYNAMIC",
-            "OMP_DYNAMIC",
-            "OMP_WAIT_POLICY",
-        )
-    }
-    env["HF_HUB_OFFLINE"] = "1"
+def _child(threads: int, iterations: int, pinned: bool, wait: dict[str, str] | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in (*PINNED_ENVIRONMENT, *WAIT_VARIABLES)}
+    env.update(wait or {}, HF_HUB_OFFLINE="1")
     run = subprocess.run(
         [sys.executable, "-c", CHILD, str(threads), str(iterations), "1" if pinned else "0"],
         capture_output=True,
@@ -78,23 +79,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=6)
     parser.add_argument("--busy", type=int, default=3, help="spinning processes beside the busy runs")
+    parser.add_argument("--waits", action="store_true", help="compare the ways of waiting (pinned, 2 threads)")
     args = parser.parse_args()
+    if args.waits:
+        runs = [(f"pinned, {name}", busy, 2, True, wait) for busy in (0, args.busy) for name, wait in WAITS.items()]
+    else:
+        runs = [
+            ("pinned" if pinned else "library defaults", busy, threads, pinned, None)
+            for pinned in (True, False)
+            for busy in (0, args.busy)
+            for threads in (1, 2)
+        ]
     rows = []
-    for pinned in (True, False):
-        for busy in (0, args.busy):
-            for threads in (1, 2):
-                spinners = [multiprocessing.Process(target=_spin, args=(time.time() + 3600,)) for _ in range(busy)]
-                for p in spinners:
-                    p.start()
-                try:
-                    result = _child(threads, args.iterations, pinned)
-                finally:
-                    for p in spinners:
-                        p.terminate()
-                rows.append(
-                    {"numerics": "pinned" if pinned else "library defaults", "busy": busy, "threads": threads, **result}
-                )
-                print(json.dumps(rows[-1]), flush=True)
+    for numerics, busy, threads, pinned, wait in runs:
+        spinners = [multiprocessing.Process(target=_spin, args=(time.time() + 3600,)) for _ in range(busy)]
+        for p in spinners:
+            p.start()
+        try:
+            result = _child(threads, args.iterations, pinned, wait)
+        finally:
+            for p in spinners:
+                p.terminate()
+        rows.append({"numerics": numerics, "busy": busy, "threads": threads, **result})
+        print(json.dumps(rows[-1]), flush=True)
     print(
         "\n| numerics | busy processes | threads | s / iteration | kernels | logits digest |\n"
         "| --- | ---: | ---: | ---: | --- | --- |"

@@ -71,3 +71,16 @@ def test_iteration_cost_splits_a_profiled_iteration_into_kinds_of_work(capsys):
     share = result["by_operation"]["share"]
     assert math.isclose(sum(share.values()), 1.0, abs_tol=0.01)
     assert share["linear layers (matrix products)"] > 0 and result["by_operation"]["seconds_per_iteration"] > 0
+
+
+def test_anchor_ceiling_scores_the_anchor_prompts_images(capsys):
+    rows = _load("anchor_ceiling").main(
+        ["--images", "2", "--anchor", "triangle", "--anchor", "empty", "--threads", "1"]
+    )
+    assert [(r["concept"], r["anchor"]) for r in rows] == [("circle", "triangle"), ("circle", "empty")]
+    for row in rows:
+        assert 0.0 <= row["strict_ua"] <= row["ua"] + 1e-9  # a judge more can only find more circles
+    assert "| circle | triangle |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        _load("anchor_ceiling").main(["--concept", "red"])
+    assert refused.value.code == 2
