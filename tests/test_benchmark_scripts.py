@@ -73,6 +73,7 @@ def test_iteration_cost_splits_a_profiled_iteration_into_kinds_of_work(capsys):
     assert share["linear layers (matrix products)"] > 0 and result["by_operation"]["seconds_per_iteration"] > 0
 
 
+@pytest.mark.slow
 def test_anchor_ceiling_scores_the_anchor_prompts_images(capsys):
     rows = _load("anchor_ceiling").main(
         ["--images", "2", "--anchor", "triangle", "--anchor", "empty", "--threads", "1"]
