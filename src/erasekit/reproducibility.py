@@ -97,12 +97,9 @@ def pin_cpu_numerics(threads: int | None = None) -> list[str]:
     """
     pinned = dict(PINNED_ENVIRONMENT)
     if not any(name in os.environ for name in WAIT_VARIABLES):
-        if threads == 1:  # one thread never waits for another: no need to look at the machine
-            other, pinned["OMP_WAIT_POLICY"] = None, "PASSIVE"
-        else:
-            other = other_cpu_load()
-            pinned.update(wait_environment(other))
-        _wait_decision.clear()
+        # one thread never waits for another: no need to look at the machine (unknown load: sleeping)
+        other = None if threads == 1 else other_cpu_load()
+        pinned.update(wait_environment(other))
         _wait_decision["other_cores_busy_at_start"] = None if other is None else round(other, 2)
     late = []
     for name, value in pinned.items():
