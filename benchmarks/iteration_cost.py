@@ -1,6 +1,11 @@
 """Where one iteration of the demo's mask training spends its time, and what ``torch.compile`` would save.
 
-Two measurements, each side by side in one process:
+Three measurements, each side by side in one process:
+
+* **By phase** (``--phases``): the demo recipe trained for ``--iterations`` iterations without a noise
+  pool (``train.noise_pool=0``: every reference trajectory computed) and with ``--noise-pool N`` seeds
+  per prompt, one after the other; for each, the seconds per iteration and their split into the original model's
+  reference trajectories and the masked model's forward and backward passes.
 
 * **By operation**: a few iterations of the ShapesCanvas demo recipe (after a warm-up run) under
   ``torch.profiler``, their self CPU time summed into the kinds of work it is (the linear layers'
@@ -14,6 +19,7 @@ Usage::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/iteration_cost.py [--iterations 3] [--compile] [--threads 1] \\
         [--set KEY=VALUE]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/iteration_cost.py --phases [--noise-pool 8] --iterations 96 --threads 2
 """
 
 from __future__ import annotations
@@ -114,6 +120,58 @@ def by_operation(iterations: int, overrides: list[str]) -> dict:
     }
 
 
+def by_phase(iterations: int, pool: int, overrides: list[str]) -> dict:
+    """Seconds per iteration without and with a noise pool of ``pool`` seeds per prompt, split into the reference
+    trajectories (the original model, no gradients) and the masked model's forward and backward."""
+    import erasekit.methods.mask.trainer as trainer
+    from erasekit.methods import erase
+    from erasekit.toyworld.demo import erasure_config
+    from erasekit.toyworld.world import World
+
+    world = World.load()
+    spent = {"reference": 0.0, "masked": 0.0}
+
+    def timed(function, phase):
+        def run(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[phase] += time.perf_counter() - started
+
+        return run
+
+    result: dict = {}
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        mock.patch.multiple(
+            trainer,
+            run_trajectory=timed(trainer.run_trajectory, "reference"),
+            naive_gradient=timed(trainer.naive_gradient, "masked"),
+            checkpointed_gradient=timed(trainer.checkpointed_gradient, "masked"),
+        ),
+    ):
+        warm_up = erasure_config(world, "circle", [*overrides, "train.iterations=1"], anchor="square")
+        erase(warm_up, os.path.join(folder, "warm-up"))  # first calls allocate and pick kernels
+        for size in (0, pool):
+            config = erasure_config(
+                world,
+                "circle",
+                [*overrides, f"train.iterations={iterations}", f"train.noise_pool={size}"],
+                anchor="square",
+            )
+            spent.update(reference=0.0, masked=0.0)
+            seconds = erase(config, os.path.join(folder, f"pool-{size}")).result.seconds
+            result[f"noise_pool={size}"] = {
+                "seconds_per_iteration": round(seconds / iterations, 3),
+                "reference_per_iteration": round(spent["reference"] / iterations, 3),
+                "masked_forward_backward_per_iteration": round(spent["masked"] / iterations, 3),
+            }
+    without, pooled = result["noise_pool=0"], result[f"noise_pool={pool}"]
+    result["without_over_with_pool"] = round(without["seconds_per_iteration"] / pooled["seconds_per_iteration"], 2)
+    return result
+
+
 def compiled_ratio(repeats: int) -> dict:
     import torch
 
@@ -163,6 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=3, help="profiled training iterations")
     parser.add_argument("--compile", action="store_true", help="also time the denoiser eager against compiled")
+    parser.add_argument(
+        "--phases", action="store_true", help="instead: the iterations' split by phase, without and with a noise pool"
+    )
+    parser.add_argument(
+        "--noise-pool", type=int, default=8, help="noise seeds per prompt of the pooled run, with --phases"
+    )
     parser.add_argument("--repeats", type=int, default=7, help="timed calls of each, with --compile")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -171,6 +235,14 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.phases:
+        result = {
+            "threads": args.threads,
+            "iterations": args.iterations,
+            **by_phase(args.iterations, args.noise_pool, args.overrides),
+        }
+        print(json.dumps(result, indent=1))
+        return result
     result = {"by_operation": by_operation(args.iterations, args.overrides)}
     if args.compile:
         # an empty compile cache: the compilation a first run pays (inductor reuses what earlier runs compiled)

@@ -74,6 +74,20 @@ def test_iteration_cost_splits_a_profiled_iteration_into_kinds_of_work(capsys):
 
 
 @pytest.mark.slow
+def test_iteration_cost_times_the_phases_without_and_with_the_noise_pool(capsys):
+    result = _load("iteration_cost").main(
+        ["--phases", "--noise-pool", "1", "--iterations", "2", "--set", "sampling.steps=2"]
+    )
+    for pool in ("noise_pool=0", "noise_pool=1"):
+        phases = result[pool]
+        assert 0 < phases["reference_per_iteration"] + phases["masked_forward_backward_per_iteration"]
+        assert phases["reference_per_iteration"] + phases["masked_forward_backward_per_iteration"] <= (
+            phases["seconds_per_iteration"] + 1e-3
+        )
+    assert result["without_over_with_pool"] > 0
+
+
+@pytest.mark.slow
 def test_anchor_ceiling_scores_the_anchor_prompts_images(capsys):
     rows = _load("anchor_ceiling").main(
         ["--images", "2", "--anchor", "triangle", "--anchor", "empty", "--threads", "1"]

@@ -356,6 +356,7 @@ def test_invalid_training_value(tiny_flux_path, runs, capsys):
         ("loss.intermediate_preservation=-1", "loss.intermediate_preservation must not be negative"),
         ("loss.intermediate_erasure=-1", "loss.intermediate_erasure must not be negative"),
         ("train.adversarial.steps=-1", "train.adversarial.steps must not be negative"),
+        ("train.noise_pool=-1", "train.noise_pool must not be negative"),
     ):
         line = fail(
             capsys, "erase", "--model", tiny_flux_path, "--concept", "cat", "--set", override, "--output", output

@@ -400,6 +400,53 @@ def test_preservation_batch_size_sets_the_preservation_rows(pipe: Any, tiny_trai
     assert float(first["one_and_two"]["preserve"]) != pytest.approx(float(first["one"]["preserve"]), rel=1e-3)
 
 
+def test_noise_pool_gives_each_prompt_its_seeds_in_turn(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
+    """With ``train.noise_pool`` N the k-th draw of a prompt takes its (k mod N)-th seed; the prompts' seeds
+    are all distinct, and without a pool every draw has a new seed."""
+    config = tiny_train_config(train__noise_pool=2)
+    trainer = MaskTrainer(pipe, config, tmp_path / "mask", make_accelerator(config, tmp_path / "staging"))
+    prompts = 4
+    pooled = [[trainer._noise_seed(i, 0, prompts) for i in range(row, 6 * prompts, prompts)] for row in range(prompts)]
+    for seeds in pooled:
+        assert seeds[0] != seeds[1] and seeds == seeds[:2] * 3
+    assert len({seed for seeds in pooled for seed in seeds}) == 2 * prompts
+    # the other stream draws other seeds
+    assert trainer._noise_seed(0, 1, prompts) not in {seed for seeds in pooled for seed in seeds}
+    config = tiny_train_config()
+    fresh = MaskTrainer(pipe, config, tmp_path / "fresh", make_accelerator(config, tmp_path / "staging2"))
+    assert len({fresh._noise_seed(i, 0, prompts) for i in range(6 * prompts)}) == 6 * prompts
+
+
+def test_noise_pool_computes_each_reference_once(
+    pipe: Any, tiny_train_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 concept and 3 preservation prompts, one of each per step: with one seed per prompt the reference
+    batches repeat every 12 steps, so 24 steps run the original model's trajectory 12 times (24 without
+    a pool); a run interrupted after the first 12 rebuilds what it needs on resume and ends with the
+    uninterrupted run's logits."""
+    calls: list[int] = []
+    original = trainer_module.run_trajectory
+
+    def counted(*args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "run_trajectory", counted)
+    config = tiny_train_config(train__iterations=14, train__noise_pool=1, train__checkpoint_every=12)
+    whole = run(pipe, config, tmp_path / "whole")
+    assert len(calls) == 12
+    calls.clear()
+    run(pipe, tiny_train_config(train__iterations=14), tmp_path / "fresh")
+    assert len(calls) == 14
+
+    calls.clear()
+    run(pipe, config, tmp_path / "resumed", stop_after=12)
+    resumed = run(pipe, config, tmp_path / "resumed", resume=True)
+    assert len(calls) == 12 + 2
+    assert moved(whole.logits)
+    assert_same_logits(resumed.logits, whole.logits)
+
+
 def test_final_threshold_closes_the_units_below_it(pipe: Any, tiny_train_config: Any, tmp_path: Path) -> None:
     """The same training with a final threshold t: the artefact holds the logits minus t, and the
     masked count is that of the logits at most t (t between the plain run's logits, so that units

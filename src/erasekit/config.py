@@ -219,6 +219,13 @@ class TrainConfig:
     fewer concept prompts and more preservation prompts keep a step's cost about the same (on the
     ShapesCanvas circle demo, 2 + 6 and 3 + 5 kept no more of the other objects than 4 + 4: docs/shapescanvas.md)."""
     gradient_accumulation: int = 1
+    noise_pool: int = 0
+    """The mask method: noise seeds per training prompt, reused in turn (0: a new seed for every sample).
+    With a pool, the original model's trajectories of each batch of (prompt, seed) pairs -- the reference
+    the mask loss compares against, about a third of an iteration -- are computed once and kept in
+    memory, so once every pair has been drawn an iteration costs the masked model's forward and backward
+    passes alone. For small models (the ShapesCanvas world): a large model's latents over a whole
+    trajectory take gigabytes per hundred pairs."""
     gradient_checkpointing: bool = True
     """Recompute each denoising step in the backward pass, so memory stays that of one step whatever
     the number of steps. ``false`` keeps the whole trajectory's graph instead: it skips the recomputed

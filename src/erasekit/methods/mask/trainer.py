@@ -103,9 +103,13 @@ class MaskTrainer:
         except ValueError as exc:
             raise ConfigError(f"sampling settings: {exc}") from None
 
-    def _noise_seed(self, index: int, stream: int) -> int:
-        """Noise seed of training sample ``index`` (stream 0: concept rows, 1: preservation rows), in
-        ``[0, TRAINING_NOISE_SEEDS)``."""
+    def _noise_seed(self, index: int, stream: int, prompts: int) -> int:
+        """Noise seed of training sample ``index`` (stream 0: concept rows, 1: preservation rows, of
+        ``prompts`` prompts drawn in turn), in ``[0, TRAINING_NOISE_SEEDS)``. With ``train.noise_pool`` N,
+        the prompt of sample ``index`` gets the same N seeds in turn, one per pass over the prompts."""
+        pool = self.config.train.noise_pool
+        if pool:
+            index = (index % prompts) * pool + (index // prompts) % pool
         return training_noise_seed(self.config.train.seed, index, stream, streams=2)
 
     def _build_mask(self) -> MaskedModel:
@@ -193,6 +197,8 @@ class MaskTrainer:
         intermediate_erase = cfg.loss.intermediate_erasure if steps > 1 else 0.0
         eta = cfg.loss.negative_guidance
         attack_steps = cfg.train.adversarial.steps
+        # the original model's trajectories of a reference batch (its prompts and seeds), with train.noise_pool
+        reference_paths: dict[tuple[tuple[str, ...], tuple[int, ...]], list[torch.Tensor]] = {}
 
         def numbered(k: int, size: int) -> list[int]:
             """Global numbers of this process's ``size`` samples of micro-step ``k`` (prompt rows and noise seeds)."""
@@ -213,22 +219,30 @@ class MaskTrainer:
                     targets = [self.prompts.target[r] for r in concept_rows] + [
                         self.prompts.preservation[r] for r in keep_rows
                     ]
-                    seeds = [self._noise_seed(i, 0) for i in index] + [self._noise_seed(i, 1) for i in keep_index]
+                    seeds = [self._noise_seed(i, 0, len(order_c)) for i in index] + [
+                        self._noise_seed(i, 1, len(order_p)) for i in keep_index
+                    ]
                     # one hard-concrete sample per trajectory, identical on every process
                     masked.resample_noise(torch.Generator().manual_seed(cfg.train.seed * 7919 + k))
                     # negative guidance and the inner attack need the concept prompts' original latents: they
                     # ride in the targets' batch
                     originals = prompts[:b] if eta or attack_steps else []
-                    with masked.disabled():
-                        reference = self.arch.trajectory(
-                            self.pipe, encode(targets + originals), seeds + seeds[: len(originals)], **sample
-                        )
-                        path = run_trajectory(
-                            reference.step,
-                            reference.noise,
-                            steps,
-                            keep=intermediate > 0 or intermediate_erase > 0 or attack_steps > 0,
-                        )
+                    reference_rows = (tuple(targets + originals), tuple(seeds + seeds[: len(originals)]))
+                    path = reference_paths.get(reference_rows)
+                    if path is None:
+                        with masked.disabled():
+                            reference = self.arch.trajectory(
+                                self.pipe, encode(list(reference_rows[0])), list(reference_rows[1]), **sample
+                            )
+                            path = run_trajectory(
+                                reference.step,
+                                reference.noise,
+                                steps,
+                                keep=intermediate > 0 or intermediate_erase > 0 or attack_steps > 0,
+                            )
+                        if cfg.train.noise_pool:
+                            # the same prompts and seeds come back every noise_pool passes over the prompts
+                            reference_paths[reference_rows] = path
                     goal = aim(path[-1], len(targets), b, eta)
                     encoded = encode(prompts)
                     if attack_steps:
@@ -403,6 +417,8 @@ def validate_training_config(config: EraseConfig) -> None:
     validate_run_config(config)
     if config.loss.intermediate_preservation < 0:
         raise ConfigError("loss.intermediate_preservation must not be negative (0 preserves the final latents alone)")
+    if config.train.noise_pool < 0:
+        raise ConfigError("train.noise_pool must not be negative (0 draws a new noise seed for every sample)")
     if config.train.adversarial.steps < 0:
         raise ConfigError("train.adversarial.steps must not be negative (0 trains without the inner attack)")
     if config.train.adversarial.steps and config.train.adversarial.lr <= 0:
