@@ -522,9 +522,17 @@ def test_training_noise_never_seeds_an_evaluation_image():
     assert protocol.EVALUATION_SEED_BASE >= TRAINING_NOISE_SEEDS and ANCHOR_SEED_BASE >= TRAINING_NOISE_SEEDS
     evaluation = {s.seed for s in protocol.evaluation_samples("circle", per_group=8)}
     assert min(evaluation) == protocol.EVALUATION_SEED_BASE
+
+    def trainer(seed: int, pool: int = 0) -> SimpleNamespace:
+        return SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(seed=seed, noise_pool=pool)))
+
     for seed in range(12):
-        trainer = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(seed=seed)))
-        noises = {MaskTrainer._noise_seed(trainer, i, stream) for i in range(0, 3000, 7) for stream in (0, 1)}
-        assert max(noises) < TRAINING_NOISE_SEEDS and not noises & evaluation
+        for pool in (0, 8):  # with a noise pool too (train.noise_pool)
+            noises = {
+                MaskTrainer._noise_seed(trainer(seed, pool), i, stream, 24)
+                for i in range(0, 3000, 7)
+                for stream in (0, 1)
+            }
+            assert max(noises) < TRAINING_NOISE_SEEDS and not noises & evaluation
     # seed 0 keeps the noises it always had (its shipped numbers stay valid)
-    assert MaskTrainer._noise_seed(SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(seed=0))), 5, 1) == 11
+    assert MaskTrainer._noise_seed(trainer(0), 5, 1, 24) == 11
