@@ -227,12 +227,13 @@ class MaskTrainer:
                     # negative guidance and the inner attack need the concept prompts' original latents: they
                     # ride in the targets' batch
                     originals = prompts[:b] if eta or attack_steps else []
-                    reference_rows = (tuple(targets + originals), tuple(seeds + seeds[: len(originals)]))
+                    reference_prompts, reference_seeds = targets + originals, seeds + seeds[: len(originals)]
+                    reference_rows = (tuple(reference_prompts), tuple(reference_seeds))
                     path = reference_paths.get(reference_rows)
                     if path is None:
                         with masked.disabled():
                             reference = self.arch.trajectory(
-                                self.pipe, encode(list(reference_rows[0])), list(reference_rows[1]), **sample
+                                self.pipe, encode(reference_prompts), reference_seeds, **sample
                             )
                             path = run_trajectory(
                                 reference.step,
